@@ -1,0 +1,75 @@
+"""Metric names on the command line -> metric classes, and a builder that shares CLIP models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from attnctl.errors import InputError, did_you_mean
+from attnctl.metrics.aesthetic import AestheticScore
+from attnctl.metrics.base import Metric
+from attnctl.metrics.clip_embedder import ClipEmbedder
+from attnctl.metrics.clip_score import DEFAULT_CLIP_MODEL, ClipScore
+from attnctl.metrics.cmmd import DEFAULT_CMMD_MODEL, Cmmd
+from attnctl.metrics.image_reward import DEFAULT_IR_MODEL, ImageRewardMetric
+from attnctl.metrics.preservation import Preservation
+
+METRICS: dict[str, type[Metric]] = {
+    "cs": ClipScore,
+    "cmmd": Cmmd,
+    "as": AestheticScore,
+    "ir": ImageRewardMetric,
+    "preserve": Preservation,
+}
+DEFAULT_METRICS = ("cs", "cmmd", "as", "ir", "preserve")
+
+
+@dataclass
+class MetricOptions:
+    """Where each metric finds its model. ``clip_model`` serves CS and AS (ViT-L/14)."""
+
+    clip_model: str = DEFAULT_CLIP_MODEL
+    cmmd_model: str = DEFAULT_CMMD_MODEL
+    aesthetic_head: str | None = None
+    ir_model: str = DEFAULT_IR_MODEL
+    preserve_mode: str = "standard"
+    local_files_only: bool = False
+    device: str = "cpu"
+
+
+def parse_metric_names(text: str | Iterable[str]) -> list[str]:
+    """``"cs,cmmd"`` -> ``["cs", "cmmd"]``; unknown names raise :class:`InputError`."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    for n in names:
+        if n not in METRICS:
+            raise InputError(
+                f"--metrics: unknown metric '{n}'{did_you_mean(n, METRICS)}; choose from {', '.join(METRICS)}"
+            )
+    if not names:
+        raise InputError("--metrics is empty; choose from " + ", ".join(METRICS))
+    return list(dict.fromkeys(names))
+
+
+def build_metrics(names: Iterable[str], options: MetricOptions | None = None) -> dict[str, Metric]:
+    """Instantiate the named metrics; metrics using the same CLIP checkpoint share one model."""
+    options = options or MetricOptions()
+    embedders: dict[str, ClipEmbedder] = {}
+
+    def embedder(model: str) -> ClipEmbedder:
+        if model not in embedders:
+            embedders[model] = ClipEmbedder(model, local_files_only=options.local_files_only, device=options.device)
+        return embedders[model]
+
+    built: dict[str, Metric] = {}
+    for name in parse_metric_names(list(names)):
+        if name == "cs":
+            built[name] = ClipScore(embedder(options.clip_model))
+        elif name == "cmmd":
+            built[name] = Cmmd(embedder(options.cmmd_model))
+        elif name == "as":
+            built[name] = AestheticScore(embedder(options.clip_model), head_path=options.aesthetic_head)
+        elif name == "ir":
+            built[name] = ImageRewardMetric(options.ir_model, device=options.device)
+        else:
+            built[name] = Preservation(options.preserve_mode, local_files_only=options.local_files_only)
+    return built

@@ -1,0 +1,239 @@
+"""Attach, run, detach.
+
+``attach(pipe, config)`` describes the sites of ``pipe.unet``, compiles the config into a
+plan, and wraps every site's processor. ``Controller.run(...)`` is the context in which the
+pipeline is called: it creates the run state, follows the steps through a UNet forward
+pre-hook, applies latent guidance, and drops the state at the end. ``detach()`` puts the
+very same original processor objects back.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from attnctl.errors import ConfigError, ProcessorReplacedError, UnsupportedModelError
+from attnctl.guidance import GuidanceContext, UNetCall
+from attnctl.plan import Plan, compile_plan
+from attnctl.plugins import StrategyManager
+from attnctl.processor import ControlledProcessor, make_processor
+from attnctl.run_state import BatchLayout, RunState
+from attnctl.sites import SiteTable, describe_sites
+
+
+class Controller:
+    """Attention control attached to one UNet (and, if given, its pipeline's scheduler).
+
+    Use ``attnctl.attach`` to make one. Usable as a context manager that detaches on exit.
+    """
+
+    def __init__(self, unet: torch.nn.Module, plan: Plan, manager: StrategyManager, scheduler: Any = None):
+        self.unet = unet
+        self.plan = plan
+        self.sites: SiteTable = plan.sites
+        self.manager = manager
+        self.scheduler = scheduler
+        self.state: RunState | None = None
+        self._modules = {s.name: unet.get_submodule(s.name) for s in self.sites}
+        self.originals = {name: m.processor for name, m in self._modules.items()}
+        self.processors: dict[str, ControlledProcessor] = {}
+        for site in self.sites:
+            proc = make_processor(self, site, self.originals[site.name])
+            self._modules[site.name].set_processor(proc)
+            self.processors[site.name] = proc
+        self._hook = unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self.attached = True
+
+    # ------------------------------------------------------------------ lifecycle
+    def detach(self) -> None:
+        """Restore the original processor objects and remove every hook. Idempotent."""
+        if not self.attached:
+            return
+        self._hook.remove()
+        for name, module in self._modules.items():
+            module.set_processor(self.originals[name])
+        self.attached = False
+        self.state = None
+
+    def __enter__(self) -> Controller:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def check_processors(self) -> None:
+        """Raise if someone replaced our processors since attach (e.g. ``set_attn_processor``)."""
+        if not self.attached:
+            raise ProcessorReplacedError("this controller was detached; call attnctl.attach(...) again")
+        replaced = [n for n, m in self._modules.items() if m.processor is not self.processors[n]]
+        if replaced:
+            raise ProcessorReplacedError(
+                f"the attention processors of {len(replaced)} site(s) (first: {replaced[0]}) were replaced "
+                "after attnctl.attach, e.g. by unet.set_attn_processor(...); attnctl would silently do "
+                "nothing there. Call controller.detach(), make your processor changes, then attach again."
+            )
+
+    # ------------------------------------------------------------------ runs
+    @contextmanager
+    def run(
+        self,
+        layout: BatchLayout,
+        mask: torch.Tensor | None = None,
+        token_indices: Sequence[Sequence[int]] = (),
+        num_train_timesteps: int | None = None,
+    ) -> Iterator[RunState]:
+        """Context for one pipeline call: ``with ctl.run(layout, mask): pipe(...)``.
+
+        Args:
+            layout: batch layout of the pipeline's UNet calls (see ``BatchLayout.for_pipeline``).
+            mask: inpainting mask(s), 1 = region to inpaint (see ``RunState``).
+            token_indices: per prompt, positions of the prompt's own tokens.
+            num_train_timesteps: T_train; default: the scheduler's ``num_train_timesteps``.
+        """
+        self.check_processors()
+        if self.state is not None:
+            raise RuntimeError("a run is already active on this controller; runs cannot be nested")
+        if self.plan.latent_ops and self.scheduler is None:
+            raise ConfigError(
+                "latent guidance needs the pipeline's scheduler; attach to the pipeline "
+                "(attnctl.attach(pipe, ...)), not to the bare UNet"
+            )
+        if num_train_timesteps is None:
+            num_train_timesteps = getattr(getattr(self.scheduler, "config", None), "num_train_timesteps", 1000)
+        state = RunState(
+            self.plan,
+            layout,
+            mask=mask,
+            token_indices=token_indices,
+            num_train_timesteps=num_train_timesteps,
+            timesteps=_LazyTimesteps(self.scheduler),
+        )
+        self.state = state
+        restore = self._wrap_scheduler(state) if self.plan.latent_ops else (lambda: None)
+        try:
+            self.manager.hook.attnctl_run_start(state=state, plan=self.plan)
+            yield state
+        finally:
+            restore()
+            try:
+                self.manager.hook.attnctl_run_end(state=state, plan=self.plan)
+            finally:
+                self.state = None
+
+    def _wrap_scheduler(self, state: RunState):
+        """Record the unscaled latents and substitute guided ones in ``step``."""
+        scheduler = self.scheduler
+        scale, step = scheduler.scale_model_input, scheduler.step
+
+        def recording_scale(sample, timestep, *a, **kw):
+            state.scratch_for("_attnctl")["scale_input"] = sample
+            return scale(sample, timestep, *a, **kw)
+
+        def substituting_step(model_output, timestep, sample=None, *a, **kw):
+            pending, state.pending_latents = state.pending_latents, None
+            if pending is not None:
+                if sample is None or pending.shape != sample.shape:
+                    raise RuntimeError("guided latents do not match the scheduler's sample; unsupported pipeline")
+                sample = pending.to(sample.dtype)
+            return step(model_output, timestep, sample, *a, **kw)
+
+        scheduler.scale_model_input, scheduler.step = recording_scale, substituting_step
+
+        def restore():
+            del scheduler.scale_model_input
+            del scheduler.step
+
+        state.scratch_for("_attnctl")["scale"] = scale
+        return restore
+
+    # ------------------------------------------------------------------ per UNet call
+    def _pre_forward(self, unet, args: tuple, kwargs: dict):
+        state = self.state
+        if state is None:
+            if not self.plan.is_idle:
+                self.check_processors()
+                raise ConfigError(
+                    "attnctl strategies are attached but the pipeline was called outside a run; call it "
+                    "inside `with controller.run(layout, mask): pipe(...)` (or use harmonpaint_recipe.inpaint)"
+                )
+            return None
+        if state.in_guidance:
+            return None
+        call = UNetCall(unet, args, kwargs)
+        timestep = call.get("timestep")
+        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        sample = call.get("sample")
+        state.begin_step(t, latent_hw=tuple(sample.shape[-2:]))
+        if not state.active_latent_ops:
+            return None
+        return self._guide(state, call, t)
+
+    def _guide(self, state: RunState, call: UNetCall, t: float):
+        sample = call.get("sample")
+        own = state.scratch_for("_attnctl")
+        recorded, scale = own.get("scale_input"), own["scale"]
+        if recorded is None or recorded.shape[0] != sample.shape[0]:
+            raise UnsupportedModelError(
+                "latent guidance could not find this step's latents (the pipeline did not call "
+                "scheduler.scale_model_input before the UNet); this pipeline is not supported"
+            )
+        channels = recorded.shape[1]
+        layout = state.layout
+        if len(layout) != sample.shape[0]:
+            raise ConfigError(
+                f"run layout has {len(layout)} rows but the UNet got a batch of {sample.shape[0]}; "
+                "check num_images_per_prompt and guidance_scale passed to BatchLayout.for_pipeline"
+            )
+        cond = torch.tensor(layout.cond_rows, device=recorded.device)
+        z = recorded.index_select(0, cond).detach()
+        ctx = GuidanceContext(state, call, lambda x: scale(x, t), channels)
+        for op in state.active_latent_ops:
+            z = op.guide(z, ctx).detach()
+        state.pending_latents = z
+        images = torch.tensor(layout.images, device=z.device)
+        x = scale(z.index_select(0, images), t).to(sample.dtype)
+        new_sample = torch.cat([x, sample[:, channels:]], dim=1) if sample.shape[1] > channels else x
+        own["scale_input"] = None
+        return call.with_sample(new_sample)
+
+
+class _LazyTimesteps:
+    """The scheduler's timesteps, read when first needed (the pipeline sets them after run start)."""
+
+    def __init__(self, scheduler: Any):
+        self._scheduler = scheduler
+
+    def __iter__(self):
+        ts = getattr(self._scheduler, "timesteps", None)
+        return iter(() if ts is None else ts)
+
+
+def attach(
+    target: Any,
+    config: Any = None,
+    manager: StrategyManager | None = None,
+) -> Controller:
+    """Attach attention control to a diffusers pipeline (or a bare UNet).
+
+    Args:
+        target: a pipeline with ``.unet`` (and ``.scheduler``), or a ``UNet2DConditionModel``.
+        config: mapping with ``strategies: {instance: {strategy: type, enabled: bool, ...}}``;
+            ``None`` attaches idle.
+        manager: strategy plugin manager; default discovers plugins from entry points.
+
+    Returns:
+        The ``Controller``; use it as a context manager or call ``detach()``.
+    """
+    unet = getattr(target, "unet", target)
+    if not isinstance(unet, torch.nn.Module):
+        raise UnsupportedModelError(f"cannot attach to {type(target).__name__}: expected a diffusers pipeline or UNet")
+    scheduler = getattr(target, "scheduler", None)
+    sites = describe_sites(unet)
+    for site in sites:
+        if isinstance(unet.get_submodule(site.name).processor, ControlledProcessor):
+            raise ConfigError("this UNet already has an attnctl controller attached; detach it first")
+    manager = manager or StrategyManager()
+    plan = compile_plan(config or {}, sites, manager)
+    return Controller(unet, plan, manager, scheduler)

@@ -1,0 +1,120 @@
+"""Latent guidance plumbing: update z_t before a step's noise prediction.
+
+The pipeline calls ``scheduler.scale_model_input(latents, t)`` and then the UNet. A
+forward pre-hook on the UNet sees the step's inputs (timestep, conditioning channels,
+text embeddings); the latents themselves are recorded unscaled from the scheduler call.
+Active latent ops get the latent ``z`` (one row per image) and a ``GuidanceContext``
+whose ``denoise_cond(z)`` runs the UNet on the conditional rows with gradients enabled.
+The updated latent replaces the UNet input of this step and, through
+``scheduler.step``, the sample the step updates, so the step continues from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from attnctl.sites import Site
+
+if TYPE_CHECKING:
+    from attnctl.run_state import RunState
+
+
+def _take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """Index the batch dimension of a tensor (or each tensor of a dict) that has one."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value.index_select(0, rows.to(value.device))
+    if isinstance(value, dict):
+        return {k: _take_rows(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class UNetCall:
+    """The positional and keyword arguments of one UNet call, with named access."""
+
+    unet: torch.nn.Module
+    args: tuple
+    kwargs: dict
+
+    _NAMES = ("sample", "timestep", "encoder_hidden_states")
+
+    def get(self, name: str) -> Any:
+        i = self._NAMES.index(name) if name in self._NAMES else None
+        if i is not None and len(self.args) > i:
+            return self.args[i]
+        return self.kwargs.get(name)
+
+    def with_sample(self, sample: torch.Tensor) -> tuple[tuple, dict]:
+        """Arguments of the same call with ``sample`` replaced."""
+        if self.args:
+            return (sample, *self.args[1:]), dict(self.kwargs)
+        return self.args, {**self.kwargs, "sample": sample}
+
+    def subset(self, rows: torch.Tensor, sample: torch.Tensor) -> tuple[tuple, dict]:
+        """Arguments for a call on ``rows`` of the batch with ``sample`` as input."""
+        batch = self.get("sample").shape[0]
+        args = tuple(_take_rows(a, rows, batch) for a in self.args)
+        kwargs = {k: _take_rows(v, rows, batch) for k, v in self.kwargs.items()}
+        if args:
+            args = (sample, *args[1:])
+        else:
+            kwargs["sample"] = sample
+        return args, kwargs
+
+
+class GuidanceContext:
+    """What a latent op gets besides z: the run state and a conditional denoiser.
+
+    Attributes:
+        state: the run state (``state.step_index``, ``state.timestep``, scratch, masks).
+        timestep: the current timestep value.
+    """
+
+    def __init__(self, state: RunState, call: UNetCall, scale: Callable[[torch.Tensor], torch.Tensor], latent_channels: int):
+        self.state = state
+        self.timestep = state.timestep
+        self._call = call
+        self._scale = scale
+        self._channels = latent_channels
+
+    def denoise_cond(self, z: torch.Tensor, stop_after: Site | None = None) -> torch.Tensor | None:
+        """Run the UNet on the conditional rows with input latent ``z`` [N, C, h, w], with grad.
+
+        Returns the noise prediction of those rows. Sites read by observe ops record
+        what they see into the run state while this runs. With ``stop_after``, the pass
+        ends right after that site's attention ran and ``None`` is returned: layers after
+        the last site a loss reads cannot change the loss, so they need not run.
+        """
+        state = self.state
+        rows = state.layout.cond_rows
+        idx = torch.tensor(rows, device=z.device)
+        sample = self._call.get("sample")
+        x = self._scale(z)
+        extra = sample.index_select(0, idx)[:, self._channels :]
+        if extra.shape[1]:
+            x = torch.cat([x, extra.to(x.dtype)], dim=1)
+        args, kwargs = self._call.subset(idx, x)
+        kwargs["return_dict"] = False
+        handle = None
+        if stop_after is not None:
+            module = self._call.unet.get_submodule(stop_after.name)
+            handle = module.register_forward_hook(_stop_pass)
+        try:
+            with state.guidance_pass(rows), torch.enable_grad():
+                return self._call.unet(*args, **kwargs)[0]
+        except _StopPass:
+            return None
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+class _StopPass(Exception):
+    """Raised after the last site a guidance pass needs; caught by ``denoise_cond``."""
+
+
+def _stop_pass(module, args, output):
+    raise _StopPass()

@@ -1,0 +1,216 @@
+"""Run state: everything strategies may read during one pipeline call.
+
+One ``RunState`` is created when a run starts and dropped when it ends. It carries the
+step and timestep, the CFG batch layout (explicit, never guessed from ``batch // 2``),
+the inpainting mask at every site grid, prompt token indices and per-instance scratch
+space. There are no module globals and no call counters.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from attnctl.errors import InputError
+from attnctl.ops import GUIDANCE, MAIN, ActiveOps, LatentOp
+from attnctl.sites import Site, grid_at
+
+if TYPE_CHECKING:
+    from attnctl.plan import Plan
+
+Branch = Literal["uncond", "cond"]
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """What each batch row of a UNet call is.
+
+    Attributes:
+        branches: per row, ``"uncond"`` or ``"cond"`` (classifier-free guidance half).
+        images: per row, the index of the output image it belongs to.
+        prompts: per row, the index of the prompt it was conditioned on.
+    """
+
+    branches: tuple[Branch, ...]
+    images: tuple[int, ...]
+    prompts: tuple[int, ...]
+
+    @classmethod
+    def for_pipeline(cls, num_prompts: int, num_images_per_prompt: int = 1, cfg: bool = True) -> BatchLayout:
+        """The layout diffusers' SD/SDXL pipelines use.
+
+        Images are ``prompt-major`` (prompt 0 image 0, prompt 0 image 1, ...); with CFG the
+        unconditional copy of every image comes first, then the conditional one.
+        """
+        n = num_prompts * num_images_per_prompt
+        images = tuple(range(n))
+        prompts = tuple(i // num_images_per_prompt for i in images)
+        if not cfg:
+            return cls(("cond",) * n, images, prompts)
+        return cls(("uncond",) * n + ("cond",) * n, images + images, prompts + prompts)
+
+    def __len__(self) -> int:
+        return len(self.branches)
+
+    @property
+    def num_images(self) -> int:
+        return max(self.images) + 1
+
+    @property
+    def cond_rows(self) -> tuple[int, ...]:
+        """Rows of the conditional branch, in image order."""
+        return tuple(sorted((r for r, b in enumerate(self.branches) if b == "cond"), key=lambda r: self.images[r]))
+
+    def subset(self, rows: Sequence[int]) -> BatchLayout:
+        """Layout of a batch made of ``rows`` of this one."""
+        return BatchLayout(
+            tuple(self.branches[r] for r in rows), tuple(self.images[r] for r in rows), tuple(self.prompts[r] for r in rows)
+        )
+
+
+class RunState:
+    """State of one pipeline run.
+
+    Args:
+        plan: the compiled plan (which ops exist, with their gates).
+        layout: batch layout of the pipeline's UNet calls.
+        mask: inpainting mask(s) ``[K, 1, H, W]`` or ``[H, W]``, 1 = region to inpaint, at any
+            resolution. It is binarized at 0.5, brought to the latent size by nearest
+            interpolation (as the pipeline does) and from there to each site's grid.
+            Image ``i`` uses mask ``i % K`` (diffusers repeats masks the same way).
+        token_indices: per prompt, the positions of the prompt's own tokens.
+        num_train_timesteps: T_train, to normalize timesteps.
+        timesteps: the scheduler's timesteps of this run, to find the step index.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        layout: BatchLayout,
+        mask: torch.Tensor | None = None,
+        token_indices: Sequence[Sequence[int]] = (),
+        num_train_timesteps: int = 1000,
+        timesteps: Sequence[float] | torch.Tensor | None = None,
+    ):
+        self.plan = plan
+        self.layout = layout
+        self.token_indices = [list(t) for t in token_indices]
+        self.num_train_timesteps = int(num_train_timesteps)
+        self._timesteps = timesteps
+        self._mask_input = _as_mask_batch(mask) if mask is not None else None
+        self.scratch: dict[str, dict[str, Any]] = {}
+        self.step_index: int | None = None
+        self.timestep: float | None = None
+        self.pass_kind: str = MAIN
+        self.latent_hw: tuple[int, int] | None = None
+        self.active: dict[str, ActiveOps] = {}
+        self.active_latent_ops: tuple[LatentOp, ...] = ()
+        self.pending_latents: torch.Tensor | None = None
+        self._active_by_pass: dict[str, dict[str, ActiveOps]] = {}
+        self._rows: tuple[int, ...] = tuple(range(len(layout)))
+        self._mask_cache: dict[tuple, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- time
+    @property
+    def t_norm(self) -> float | None:
+        """t / T_train of the current step."""
+        return None if self.timestep is None else self.timestep / self.num_train_timesteps
+
+    def begin_step(self, timestep: float, latent_hw: tuple[int, int] | None = None) -> None:
+        """Enter the step with timestep value ``timestep``; compute which ops are active."""
+        if latent_hw is not None and latent_hw != self.latent_hw:
+            self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
+            self._mask_cache.clear()
+        if timestep == self.timestep and self._active_by_pass:
+            return
+        self.timestep = float(timestep)
+        self.step_index = self._find_step_index(self.timestep)
+        self._active_by_pass = {}
+        for kind in (MAIN, GUIDANCE):
+            self.pass_kind = kind
+            self._active_by_pass[kind] = self.plan.active_site_ops(self)
+        self.pass_kind = MAIN
+        self.active = self._active_by_pass[MAIN]
+        self.active_latent_ops = self.plan.active_latent_ops(self)
+
+    def _find_step_index(self, t: float) -> int | None:
+        if self._timesteps is None:
+            return None
+        hits = [i for i, v in enumerate(self._timesteps) if float(v) == t]
+        return hits[0] if hits else None
+
+    @contextmanager
+    def guidance_pass(self, rows: Sequence[int]) -> Iterator[None]:
+        """Within this block, UNet calls are the guidance pass over batch ``rows``."""
+        saved = (self.pass_kind, self.active, self._rows)
+        self.pass_kind, self._rows = GUIDANCE, tuple(rows)
+        self.active = self._active_by_pass.get(GUIDANCE, {})
+        try:
+            yield
+        finally:
+            self.pass_kind, self.active, self._rows = saved
+
+    @property
+    def in_guidance(self) -> bool:
+        return self.pass_kind == GUIDANCE
+
+    # ---------------------------------------------------------------- rows
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """Rows (of the main layout) that the current UNet call's batch is made of."""
+        return self._rows
+
+    @property
+    def row_layout(self) -> BatchLayout:
+        """Layout of the current UNet call's batch."""
+        return self.layout.subset(self._rows)
+
+    # ---------------------------------------------------------------- masks
+    def grid(self, site: Site) -> tuple[int, int]:
+        """Token grid (H, W) of ``site`` in this run."""
+        if self.latent_hw is None:
+            raise RuntimeError("the run has not seen a UNet call yet, so the latent size is unknown")
+        return grid_at(site.level, self.latent_hw)
+
+    def mask(self, level: int) -> torch.Tensor:
+        """Binary masks ``[K, H*W]`` (float32, row-major) at the grid of ``level``."""
+        key = ("mask", level)
+        if key not in self._mask_cache:
+            if self._mask_input is None:
+                raise InputError("a strategy needs the inpainting mask, but the run was started without one")
+            if self.latent_hw is None:
+                raise RuntimeError("the latent size is not known yet")
+            latent = F.interpolate(self._mask_input, size=self.latent_hw, mode="nearest")
+            grid = grid_at(level, self.latent_hw)
+            m = latent if grid == self.latent_hw else F.interpolate(latent, size=grid, mode="nearest")
+            self._mask_cache[key] = m.flatten(1)
+        return self._mask_cache[key]
+
+    def row_mask(self, site: Site, device: torch.device | None = None) -> torch.Tensor:
+        """Masks ``[R, H*W]`` (float32) for the rows of the current UNet call at ``site``'s grid."""
+        key = ("rows", site.level, self._rows, device)
+        if key not in self._mask_cache:
+            masks = self.mask(site.level)
+            idx = torch.tensor([self.layout.images[r] % masks.shape[0] for r in self._rows])
+            self._mask_cache[key] = masks[idx].to(device) if device is not None else masks[idx]
+        return self._mask_cache[key]
+
+    def scratch_for(self, instance: str) -> dict[str, Any]:
+        """Per-run scratch space of one strategy instance."""
+        return self.scratch.setdefault(instance, {})
+
+
+def _as_mask_batch(mask: torch.Tensor) -> torch.Tensor:
+    """Binarize a mask and bring it to ``[K, 1, H, W]`` float32."""
+    mask = torch.as_tensor(mask).detach().float()
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    elif mask.ndim == 3:
+        mask = mask[:, None]
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise InputError(f"mask must have shape [H, W], [K, H, W] or [K, 1, H, W], got {tuple(mask.shape)}")
+    return (mask >= 0.5).float()

@@ -1,0 +1,96 @@
+"""Site selectors: the small syntax recipes use to pick sites.
+
+Grammar (whitespace ignored)::
+
+    selector := term ("," term)*                 union of the terms
+    term     := kind ["@" stage] ["/" factor] ["[" index "]"]
+    kind     := "self" | "cross" | "*"           "*" = both kinds
+    stage    := "down" | "mid" | "up"
+    factor   := 1 | 2 | 4 | 8 ...                grid = latent / factor
+    index    := i | start:stop                   Python indexing, negatives count from the end
+
+Filters apply left to right: kind, then stage, then grid factor, then the index over
+the sites that are left, in execution order. Examples:
+
+    self[2:7]        self-attention sites 2..6
+    self[-8:]        the last 8 self-attention sites
+    cross/4,cross/2  cross-attention sites whose grid is latent/4 or latent/2
+    self@up          every self-attention site in the up blocks
+    *@mid            every attention site of the mid block
+
+A term that matches no site is an error (with the list of available sites), never a
+silent no-op. A YAML list of selectors is the union of its items.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from attnctl.errors import SelectorError
+from attnctl.sites import Site, SiteTable
+
+_TERM_RE = re.compile(
+    r"^(?P<kind>self|cross|\*)"
+    r"(?:@(?P<stage>down|mid|up))?"
+    r"(?:/(?P<factor>\d+))?"
+    r"(?:\[(?P<index>-?\d*(?::-?\d*)?)\])?$"
+)
+
+
+def _parse_index(text: str, term: str) -> slice | int:
+    if ":" not in text:
+        if text in ("", "-"):
+            raise SelectorError(f"selector term '{term}': empty index; write e.g. '[3]' or '[2:7]'")
+        return int(text)
+    start, stop = text.split(":", 1)
+    try:
+        return slice(int(start) if start else None, int(stop) if stop else None)
+    except ValueError:
+        raise SelectorError(f"selector term '{term}': bad slice '[{text}]'; write e.g. '[2:7]' or '[-8:]'") from None
+
+
+def _resolve_term(term: str, sites: SiteTable) -> list[Site]:
+    m = _TERM_RE.match(term)
+    if m is None:
+        raise SelectorError(
+            f"cannot parse selector term '{term}'; expected kind[@stage][/factor][[index]], "
+            "e.g. 'self[2:7]', 'self[-8:]', 'cross/4', 'self@up'"
+        )
+    chosen = [s for s in sites if m["kind"] in ("*", s.kind)]
+    if m["stage"]:
+        chosen = [s for s in chosen if s.stage == m["stage"]]
+    if m["factor"]:
+        factor = int(m["factor"])
+        if factor < 1 or factor & (factor - 1):
+            raise SelectorError(f"selector term '{term}': grid factor must be a power of two (1, 2, 4, ...)")
+        chosen = [s for s in chosen if 2**s.level == factor]
+    if m["index"] is not None:
+        idx = _parse_index(m["index"], term)
+        if isinstance(idx, int):
+            chosen = [chosen[idx]] if -len(chosen) <= idx < len(chosen) else []
+        else:
+            chosen = chosen[idx]
+    if not chosen:
+        raise SelectorError(
+            f"selector term '{term}' matches no attention site of this model. Available sites:\n"
+            + sites.format()
+        )
+    return chosen
+
+
+def select_sites(selector: str | Iterable[str], sites: SiteTable) -> list[Site]:
+    """Resolve ``selector`` against ``sites``; return the matched sites in table order.
+
+    Raises:
+        SelectorError: a term is malformed or matches nothing.
+    """
+    terms = [selector] if isinstance(selector, str) else list(selector)
+    parts = [p.strip().replace(" ", "") for t in terms for p in str(t).split(",")]
+    if not any(parts):
+        raise SelectorError("empty site selector; write e.g. 'self[2:7]' or 'cross/4,cross/2'")
+    picked: set[Site] = set()
+    for part in parts:
+        if part:
+            picked.update(_resolve_term(part, sites))
+    return [s for s in sites if s in picked]

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny random SD-inpainting pipeline saved to disk and loaded back
+through ``from_pretrained``, and a small image/mask pair."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_dir(tmp_path_factory):
+    """Folder holding a tiny random inpainting pipeline (safetensors)."""
+    from attnctl.tiny import save_tiny_inpaint_pipeline
+
+    return save_tiny_inpaint_pipeline(tmp_path_factory.mktemp("tiny-pipe"))
+
+
+@pytest.fixture
+def tiny_pipe(tiny_pipe_dir):
+    """A freshly loaded tiny pipeline (CPU, fp32, progress bar off)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(tiny_pipe_dir), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def image_and_mask():
+    """A 64x64 random RGB image and a binary mask with a 32x24 masked box."""
+    rng = np.random.RandomState(0)
+    image = Image.fromarray((rng.rand(64, 64, 3) * 255).astype("uint8"))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 20:44] = 255
+    return image, Image.fromarray(mask)
+
+
+@pytest.fixture
+def seeded():
+    """A function returning a fresh CPU generator with a fixed seed."""
+    return lambda seed=0: torch.Generator().manual_seed(seed)

@@ -120,6 +120,13 @@ class RunState:
         """t / T_train of the current step."""
         return None if self.timestep is None else self.timestep / self.num_train_timesteps
 
+    @property
+    def num_inference_steps(self) -> int | None:
+        """How many timesteps the scheduler has in this run (None if unknown), for step-size schedules."""
+        if self._timesteps is None:
+            return None
+        return len(list(self._timesteps)) or None
+
     def begin_step(self, timestep: float, latent_hw: tuple[int, int] | None = None) -> None:
         """Enter the step with timestep value ``timestep``; compute which ops are active."""
         if latent_hw is not None and latent_hw != self.latent_hw:

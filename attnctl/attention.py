@@ -81,7 +81,7 @@ class AttentionCall:
             return F.scaled_dot_product_attention(self.query, self.key, self.value, attn_mask=self.bias, scale=self.scale)
         d = self.value.shape[-1]
         values = torch.cat([(b * self.value).to(self.value.dtype) for _, b in factors], dim=-1)
-        out = F.scaled_dot_product_attention(self.query, self.key, values, attn_mask=self.bias, scale=self.scale)
+        out = _sdpa_wide_values(self.query, self.key, values, self.bias, self.scale)
         result = None
         for r, (a, _) in enumerate(factors):
             term = a * out[..., r * d : (r + 1) * d]
@@ -104,6 +104,23 @@ class AttentionCall:
             return torch.matmul(probs, value).to(self.value.dtype)
         out = sum(a.float() * torch.matmul(probs, b.float() * value) for a, b in factors)
         return out.to(self.value.dtype)
+
+
+def _sdpa_wide_values(query, key, values, bias, scale: float) -> torch.Tensor:
+    """SDPA with values wider than the queries, without an Nq x Nk map.
+
+    Fused kernels want one head width for q, k and v (on CPU, a wider ``v`` falls back to
+    the math backend, which builds the full attention map). Zero channels appended to q
+    and k leave every logit unchanged, so q, k and v are padded to a common width (a
+    multiple of 8, as CUDA kernels need) and the output is cut back.
+    """
+    dq, dv = query.shape[-1], values.shape[-1]
+    if dq == dv:
+        return F.scaled_dot_product_attention(query, key, values, attn_mask=bias, scale=scale)
+    width = -(-max(dq, dv) // 8) * 8
+    query, key = F.pad(query, (0, width - dq)), F.pad(key, (0, width - dq))
+    out = F.scaled_dot_product_attention(query, key, F.pad(values, (0, width - dv)), attn_mask=bias, scale=scale)
+    return out[..., :dv]
 
 
 def controlled_attention(

@@ -80,12 +80,19 @@ class AttentionCall:
         if factors is None:
             return F.scaled_dot_product_attention(self.query, self.key, self.value, attn_mask=self.bias, scale=self.scale)
         d = self.value.shape[-1]
-        values = torch.cat([(b * self.value).to(self.value.dtype) for _, b in factors], dim=-1)
-        out = _sdpa_wide_values(self.query, self.key, values, self.bias, self.scale)
+        columns = [(b * self.value).to(self.value.dtype) for _, b in factors]
+        renormalize = any(op.renormalize for op in ops.reweight)
+        if renormalize:  # A b_r: the row sums of each term, as extra value columns
+            ones = self.value.new_ones(*self.value.shape[:-1], 1)
+            columns += [(b * ones).to(self.value.dtype) for _, b in factors]
+        out = _sdpa_wide_values(self.query, self.key, torch.cat(columns, dim=-1), self.bias, self.scale)
         result = None
         for r, (a, _) in enumerate(factors):
             term = a * out[..., r * d : (r + 1) * d]
             result = term if result is None else result + term
+        if renormalize:
+            base = len(factors) * d
+            result = result / sum(a * out[..., base + r : base + r + 1] for r, (a, _) in enumerate(factors))
         return result.to(self.value.dtype)
 
     def probabilities(self) -> torch.Tensor:
@@ -103,6 +110,9 @@ class AttentionCall:
         if factors is None:
             return torch.matmul(probs, value).to(self.value.dtype)
         out = sum(a.float() * torch.matmul(probs, b.float() * value) for a, b in factors)
+        if any(op.renormalize for op in ops.reweight):
+            ones = value.new_ones(*value.shape[:-1], 1)
+            out = out / sum(a.float() * torch.matmul(probs, b.float() * ones) for a, b in factors)
         return out.to(self.value.dtype)
 
 

@@ -69,9 +69,16 @@ class KeyValueOp(SiteOp):
 
 @dataclass(eq=False)
 class ReweightOp(SiteOp):
-    """Post-softmax reweighting ``W ⊙ A`` with ``W = sum_r a_r b_r^T``."""
+    """Post-softmax reweighting ``W ⊙ A`` with ``W = sum_r a_r b_r^T``.
+
+    With ``renormalize=True`` every row of the reweighted map is divided by its sum. The
+    row sums ``sum_r a_r ⊙ (A b_r)`` come out of the same fused call (extra value columns
+    ``b_r``), so this stays exact without a map. At a site where several reweight ops
+    compose, the product map is renormalized once if any of them asks for it.
+    """
 
     stage: ClassVar[int] = 1
+    renormalize: bool = field(default=False, kw_only=True)
 
     def factors(self, call: AttentionCall) -> list[tuple[torch.Tensor, torch.Tensor]]:  # pragma: no cover
         """Return ``[(a_r, b_r)]``: ``a_r`` broadcastable to [B, heads, Nq, 1], ``b_r`` to [B, heads, Nk, 1]."""

@@ -1,0 +1,43 @@
+"""Split work across processes started by ``accelerate launch`` (one process: no split).
+
+Items are dealt round robin (item ``i`` goes to rank ``i % world``); each rank writes its own
+per-item files, and after a barrier the main process merges them, so the merged results are
+the same as those of a single-process run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class Shard:
+    """This process's place in the job, with a barrier."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def take(self, items: Sequence[T]) -> list[T]:
+        """The items this process handles."""
+        return [it for i, it in enumerate(items) if i % self.world == self.rank]
+
+
+def current_shard() -> Shard:
+    """The shard of this process: from ``accelerate`` when it launched us, else a single process."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Shard()
+    from accelerate import PartialState
+
+    state: Any = PartialState()
+    return Shard(state.process_index, state.num_processes, state.wait_for_everyone, str(state.device))

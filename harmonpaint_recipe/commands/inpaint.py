@@ -1,0 +1,163 @@
+"""``attnctl inpaint``: one image, a manifest of images, or a reproduction from a sidecar.
+
+    attnctl inpaint --recipe harmonpaint --image in.png --mask m.png --prompt "a cat" --out out.png
+    attnctl inpaint --recipe harmonpaint --manifest items.jsonl --out-dir results/
+    attnctl inpaint --from out.json [--out again.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from attnctl.errors import InputError
+
+
+@contextmanager
+def _warnings_as_lines(command: str) -> Iterator[None]:
+    """Show attnctl's input warnings as one line each on stderr (no source line)."""
+    from harmonpaint_recipe.inputs import InputWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, InputWarning):
+            print(f"attnctl {command}: warning: {message}", file=sys.stderr)
+        else:
+            print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", InputWarning)
+        warnings.showwarning = show
+        yield
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    bad = [o for o in out if "=" not in o]
+    if bad:
+        raise InputError(
+            f"unexpected argument '{bad[0]}': overrides are key=value (e.g. sampler.steps=20); "
+            "quote prompts with spaces: --prompt \"a red car\""
+        )
+    if args.device:
+        out.append(f"model.device={args.device}")
+    if args.dtype:
+        out.append(f"model.dtype={args.dtype}")
+    return out
+
+
+def _single(args: argparse.Namespace, overrides: list[str]) -> int:
+    from harmonpaint_recipe.jobs import Job, JobRunner
+    from harmonpaint_recipe.loading import load_recipe
+
+    missing = [f"--{k}" for k in ("image", "mask", "prompt", "out") if getattr(args, k) in (None, "")]
+    if missing:
+        raise InputError(
+            f"missing {', '.join(missing)}; give --image, --mask, --prompt and --out "
+            "(or --manifest and --out-dir, or --from SIDECAR.json)"
+        )
+    recipe = load_recipe(args.recipe, overrides)
+    job = Job(Path(args.image), Path(args.mask), args.prompt, Path(args.out), args.seed)
+    jobs = JobRunner(recipe, args.recipe, overrides, resize_mask=args.resize_mask)
+    inputs = jobs.prepare(job)
+    try:
+        record = jobs.run(job, inputs)
+    finally:
+        jobs.close()
+    print(f"wrote {job.out} (seed {record['seed']}) and {job.out.with_suffix('.json')}")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace, overrides: list[str]) -> int:
+    from harmonpaint_recipe.jobs import JobRunner, reproduction
+    from harmonpaint_recipe.sidecar import read_sidecar
+
+    if args.image or args.mask or args.manifest:
+        raise InputError("--from reproduces the sidecar's own inputs; drop --image/--mask/--manifest")
+    sidecar_file = Path(args.from_)
+    record = read_sidecar(sidecar_file)
+    recipe, job, resize = reproduction(record, sidecar_file, Path(args.out) if args.out else None, overrides)
+    if args.seed is not None:
+        job.seed = args.seed
+    if args.prompt:
+        job.prompt = args.prompt
+    jobs = JobRunner(recipe, record.get("recipe_name", str(sidecar_file)), list(record.get("overrides", [])) + overrides,
+                     resize_mask=resize or args.resize_mask)
+    try:
+        new = jobs.run(job)
+    finally:
+        jobs.close()
+    same = new["output"]["sha256"] == record.get("output", {}).get("sha256")
+    print(f"wrote {job.out}: {'identical to' if same else 'differs from'} the image recorded in {sidecar_file}")
+    return 0
+
+
+def _manifest(args: argparse.Namespace, overrides: list[str]) -> int:
+    from tqdm.auto import tqdm
+
+    from harmonpaint_recipe.batch import read_manifest
+    from harmonpaint_recipe.jobs import JobRunner
+    from harmonpaint_recipe.loading import load_recipe
+    from harmonpaint_recipe.sidecar import sidecar_path
+
+    if not args.out_dir:
+        raise InputError("--manifest needs --out-dir DIR (the folder the images and sidecars go to)")
+    if args.image or args.mask or args.out:
+        raise InputError("--manifest takes images, masks and prompts from the file; drop --image/--mask/--out")
+    recipe = load_recipe(args.recipe, overrides)
+    jobs_list = read_manifest(args.manifest, args.out_dir, seed=args.seed)
+    todo = [j for j in jobs_list if not (j.out.is_file() and sidecar_path(j.out).is_file())]
+    skipped = len(jobs_list) - len(todo)
+    if skipped:
+        print(f"skipping {skipped} item(s) already written in {args.out_dir}", file=sys.stderr)
+    runner = JobRunner(recipe, args.recipe, overrides, resize_mask=args.resize_mask)
+    prepared = [(job, runner.prepare(job)) for job in todo]  # fail early, before any model work
+    if not prepared:
+        print(f"nothing to do: all {len(jobs_list)} item(s) exist in {args.out_dir}")
+        return 0
+    try:
+        runner.set_progress_bar(leave=False)
+        for job, inputs in tqdm(prepared, desc="inpaint", unit="image"):
+            runner.run(job, inputs)
+    finally:
+        runner.close()
+    print(f"wrote {len(prepared)} image(s) to {args.out_dir}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    with _warnings_as_lines("inpaint"):
+        if args.from_:
+            return _reproduce(args, overrides)
+        if args.manifest:
+            return _manifest(args, overrides)
+        return _single(args, overrides)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``inpaint``."""
+    p = subparsers.add_parser(
+        "inpaint",
+        help="inpaint images with a recipe (writes image + sidecar JSON)",
+        description="Inpaint the white region of a mask. Every output gets a sidecar JSON next to it "
+        "from which `attnctl inpaint --from OUT.json` remakes the same image.",
+    )
+    p.add_argument("--recipe", default="harmonpaint", help="shipped recipe name or YAML path [harmonpaint]")
+    p.add_argument("--image", help="input image (sides multiples of 8)")
+    p.add_argument("--mask", help="mask image, white = region to inpaint (binarized at 0.5)")
+    p.add_argument("--prompt", help="text prompt for the inpainted region")
+    p.add_argument("--out", help="output image path (.png/.jpg/.webp); its folder is created")
+    p.add_argument("--seed", type=int, default=None, help="noise seed [random, recorded in the sidecar]")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides model.device")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), help="overrides model.dtype")
+    p.add_argument("--resize-mask", action="store_true", help="resize a mask of another size to the image (nearest)")
+    p.add_argument("--manifest", help="JSONL with image, mask, prompt[, seed, name] per line (batch mode)")
+    p.add_argument("--out-dir", help="output folder of batch mode; items already written are skipped")
+    p.add_argument("--from", dest="from_", metavar="SIDECAR", help="reproduce the image a sidecar JSON describes")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. strategies.makvs.enabled=false")
+    p.set_defaults(func=_run)
+    return p

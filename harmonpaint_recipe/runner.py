@@ -1,0 +1,112 @@
+"""Run a recipe on a diffusers inpainting pipeline.
+
+``Runner(pipe, recipe)`` attaches the recipe's strategies once; ``runner(image, mask,
+prompt, seed)`` makes one image. The batch layout is built explicitly from the call
+(one prompt, one image, CFG iff ``guidance_scale > 1``, as diffusers decides), the mask
+is the binarized one the pipeline also gets, and the token indices are each prompt's own
+tokens (between the start and end tokens) from the pipeline's tokenizer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+import attnctl
+from attnctl.run_state import BatchLayout
+from harmonpaint_recipe.inputs import PreparedInputs
+from harmonpaint_recipe.loading import resolved
+from harmonpaint_recipe.model import check_pipeline
+
+
+@dataclass
+class RunResult:
+    """One generated image and what is needed to reproduce it."""
+
+    image: Image.Image
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def prompt_token_indices(tokenizer: Any, prompt: str) -> list[int]:
+    """Positions of the prompt's own tokens: 1..n (no start, end or padding token).
+
+    Prompts longer than the text encoder's window are truncated as the pipeline does.
+    """
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    # unpadded: [start, t_1 .. t_n, end]
+    return list(range(1, len(ids) - 1))
+
+
+def new_seed() -> int:
+    """A fresh random seed (recorded, so the run can be reproduced)."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(time.time_ns() % 2**63)))
+
+
+def _set_scheduler(pipe: Any, name: str) -> None:
+    if name == "ddim":
+        from diffusers import DDIMScheduler
+
+        if not isinstance(pipe.scheduler, DDIMScheduler):
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+
+
+class Runner:
+    """A recipe attached to a pipeline; call it once per image. Use as a context manager.
+
+    Args:
+        pipe: a ``StableDiffusionInpaintPipeline`` or ``StableDiffusionXLInpaintPipeline``.
+        recipe: a validated recipe (``load_recipe``).
+        manager: strategy plugin manager (default: entry points).
+    """
+
+    def __init__(self, pipe: Any, recipe: DictConfig, manager: Any = None):
+        check_pipeline(pipe)
+        self.pipe = pipe
+        self.recipe = recipe
+        self.config = resolved(recipe)
+        _set_scheduler(pipe, self.config["sampler"]["scheduler"])
+        self.controller = attnctl.attach(pipe, {"strategies": self.config.get("strategies") or {}}, manager)
+
+    def close(self) -> None:
+        """Detach the strategies; the pipeline is left exactly as it was."""
+        self.controller.detach()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, inputs: PreparedInputs, prompt: str, seed: int | None = None) -> RunResult:
+        """Inpaint ``inputs`` (from ``prepare_inputs``) with ``prompt``."""
+        sampler = self.config["sampler"]
+        seed = new_seed() if seed is None else int(seed)
+        guidance = float(sampler["guidance_scale"])
+        layout = BatchLayout.for_pipeline(num_prompts=1, num_images_per_prompt=1, cfg=guidance > 1.0)
+        mask = torch.from_numpy(inputs.mask_array)
+        tokens = [prompt_token_indices(self.pipe.tokenizer, prompt)]
+        width, height = inputs.image.size
+        kwargs: dict[str, Any] = dict(
+            prompt=prompt,
+            image=inputs.image,
+            mask_image=inputs.mask,
+            height=height,
+            width=width,
+            num_inference_steps=int(sampler["steps"]),
+            guidance_scale=guidance,
+            strength=float(sampler["strength"]),
+            negative_prompt=sampler.get("negative_prompt"),
+            num_images_per_prompt=1,
+            # a CPU generator gives the same noise on every device
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+        )
+        start = time.perf_counter()
+        with self.controller.run(layout, mask=mask, token_indices=tokens):
+            image = self.pipe(**kwargs).images[0]
+        return RunResult(image=image, seed=seed, timings={"inpaint_s": round(time.perf_counter() - start, 3)})

@@ -39,6 +39,7 @@ class StrategyManager:
         for plugin in plugins:
             self.register(plugin)
         self._specs: dict[str, StrategySpec] | None = None
+        self._providers: dict[str, str] = {}
 
     def _load_entry_points(self, own_only: bool) -> None:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -72,13 +73,20 @@ class StrategyManager:
         """All discovered strategies by name (sorted)."""
         if self._specs is None:
             specs: dict[str, StrategySpec] = {}
-            for batch in self.pm.hook.attnctl_add_strategies():
-                for spec in batch:
+            self._providers = {}
+            for impl in self.pm.hook.attnctl_add_strategies.get_hookimpls():
+                for spec in impl.function() or ():
                     if spec.name in specs:
                         raise ConfigError(f"two plugins provide a strategy named '{spec.name}'; rename one")
                     specs[spec.name] = spec
+                    self._providers[spec.name] = impl.plugin_name
             self._specs = dict(sorted(specs.items()))
         return self._specs
+
+    def provider(self, name: str) -> str:
+        """Name of the plugin that provides strategy ``name``."""
+        self.strategies()
+        return self._providers[name]
 
     def spec(self, name: str, where: str) -> StrategySpec:
         """The spec of strategy ``name``; ``ConfigError`` naming ``where`` if unknown."""

@@ -1,0 +1,27 @@
+"""``attnctl strategies``: list discovered strategies with their parameters and defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+from attnctl.plugins import StrategyManager
+
+
+def run(args: argparse.Namespace) -> int:
+    manager = StrategyManager()
+    specs = manager.strategies()
+    if not specs:
+        print("no strategies found (is attnctl installed? `pip install -e .`)")
+        return 1
+    for name, spec in specs.items():
+        print(f"{name}  [plugin: {manager.provider(name)}]")
+        print(f"    {spec.summary}")
+        for pname, ptype, default, help_text in spec.parameter_table():
+            print(f"    {pname}: {ptype} = {default!r}" + (f"  -- {help_text}" if help_text else ""))
+        print()
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("strategies", help="list strategies with their parameters and defaults")
+    p.set_defaults(func=run)

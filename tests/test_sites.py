@@ -1,0 +1,96 @@
+"""Site tables: execution-order numbering, stages, levels and run-time grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnctl.errors import UnsupportedModelError
+from attnctl.sites import describe_sites, grid_at
+from attnctl.unet_configs import UNET_CONFIGS, build_unet
+
+SNAPSHOTS = Path(__file__).parent / "data" / "sites"
+LATENT = {"sd15-inpaint": (64, 64), "sd2-inpaint": (96, 96), "sdxl-inpaint": (128, 128)}
+
+# HARMONPAINT_SPEC.md "Sites": index range -> (module prefix, grid at 512x512)
+SD15_SPEC = [
+    (range(0, 2), "down_blocks.0.attentions.{}", 64),
+    (range(2, 4), "down_blocks.1.attentions.{}", 32),
+    (range(4, 6), "down_blocks.2.attentions.{}", 16),
+    (range(6, 7), "mid_block.attentions.{}", 8),
+    (range(7, 10), "up_blocks.1.attentions.{}", 16),
+    (range(10, 13), "up_blocks.2.attentions.{}", 32),
+    (range(13, 16), "up_blocks.3.attentions.{}", 64),
+]
+
+
+@pytest.mark.parametrize("arch", sorted(UNET_CONFIGS))
+def test_site_table_matches_snapshot(arch):
+    table = describe_sites(build_unet(arch, device="meta"))
+    expected = (SNAPSHOTS / f"{arch}.txt").read_text()
+    assert table.format(LATENT[arch]) + "\n" == expected
+
+
+def test_sd15_table_is_the_spec_table():
+    table = describe_sites(build_unet("sd15-inpaint", device="meta"))
+    for kind, attn in (("self", "attn1"), ("cross", "attn2")):
+        sites = table.of_kind(kind)
+        assert len(sites) == 16
+        for indices, prefix, grid in SD15_SPEC:
+            for j, i in enumerate(indices):
+                assert sites[i].name == prefix.format(j) + f".transformer_blocks.0.{attn}"
+                assert sites[i].grid((64, 64)) == (grid, grid)
+    assert [s.stage for s in table.of_kind("self")] == ["down"] * 6 + ["mid"] + ["up"] * 9
+
+
+def test_numbering_is_not_registration_order():
+    unet = build_unet("sd15-inpaint", device="meta")
+    registration = [k.rsplit(".processor", 1)[0] for k in unet.attn_processors if k.endswith("attn1.processor")]
+    execution = [s.name for s in describe_sites(unet).of_kind("self")]
+    assert sorted(registration) == sorted(execution)
+    assert registration != execution  # diffusers registers mid after up
+    assert execution[6].startswith("mid_block")
+
+
+def test_sdxl_counts_and_levels():
+    table = describe_sites(build_unet("sdxl-inpaint", device="meta"))
+    selfs = table.of_kind("self")
+    assert len(selfs) == 70 and len(table.of_kind("cross")) == 70
+    assert {s.level for s in selfs} == {1, 2}
+    assert [s.stage for s in selfs].count("mid") == 10
+
+
+def test_grid_is_ceil_division():
+    assert grid_at(0, (64, 96)) == (64, 96)
+    assert grid_at(3, (64, 96)) == (8, 12)
+    assert grid_at(2, (9, 13)) == (3, 4)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (72, 56)])
+def test_grids_match_hidden_state_shapes_at_run_time(tiny_pipe, size):
+    """Each site's predicted grid equals the token count its module really sees."""
+    unet = tiny_pipe.unet
+    table = describe_sites(unet)
+    seen = {}
+    hooks = [
+        unet.get_submodule(s.name).register_forward_pre_hook(
+            lambda m, args, kw, name=s.name: seen.__setitem__(name, args[0].shape[1] if args else kw["hidden_states"].shape[1]),
+            with_kwargs=True,
+        )
+        for s in table
+    ]
+    latent = (size[0] // 8, size[1] // 8)
+    with torch.no_grad():
+        unet(torch.randn(1, 9, *latent), 10, encoder_hidden_states=torch.randn(1, 77, 32))
+    for h in hooks:
+        h.remove()
+    for s in table:
+        gh, gw = s.grid(latent)
+        assert seen[s.name] == gh * gw, s.key
+
+
+def test_unsupported_model_is_refused():
+    with pytest.raises(UnsupportedModelError, match="not a UNet with down/mid/up blocks"):
+        describe_sites(torch.nn.Linear(2, 2))

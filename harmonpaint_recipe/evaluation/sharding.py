@@ -1,5 +1,9 @@
 """Split work across processes started by ``accelerate launch`` (one process: no split).
 
+``accelerate launch --multi_gpu --num_processes N -m attnctl eval ...`` starts N processes
+through torchrun (on a machine without CUDA they form a gloo CPU group). Note that
+``accelerate launch --cpu --num_processes N`` needs MPI and otherwise starts one process.
+
 Items are dealt round robin (item ``i`` goes to rank ``i % world``); each rank writes its own
 per-item files, and after a barrier the main process merges them, so the merged results are
 the same as those of a single-process run.
@@ -35,9 +39,12 @@ def current_shard() -> Shard:
     """The shard of this process: from ``accelerate`` when it launched us, else a single process."""
     import os
 
+    import torch
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Shard()
+        return Shard(device="cuda" if torch.cuda.is_available() else "cpu")
     from accelerate import PartialState
 
-    state: Any = PartialState()
+    # without CUDA, accelerate only forms a process group (gloo) when asked for CPU explicitly
+    state: Any = PartialState(cpu=not torch.cuda.is_available())
     return Shard(state.process_index, state.num_processes, state.wait_for_everyone, str(state.device))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -50,10 +51,9 @@ def recipe_path(name_or_path: str | Path) -> Path:
 def _read_yaml(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
-    except (OmegaConfBaseException, ValueError, OSError) as exc:  # yaml errors are ValueError subclasses too
-        raise ConfigError(f"recipe file '{path}' is not valid YAML: {exc}") from None
-    except Exception as exc:  # yaml.YAMLError does not share a base with the above
-        raise ConfigError(f"recipe file '{path}' is not valid YAML: {exc}") from None
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"recipe file '{path}' is not valid YAML ({reason}); quote values with [ ] : such as 'self[-8:]'") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"recipe file '{path}' must hold a mapping at the top level, not a list")
     return cfg

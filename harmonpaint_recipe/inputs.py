@@ -50,7 +50,7 @@ def open_image(source: str | Path | Image.Image, what: str) -> Image.Image:
             return img.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(
-            f"{what} file '{path}' cannot be read as an image ({exc.__class__.__name__}); "
+            f"{what} file '{path}' cannot be read as an image; "
             "it may be corrupt or not an image - re-export it as PNG or JPEG"
         ) from None
 

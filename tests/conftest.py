@@ -8,6 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+# Tiny models are dominated by threading overhead: on a shared 2-core machine one thread is
+# many times faster than two. Results do not depend on it (every comparison runs in-process).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):

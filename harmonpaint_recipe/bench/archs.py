@@ -1,0 +1,225 @@
+"""Benchmark architectures: inpainting pipelines with random weights, built from configs.
+
+Nothing is downloaded. The full-size architectures use the published component configs
+(UNet, text encoder(s), VAE) of the models they are named after; only the tokenizer is
+attnctl's byte-level stand-in (``attnctl.tiny``), which changes the token ids but not the
+77-token sequence the text encoder and cross-attention see. ``mid`` is a reduced
+SD1.5-shaped pipeline (the same 16 self + 16 cross sites over 4 levels) sized so a
+10-step run takes seconds on two CPU cores; ``tiny`` is ``attnctl.tiny``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from attnctl.errors import ConfigError, did_you_mean
+
+# --- UNets (diffusers UNet2DConditionModel kwargs) -------------------------------------
+_SD_UNET_COMMON = dict(
+    sample_size=64,
+    in_channels=9,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    norm_num_groups=32,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+)
+#: stable-diffusion-v1-5/stable-diffusion-inpainting (8 heads everywhere)
+SD15_UNET = dict(_SD_UNET_COMMON, cross_attention_dim=768, attention_head_dim=8)
+#: stabilityai/stable-diffusion-2-inpainting (64-channel heads, linear projections)
+SD2_UNET = dict(_SD_UNET_COMMON, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+#: diffusers/stable-diffusion-xl-1.0-inpainting-0.1
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=9,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+#: SD1.5's layout (16 self + 16 cross sites, 4 levels, 8 heads) at a fifth of the width
+MID_UNET = dict(
+    _SD_UNET_COMMON,
+    block_out_channels=(64, 128, 256, 256),
+    cross_attention_dim=256,
+    attention_head_dim=8,
+    sample_size=32,
+)
+
+# --- text encoders (transformers CLIPTextConfig kwargs) --------------------------------
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               projection_dim=768, hidden_act="quick_gelu")
+# SD2 keeps 23 of OpenCLIP ViT-H's 24 layers
+_OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                   projection_dim=512, hidden_act="gelu")
+_OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                      projection_dim=1280, hidden_act="gelu")
+_CLIP_MID = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                 projection_dim=256, hidden_act="quick_gelu")
+
+# --- VAEs (diffusers AutoencoderKL kwargs) ---------------------------------------------
+_SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+)
+_SDXL_VAE = dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+_MID_VAE = dict(_SD_VAE, block_out_channels=(32, 64, 64, 64), layers_per_block=1, sample_size=256)
+
+#: DDIM as in the HarmonPaint paper (Sec. V-A), SD's training schedule
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A benchmark architecture.
+
+    Attributes:
+        name: CLI name.
+        description: one line for reports.
+        default_size: image side in pixels the model was trained at.
+        build: ``build(seed) -> pipeline`` on CPU in fp32 (the harness moves and casts it).
+        full_size: whether the components are the published sizes.
+    """
+
+    name: str
+    description: str
+    default_size: int
+    build: Callable[[int], Any] = field(repr=False)
+    full_size: bool = True
+
+
+def _text_encoder(kwargs: dict, vocab_size: int, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    # bos/eos/pad follow attnctl's byte tokenizer (its last two ids), so pooling finds the eos
+    config = CLIPTextConfig(vocab_size=max(vocab_size, 49408), max_position_embeddings=77,
+                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                            pad_token_id=vocab_size - 1, **kwargs)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tokenizer():
+    from transformers import CLIPTokenizer
+
+    from attnctl.tiny import _byte_vocab, write_tiny_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    return tokenizer, len(_byte_vocab())
+
+
+def _seeded(seed: int, make: Callable[[], Any]) -> Any:
+    """Run ``make`` under ``seed`` without disturbing the global RNG."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return make()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _build_sd(unet_config: dict, text_config: dict, vae_config: dict) -> Callable[[int], Any]:
+    def build(seed: int):
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+        tokenizer, vocab = _tokenizer()
+
+        def make():
+            return (UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config), _text_encoder(text_config, vocab))
+
+        unet, vae, text_encoder = _seeded(seed, make)
+        return StableDiffusionInpaintPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    return build
+
+
+def _build_sdxl(seed: int):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+
+    tokenizer, vocab = _tokenizer()
+
+    def make():
+        return (UNet2DConditionModel(**SDXL_UNET), AutoencoderKL(**_SDXL_VAE), _text_encoder(_CLIP_L, vocab),
+                _text_encoder(_OPENCLIP_BIGG, vocab, with_projection=True))
+
+    unet, vae, text_encoder, text_encoder_2 = _seeded(seed, make)
+    return StableDiffusionXLInpaintPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        requires_aesthetics_score=False, force_zeros_for_empty_prompt=True,
+    )
+
+
+def _build_tiny(seed: int):
+    from attnctl.tiny import build_tiny_inpaint_pipeline
+
+    return build_tiny_inpaint_pipeline(seed=seed)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        Architecture("sd15-inpaint", "SD 1.5 inpainting (UNet 860M, CLIP ViT-L, SD VAE)", 512,
+                     _build_sd(SD15_UNET, _CLIP_L, _SD_VAE)),
+        Architecture("sd2-inpaint", "SD 2 inpainting (UNet 865M, OpenCLIP ViT-H, SD VAE)", 512,
+                     _build_sd(SD2_UNET, _OPENCLIP_H, _SD_VAE)),
+        Architecture("sdxl-inpaint", "SDXL 1.0 inpainting (UNet 2.6B, CLIP ViT-L + OpenCLIP bigG, SDXL VAE)", 1024,
+                     _build_sdxl),
+        Architecture("mid", "SD1.5 site layout at 1/5 width (UNet 35M), small CLIP and VAE", 256,
+                     _build_sd(MID_UNET, _CLIP_MID, _MID_VAE), full_size=False),
+        Architecture("tiny", "attnctl.tiny (test-sized SD1.5 layout)", 64, _build_tiny, full_size=False),
+    )
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    """The architecture called ``name``; ``ConfigError`` listing the known ones otherwise."""
+    if name not in ARCHITECTURES:
+        raise ConfigError(
+            f"--arch: unknown architecture '{name}'{did_you_mean(name, ARCHITECTURES)}; "
+            f"choose one of {', '.join(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[name]

@@ -1,0 +1,233 @@
+"""Run the variants interleaved on one pipeline and collect timings and peak memory.
+
+Method (the same for every architecture and device):
+
+- one process, one pipeline object, one set of inputs and one seed for every variant;
+- ``warmup`` untimed rounds, then ``repeats`` timed rounds; each round runs every
+  variant once (round robin), and the order is rotated by one each round so no variant
+  always runs right after the same neighbour;
+- a variant's ``setup`` (attach) and ``teardown`` (detach) are outside the timed region;
+  the timed region is the whole pipeline call (text encoding, every denoising step with
+  CFG, VAE encode and decode), synchronized on CUDA;
+- peak memory per run as described in ``bench.memory``.
+
+Reported per variant: median, min and max seconds per image, it/s (denoising steps per
+second of the median run), the median peak memory, and both as ratios to ``stock``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from attnctl.errors import ConfigError
+from harmonpaint_recipe.bench.archs import get_architecture
+from harmonpaint_recipe.bench.memory import PeakMemory, pin_mmap_threshold
+from harmonpaint_recipe.bench.targets import check_targets
+from harmonpaint_recipe.bench.variants import BenchInputs, make_variants, parse_variants
+
+PROMPT = "a watercolor painting of a small red fox sitting in tall grass"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one ``attnctl bench`` run (see the command's ``--help``)."""
+
+    arch: str = "mid"
+    size: int | None = None
+    steps: int = 10
+    dtype: str = "auto"
+    device: str = "auto"
+    repeats: int = 3
+    warmup: int = 1
+    variants: list[str] = field(default_factory=lambda: parse_variants(None))
+    compile: bool = False
+    guidance_scale: float = 7.5
+    seed: int = 0
+    recipe: str | None = None
+    sample_interval: float = 0.01
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` naming the bad option."""
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
+        if self.repeats < 1:
+            raise ConfigError(f"--repeats must be at least 1, got {self.repeats}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.size is not None and (self.size < 8 or self.size % 8):
+            raise ConfigError(f"--size must be a positive multiple of 8 (VAE factor), got {self.size}")
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ConfigError(f"--dtype must be one of auto, {', '.join(_DTYPES)}; got '{self.dtype}'")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``ConfigError`` for an unusable device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device: '{name}' is not a torch device ({exc}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> fp16 on CUDA, fp32 elsewhere."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable device description for the report."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU: {model}, {torch.get_num_threads()} torch threads"
+
+
+def make_inputs(size: int, seed: int):
+    """A smooth random image and a centred rectangular mask (a quarter of the area)."""
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    coarse = rng.rand(8, 8, 3)
+    image = Image.fromarray((coarse * 255).astype("uint8")).resize((size, size), Image.BICUBIC)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
+    return image, Image.fromarray(mask), torch.from_numpy(mask >= 128).float()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark and return the result record (what ``bench.json`` holds)."""
+    cfg.check()
+    arch = get_architecture(cfg.arch)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    size = cfg.size or arch.default_size
+    names = parse_variants(",".join(cfg.variants))
+    if device.type == "cpu":
+        pin_mmap_threshold()
+
+    log(f"building {arch.name} ({arch.description}) with random weights ...")
+    pipe = arch.build(cfg.seed).to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if cfg.compile:
+        from harmonpaint_recipe.bench.compiling import compile_unet
+
+        compile_unet(pipe)
+    image, mask_image, mask = make_inputs(size, cfg.seed)
+
+    def call_kwargs() -> dict[str, Any]:
+        return dict(
+            prompt=PROMPT, image=image, mask_image=mask_image, height=size, width=size,
+            num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, strength=1.0,
+            generator=torch.Generator(device="cpu").manual_seed(cfg.seed), output_type="np",
+        )
+
+    recipe = cfg.recipe or ("harmonpaint-sdxl" if arch.name.startswith("sdxl") else "harmonpaint")
+    inputs = BenchInputs(pipe=pipe, call_kwargs=call_kwargs, mask=mask, prompt=PROMPT, recipe=recipe)
+    factories = make_variants()
+    variants = {n: factories[n]() for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    peaks: dict[str, list[int]] = {n: [] for n in names}
+    hwms: dict[str, list[int]] = {n: [] for n in names}
+    finite: dict[str, bool] = {}
+
+    rounds = cfg.warmup + cfg.repeats
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        timed = r >= cfg.warmup
+        for n in order:
+            v = variants[n]
+            v.setup(inputs)
+            try:
+                with PeakMemory(device, cfg.sample_interval) as mem:
+                    _sync(device)
+                    start = time.perf_counter()
+                    out = v()
+                    _sync(device)
+                    elapsed = time.perf_counter() - start
+            finally:
+                v.teardown()
+            finite.setdefault(n, bool(np.isfinite(np.asarray(out)).all()))
+            del out
+            res = mem.result
+            log(f"round {r + 1}/{rounds}{'' if timed else ' (warm-up)'}  {n:<12} {elapsed:8.3f} s  "
+                f"peak {res.peak / 2**20:9.1f} MiB")
+            if timed:
+                times[n].append(elapsed)
+                peaks[n].append(res.peak)
+                if res.peak_hwm is not None:
+                    hwms[n].append(res.peak_hwm)
+
+    results: dict[str, dict[str, Any]] = {}
+    for n in names:
+        t = _summary(times[n])
+        p = _summary([float(x) for x in peaks[n]])
+        results[n] = {
+            "description": variants[n].description,
+            "seconds": times[n],
+            "sec_per_image": t,
+            "it_per_s": cfg.steps / t["median"],
+            "peak_memory": {"runs_bytes": peaks[n], "median_bytes": p["median"], "min_bytes": p["min"],
+                            "max_bytes": p["max"]},
+            "finite_output": finite[n],
+        }
+        if hwms[n]:
+            results[n]["peak_memory"]["hwm_median_bytes"] = statistics.median(hwms[n])
+    stock_t = results["stock"]["sec_per_image"]["median"]
+    stock_m = results["stock"]["peak_memory"]["median_bytes"]
+    stock_h = results["stock"]["peak_memory"].get("hwm_median_bytes")
+    for n, r in results.items():
+        r["time_ratio"] = r["sec_per_image"]["median"] / stock_t
+        r["memory_ratio"] = r["peak_memory"]["median_bytes"] / stock_m if stock_m > 0 else None
+        h = r["peak_memory"].get("hwm_median_bytes")
+        r["hwm_memory_ratio"] = h / stock_h if h is not None and stock_h else None
+
+    import diffusers
+
+    meta = {
+        "command": "attnctl " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("attnctl") else None,
+        "config": {**asdict(cfg), "size": size, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+                   "recipe": recipe},
+        "arch": {"name": arch.name, "description": arch.description, "full_size": arch.full_size,
+                 "unet_parameters": sum(p.numel() for p in pipe.unet.parameters())},
+        "device": device_name(device),
+        "memory_method": ("cuda max_memory_allocated (absolute)" if device.type == "cuda"
+                          else "RSS increase over the pre-run baseline (sampling thread; VmHWM reset as cross-check)"),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return {"meta": meta, "variants": results, "targets": check_targets(device.type, arch.name, results)}

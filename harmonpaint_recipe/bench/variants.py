@@ -1,0 +1,137 @@
+"""The benchmarked variants: one pipeline, five ways of running it.
+
+Every variant makes the same image (same pipeline object, inputs, seed and call
+arguments); they differ only in what is attached to the pipeline. ``setup`` attaches
+(untimed), ``__call__`` makes one image (timed), ``teardown`` restores the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from attnctl.errors import ConfigError, did_you_mean
+from attnctl.run_state import BatchLayout
+
+
+@dataclass
+class BenchInputs:
+    """What every variant runs on.
+
+    Attributes:
+        pipe: the diffusers inpainting pipeline (already on its device and dtype).
+        call_kwargs: ``call_kwargs()`` -> pipeline keyword arguments with a fresh seeded generator.
+        mask: binary mask [H, W] (1 = inpaint) at image size, as the pipeline gets it.
+        prompt: the prompt.
+        recipe: the HarmonPaint recipe name the strategies come from.
+    """
+
+    pipe: Any
+    call_kwargs: Callable[[], dict[str, Any]]
+    mask: torch.Tensor
+    prompt: str
+    recipe: str = "harmonpaint"
+    layout: BatchLayout = field(default_factory=lambda: BatchLayout.for_pipeline(num_prompts=1, cfg=True))
+
+    def token_indices(self) -> list[list[int]]:
+        from harmonpaint_recipe.runner import prompt_token_indices
+
+        return [prompt_token_indices(self.pipe.tokenizer, self.prompt)]
+
+
+class Variant:
+    """Base: the stock pipeline, nothing attached."""
+
+    name = "stock"
+    description = "diffusers pipeline, no attnctl"
+
+    def setup(self, inputs: BenchInputs) -> None:
+        self.inputs = inputs
+
+    def __call__(self) -> Any:
+        return self.inputs.pipe(**self.inputs.call_kwargs()).images
+
+    def teardown(self) -> None:
+        pass
+
+
+class RecipeVariant(Variant):
+    """Attached through ``harmonpaint_recipe.runner.Runner`` with a recipe and overrides."""
+
+    def __init__(self, name: str, description: str, recipe: str | None, overrides: tuple[str, ...] = ()):
+        self.name, self.description = name, description
+        self.recipe, self.overrides = recipe, overrides
+
+    def setup(self, inputs: BenchInputs) -> None:
+        from harmonpaint_recipe.loading import load_recipe
+        from harmonpaint_recipe.runner import Runner
+
+        self.inputs = inputs
+        cfg = load_recipe(self.recipe or inputs.recipe, list(self.overrides))
+        self.runner = Runner(inputs.pipe, cfg)
+        self.tokens = inputs.token_indices()
+
+    def __call__(self) -> Any:
+        inputs = self.inputs
+        with self.runner.controller.run(inputs.layout, mask=inputs.mask, token_indices=self.tokens):
+            return inputs.pipe(**inputs.call_kwargs()).images
+
+    def teardown(self) -> None:
+        self.runner.close()
+
+
+class NaiveVariant(Variant):
+    """The research-code reference implementation of the same recipe (``bench.naive``)."""
+
+    name = "naive"
+    description = "same recipe, explicit softmax maps, 2*HW keys, A&E-style full fwd+bwd"
+
+    def setup(self, inputs: BenchInputs) -> None:
+        from harmonpaint_recipe.bench.naive import NaiveHarmonPaint, NaiveSettings
+        from harmonpaint_recipe.loading import load_recipe, resolved
+
+        self.inputs = inputs
+        settings = NaiveSettings.from_recipe(resolved(load_recipe(inputs.recipe)))
+        self.naive = NaiveHarmonPaint(inputs.pipe, settings)
+        self.naive.install()
+        self.tokens = inputs.token_indices()[0]
+
+    def __call__(self) -> Any:
+        with self.naive.run(self.inputs.mask, self.tokens):
+            return self.inputs.pipe(**self.inputs.call_kwargs()).images
+
+    def teardown(self) -> None:
+        self.naive.remove()
+
+
+def make_variants() -> dict[str, Callable[[], Variant]]:
+    """Variant name -> factory, in report order."""
+    return {
+        "stock": Variant,
+        "idle": lambda: RecipeVariant("idle", "attached, no active strategy (recipe sdi)", "sdi"),
+        "sams+makvs": lambda: RecipeVariant(
+            "sams+makvs", "HarmonPaint without the steer loss", None, ("strategies.steer.enabled=false",)
+        ),
+        "harmonpaint": lambda: RecipeVariant("harmonpaint", "full HarmonPaint recipe", None),
+        "naive": NaiveVariant,
+    }
+
+
+VARIANT_NAMES: tuple[str, ...] = tuple(make_variants())
+
+
+def parse_variants(text: str | None) -> list[str]:
+    """``"stock,idle"`` -> names; ``stock`` is always included (every ratio is to it)."""
+    if not text or text == "all":
+        return list(VARIANT_NAMES)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in VARIANT_NAMES:
+            raise ConfigError(
+                f"--variants: unknown variant '{n}'{did_you_mean(n, VARIANT_NAMES)}; choose from {', '.join(VARIANT_NAMES)}"
+            )
+    if "stock" not in names:
+        names.insert(0, "stock")
+    return [n for n in VARIANT_NAMES if n in names]

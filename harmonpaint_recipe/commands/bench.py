@@ -1,0 +1,52 @@
+"""``attnctl bench``: speed and peak memory side by side against stock diffusers."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from harmonpaint_recipe.bench import BenchConfig, run_benchmark, write_reports
+    from harmonpaint_recipe.bench.report import markdown_table
+    from harmonpaint_recipe.bench.variants import parse_variants
+
+    cfg = BenchConfig(
+        arch=args.arch, size=args.size, steps=args.steps, dtype=args.dtype, device=args.device,
+        repeats=args.repeats, warmup=args.warmup, variants=parse_variants(args.variants),
+        compile=args.compile, guidance_scale=args.guidance_scale, seed=args.seed, recipe=args.recipe,
+    )
+    result = run_benchmark(cfg)
+    paths = write_reports(result, args.out)
+    print()
+    print(markdown_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``bench``."""
+    from harmonpaint_recipe.bench.archs import ARCHITECTURES
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="time and peak memory of stock / idle / sams+makvs / harmonpaint / naive on a random-weight model",
+        description="Run the variants interleaved (round robin, warm-up first) on one random-weight "
+        "pipeline with the same inputs and seed; report seconds per image, it/s and peak memory, "
+        "each as a ratio to stock, as bench.json, bench.md and bench.png in --out.",
+    )
+    parser.add_argument("--arch", default="mid", choices=list(ARCHITECTURES), help="architecture [mid]")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels [the arch's: 512, 1024 for sdxl, 256 mid, 64 tiny]")
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps [10]")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="[auto: fp16 on CUDA, fp32 on CPU]")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N [auto]")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds [3]")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first [1]")
+    parser.add_argument("--variants", default="all",
+                        help="comma list of stock,idle,sams+makvs,harmonpaint,naive (stock is always run) [all]")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (all variants)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale [7.5]")
+    parser.add_argument("--seed", type=int, default=0, help="weights, inputs and noise seed [0]")
+    parser.add_argument("--recipe", default=None, help="HarmonPaint recipe [harmonpaint; harmonpaint-sdxl for sdxl]")
+    parser.add_argument("--out", default="bench-out", help="output folder [bench-out]")
+    parser.set_defaults(func=_bench)
+    return parser

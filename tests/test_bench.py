@@ -1,0 +1,71 @@
+"""``attnctl bench`` runs end to end on the tiny model and writes well-formed reports.
+
+Benchmarks are never timed assertions: this only checks the command and its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import pytest
+import torch
+from PIL import Image
+
+from attnctl.cli import main
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("psutil")
+
+VARIANTS = ("stock", "idle", "sams+makvs", "harmonpaint", "naive")
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(["bench", "--arch", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_json_has_every_variant_with_ratios_to_stock(bench_out):
+    result = json.loads((bench_out / "bench.json").read_text())
+    assert set(result) == {"meta", "variants", "targets"}
+    assert tuple(result["variants"]) == VARIANTS
+    meta = result["meta"]
+    assert meta["arch"]["name"] == "tiny"
+    assert meta["config"]["steps"] == 2 and meta["config"]["repeats"] == 1 and meta["config"]["warmup"] == 0
+    assert meta["torch"] == torch.__version__ and meta["diffusers"] == diffusers.__version__
+    assert meta["device"].startswith("CPU") if meta["config"]["device"] == "cpu" else meta["device"]
+    for name, v in result["variants"].items():
+        assert len(v["seconds"]) == 1 and v["seconds"][0] > 0
+        t = v["sec_per_image"]
+        assert t["min"] <= t["median"] <= t["max"]
+        assert v["it_per_s"] == pytest.approx(2 / t["median"])
+        assert v["time_ratio"] == pytest.approx(t["median"] / result["variants"]["stock"]["sec_per_image"]["median"])
+        assert v["peak_memory"]["median_bytes"] >= 0
+        assert v["finite_output"] is True
+    assert result["variants"]["stock"]["time_ratio"] == 1.0
+
+
+def test_markdown_table_has_a_row_per_variant(bench_out):
+    text = (bench_out / "bench.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| variant | s/image")
+    names = [r.split("|")[1].strip() for r in rows[1:]]
+    assert tuple(names) == VARIANTS
+    stock = rows[1].split("|")
+    assert stock[5].strip() == "1.000"  # time vs stock
+
+
+def test_chart_is_a_png(bench_out):
+    with Image.open(bench_out / "bench.png") as im:
+        assert im.format == "PNG"
+        assert im.size[0] > 200 and im.size[1] > 100
+
+
+def test_bad_options_fail_with_a_message(tmp_path, capsys):
+    assert main(["bench", "--arch", "tiny", "--variants", "stock,fast", "--out", str(tmp_path)]) == 2
+    assert "--variants: unknown variant 'fast'" in capsys.readouterr().err
+    assert main(["bench", "--arch", "tiny", "--size", "60", "--out", str(tmp_path)]) == 2
+    assert "--size must be a positive multiple of 8" in capsys.readouterr().err

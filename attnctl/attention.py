@@ -133,24 +133,38 @@ def _sdpa_wide_values(query, key, values, bias, scale: float) -> torch.Tensor:
     return out[..., :dv]
 
 
-def controlled_attention(
+@dataclass
+class ProjectedAttention:
+    """Head-split inputs of one diffusers ``Attention`` call, and what is needed to finish it.
+
+    ``query``/``key``/``value`` are [B, heads, N, d]; ``mask`` is the module's own attention
+    mask prepared as [B, heads, Nq|1, Nk], or None.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    residual: torch.Tensor
+    spatial_shape: tuple[int, int, int, int] | None
+
+
+def project_attention(
     attn,
-    site: Site,
-    ops: ActiveOps,
-    state: RunState,
     hidden_states: torch.Tensor,
     encoder_hidden_states: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     temb: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Forward of a diffusers ``Attention`` module with ``ops`` applied (mirrors AttnProcessor2_0)."""
+) -> ProjectedAttention:
+    """Everything ``AttnProcessor2_0`` does before the attention core: norms, projections, head split."""
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
-    input_ndim = hidden_states.ndim
-    if input_ndim == 4:
-        batch_size, channel, height, width = hidden_states.shape
-        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    spatial_shape = None
+    if hidden_states.ndim == 4:
+        spatial_shape = tuple(hidden_states.shape)
+        b, c, h, w = spatial_shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
     batch_size, sequence_length, _ = (
         hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
     )
@@ -175,16 +189,33 @@ def controlled_attention(
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
+    return ProjectedAttention(query, key, value, attention_mask, residual, spatial_shape)
 
-    call = AttentionCall(site, state, query, key, value, attention_mask, head_dim**-0.5)
-    hidden_states = call.compute(ops)
 
-    hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-    hidden_states = hidden_states.to(query.dtype)
+def finish_attention(attn, projected: ProjectedAttention, out: torch.Tensor) -> torch.Tensor:
+    """Everything ``AttnProcessor2_0`` does after the core: merge heads, output projection, residual."""
+    batch_size, heads, _, head_dim = out.shape
+    hidden_states = out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(projected.query.dtype)
     hidden_states = attn.to_out[0](hidden_states)
     hidden_states = attn.to_out[1](hidden_states)
-    if input_ndim == 4:
-        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    if projected.spatial_shape is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(*projected.spatial_shape)
     if attn.residual_connection:
-        hidden_states = hidden_states + residual
+        hidden_states = hidden_states + projected.residual
     return hidden_states / attn.rescale_output_factor
+
+
+def controlled_attention(
+    attn,
+    site: Site,
+    ops: ActiveOps,
+    state: RunState,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    temb: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Forward of a diffusers ``Attention`` module with ``ops`` applied (mirrors AttnProcessor2_0)."""
+    p = project_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+    call = AttentionCall(site, state, p.query, p.key, p.value, p.mask, p.query.shape[-1] ** -0.5)
+    return finish_attention(attn, p, call.compute(ops))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 from attnctl.errors import ConfigError, did_you_mean
 from attnctl.ops import ActiveOps, GateOp, KeyValueOp, LatentOp, ObserveOp, Op, ReweightOp, SiteOp

@@ -48,7 +48,7 @@ def open_image(source: str | Path | Image.Image, what: str) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputError(
             f"{what} file '{path}' cannot be read as an image; "
             "it may be corrupt or not an image - re-export it as PNG or JPEG"

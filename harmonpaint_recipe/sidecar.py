@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ from typing import Any
 from PIL import Image
 
 from attnctl.errors import InputError
+from harmonpaint_recipe.files import atomic_save_image, atomic_write_bytes
 
 SIDECAR_VERSION = 1
 _PACKAGES = ("attnctl", "torch", "diffusers", "transformers", "omegaconf", "pillow", "numpy")
@@ -44,27 +43,9 @@ def sidecar_path(image_path: str | Path) -> Path:
     return Path(image_path).with_suffix(".json")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then ``os.replace`` it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_image_atomic(image: Image.Image, path: Path) -> None:
     """Save ``image`` to ``path`` atomically (format from the suffix)."""
-    import io
-
-    buf = io.BytesIO()
-    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[path.suffix.lower()]
-    image.save(buf, format=fmt)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_image(path, image)
 
 
 def write_sidecar(path: Path, record: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from attnctl.errors import InputError
 from harmonpaint_recipe.dataset.annotations import Annotation, load_annotations
-from harmonpaint_recipe.dataset.files import atomic_save_image, atomic_write_jsonl
+from harmonpaint_recipe.files import atomic_save_image, atomic_write_jsonl
 from harmonpaint_recipe.dataset.masks import (
     bbox_mask, box_to_mask, load_mask_png, mask_to_image, polygons_to_mask, rle_to_mask,
 )

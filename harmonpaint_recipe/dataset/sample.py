@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from attnctl.errors import InputError
-from harmonpaint_recipe.dataset.files import atomic_write_jsonl
+from harmonpaint_recipe.files import atomic_write_jsonl
 from harmonpaint_recipe.dataset.manifest import write_item
 from harmonpaint_recipe.dataset.masks import polygons_to_mask
 

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from harmonpaint_recipe.dataset.files import atomic_write_bytes
+from harmonpaint_recipe.files import atomic_write_bytes
 
 CELL = 128
 HEADER = 18

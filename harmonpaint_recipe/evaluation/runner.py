@@ -18,7 +18,7 @@ from PIL import Image
 
 from attnctl.errors import InputError
 from attnctl.metrics import Metric, MetricOptions, MetricUnavailable, Sample, build_metrics
-from harmonpaint_recipe.dataset.files import atomic_write_jsonl
+from harmonpaint_recipe.files import atomic_write_jsonl
 from harmonpaint_recipe.evaluation.grids import write_grids
 from harmonpaint_recipe.evaluation.items import EvalItem
 from harmonpaint_recipe.evaluation.methods import InpaintFn, Method, default_inpaint_factory

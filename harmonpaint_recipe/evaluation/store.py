@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from attnctl.errors import InputError
-from harmonpaint_recipe.dataset.files import atomic_save_image, atomic_write_bytes, atomic_write_json
+from harmonpaint_recipe.files import atomic_save_image, atomic_write_bytes, atomic_write_json
 
 REFERENCE = "_reference"
 

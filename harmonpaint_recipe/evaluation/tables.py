@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Mapping
 
-from harmonpaint_recipe.dataset.files import atomic_write_text
+from harmonpaint_recipe.files import atomic_write_text
 
 # paper order (Tables I-III: CS, IR, AS, CMMD), then preservation; True = higher is better
 COLUMNS: dict[str, tuple[str, bool, str]] = {

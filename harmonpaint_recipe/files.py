@@ -41,12 +41,15 @@ def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
+_IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
 def atomic_save_image(path: str | Path, image: Image.Image) -> None:
-    """Save ``image`` as PNG atomically."""
+    """Save ``image`` atomically, in the format its suffix names (PNG when unknown)."""
     import io as _io
 
     buf = _io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format=_IMAGE_FORMATS.get(Path(path).suffix.lower(), "PNG"))
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -60,12 +60,16 @@ SDXL_UNET = dict(
     flip_sin_to_cos=True,
     freq_shift=0,
 )
-#: SD1.5's layout (16 self + 16 cross sites, 4 levels, 8 heads) at a fifth of the width
+#: SD1.5's layout (16 self + 16 cross sites, 4 levels) at a quarter of the width and a
+#: quarter of the heads: every head keeps SD1.5's head size (40/80/160 channels), and at
+#: 256x256 (32x32 latent) the tokens-per-channel ratio N/C of every level equals SD1.5's
+#: at 512x512, so attention vs. convolution/projection cost is balanced as in SD1.5
 MID_UNET = dict(
     _SD_UNET_COMMON,
-    block_out_channels=(64, 128, 256, 256),
-    cross_attention_dim=256,
-    attention_head_dim=8,
+    block_out_channels=(80, 160, 320, 320),
+    cross_attention_dim=192,
+    attention_head_dim=2,  # diffusers' legacy name: the number of heads (SD1.5: 8)
+    norm_num_groups=16,
     sample_size=32,
 )
 
@@ -77,8 +81,8 @@ _OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2
                    projection_dim=512, hidden_act="gelu")
 _OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                       projection_dim=1280, hidden_act="gelu")
-_CLIP_MID = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                 projection_dim=256, hidden_act="quick_gelu")
+_CLIP_MID = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                 projection_dim=192, hidden_act="quick_gelu")
 
 # --- VAEs (diffusers AutoencoderKL kwargs) ---------------------------------------------
 _SD_VAE = dict(
@@ -208,7 +212,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                      _build_sd(SD2_UNET, _OPENCLIP_H, _SD_VAE)),
         Architecture("sdxl-inpaint", "SDXL 1.0 inpainting (UNet 2.6B, CLIP ViT-L + OpenCLIP bigG, SDXL VAE)", 1024,
                      _build_sdxl),
-        Architecture("mid", "SD1.5 site layout at 1/5 width (UNet 35M), small CLIP and VAE", 256,
+        Architecture("mid", "SD1.5 layout and head sizes at 1/4 width, 1/4 heads (UNet 54M), small CLIP and VAE", 256,
                      _build_sd(MID_UNET, _CLIP_MID, _MID_VAE), full_size=False),
         Architecture("tiny", "attnctl.tiny (test-sized SD1.5 layout)", 64, _build_tiny, full_size=False),
     )

@@ -18,6 +18,7 @@ second of the median run), the median peak memory, and both as ratios to ``stock
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import statistics
 import sys
@@ -30,6 +31,7 @@ import torch
 
 from attnctl.errors import ConfigError
 from harmonpaint_recipe.bench.archs import get_architecture
+from harmonpaint_recipe.bench.compiling import dynamo_counts
 from harmonpaint_recipe.bench.memory import PeakMemory, pin_mmap_threshold
 from harmonpaint_recipe.bench.targets import check_targets
 from harmonpaint_recipe.bench.variants import BenchInputs, make_variants, parse_variants
@@ -123,6 +125,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load averages (shared machines: a busy CPU skews timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -162,7 +172,9 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     peaks: dict[str, list[int]] = {n: [] for n in names}
     hwms: dict[str, list[int]] = {n: [] for n in names}
     finite: dict[str, bool] = {}
+    dynamo: dict[str, dict[str, int]] = {n: {} for n in names}
 
+    load_before = _load_average()
     rounds = cfg.warmup + cfg.repeats
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
@@ -170,6 +182,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         for n in order:
             v = variants[n]
             v.setup(inputs)
+            dynamo_before = dynamo_counts() if cfg.compile else None
             try:
                 with PeakMemory(device, cfg.sample_interval) as mem:
                     _sync(device)
@@ -180,6 +193,11 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
             finally:
                 v.teardown()
             finite.setdefault(n, bool(np.isfinite(np.asarray(out)).all()))
+            if dynamo_before is not None:
+                after = dynamo_counts()
+                acc = dynamo[n]
+                for k in after:
+                    acc[k] = acc.get(k, 0) + after[k] - dynamo_before[k]
             del out
             res = mem.result
             log(f"round {r + 1}/{rounds}{'' if timed else ' (warm-up)'}  {n:<12} {elapsed:8.3f} s  "
@@ -203,6 +221,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
                             "max_bytes": p["max"]},
             "finite_output": finite[n],
         }
+        if cfg.compile:
+            results[n]["dynamo"] = dynamo[n]
         if hwms[n]:
             results[n]["peak_memory"]["hwm_median_bytes"] = statistics.median(hwms[n])
     stock_t = results["stock"]["sec_per_image"]["median"]
@@ -225,6 +245,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         "device": device_name(device),
         "memory_method": ("cuda max_memory_allocated (absolute)" if device.type == "cuda"
                           else "RSS increase over the pre-run baseline (sampling thread; VmHWM reset as cross-check)"),
+        "load_average": {"before": load_before, "after": _load_average()},
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),

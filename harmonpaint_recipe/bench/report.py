@@ -28,7 +28,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = [
         f"`{meta['arch']['name']}`, {cfg['size']}x{cfg['size']}, {cfg['steps']} DDIM steps, CFG {cfg['guidance_scale']}, "
         f"{cfg['dtype']}, {meta['device']}, torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['date']}; "
-        f"{cfg['repeats']} repeats + {cfg['warmup']} warm-up, interleaved{', torch.compile' if cfg['compile'] else ''}",
+        f"{cfg['repeats']} repeats + {cfg['warmup']} warm-up, interleaved{', torch.compile' if cfg['compile'] else ''}"
+        + (f"; load average {meta['load_average']['before'][0]} before, {meta['load_average']['after'][0]} after"
+           if meta.get("load_average", {}).get("before") and meta["load_average"].get("after") else ""),
         "",
         f"| variant | s/image (median) | min - max | it/s | time vs stock | {mem_head} | memory vs stock |"
         + (" VmHWM increase | VmHWM vs stock |" if cpu else ""),
@@ -42,6 +44,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         if cpu:
             row += f" {_mem(pm.get('hwm_median_bytes'))} | {_ratio(v.get('hwm_memory_ratio'))} |"
         lines.append(row)
+    compiled = {n: v["dynamo"] for n, v in result["variants"].items() if "dynamo" in v}
+    if compiled:
+        lines += ["", "| variant (torch.compile) | graphs compiled | graph breaks |", "|---|---:|---:|"]
+        for n, d in compiled.items():
+            lines.append(f"| {n} | {d.get('graphs', 0)} | {d.get('graph_breaks', 0)} |")
     if result["targets"]:
         lines += ["", "| target | limit | measured | met |", "|---|---:|---:|---|"]
         for t in result["targets"]:

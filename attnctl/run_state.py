@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +204,17 @@ class RunState:
             masks = self.mask(site.level)
             idx = torch.tensor([self.layout.images[r] % masks.shape[0] for r in self._rows])
             self._mask_cache[key] = masks[idx].to(device) if device is not None else masks[idx]
+        return self._mask_cache[key]
+
+    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per run and latent size for ``key``, then the cached value.
+
+        For tensors derived from the masks (soft masks, gather indices, biases): they depend
+        only on the grid and the rows, so attention calls after the first do no mask work
+        (and on CUDA, no host-device syncs).
+        """
+        if key not in self._mask_cache:
+            self._mask_cache[key] = compute()
         return self._mask_cache[key]
 
     def scratch_for(self, instance: str) -> dict[str, Any]:

@@ -53,33 +53,52 @@ class Bank(NamedTuple):
     bias: torch.Tensor
 
 
-def masked_mean_bank(call: AttentionCall, op: KvBankOp) -> Bank | None:
-    """Eq. 10 in compact form: gathered unmasked keys plus one mean key with bias log(n_masked)."""
-    hw = grid_tokens(call)
-    masked = call.state.row_mask(call.site, call.query.device)  # [B, HW], 1 = inpaint
-    key, value = call.key[..., :hw, :], call.value[..., :hw, :]
+class _MaskedMeanPlan(NamedTuple):
+    """What Eq. 10 needs from the masks of one grid and set of rows (computed once per run)."""
+
+    index: torch.Tensor | None  # [B, n_max] positions of unmasked tokens, unmasked first
+    weights: torch.Tensor  # [B, 1, 1, HW] 1/n_unmasked on unmasked tokens: the mean as a matmul
+    bias: torch.Tensor  # [B, 1, 1, n_max + 1]: 0 / -inf (padding) for gathered keys, log(n_masked) for the mean key
+    any_empty: bool  # some row has no unmasked token
+    all_empty: bool
+
+
+def _masked_mean_plan(masked: torch.Tensor) -> _MaskedMeanPlan:
+    hw = masked.shape[-1]
     n_keep = hw - masked.sum(-1)  # unmasked tokens per row
-    if bool((n_keep == 0).any()):
-        _warn_once(call, op, f"{call.site.key}: the mask covers every token at this {call.state.grid(call.site)} grid "
-                   "for some image, so the unmasked mean is undefined; kv_bank skips injection there")
-        if bool((n_keep == 0).all()):
-            return None
-    b, h, _, d = key.shape
+    any_empty, all_empty = bool((n_keep == 0).any()), bool((n_keep == 0).all())
     # K~(i) = K(i) for unmasked i: gather them (unmasked first), padded to the largest count
     n_max = int(n_keep.max())
     order = torch.argsort(masked, dim=-1, stable=True)[:, :n_max]
-    index = order[:, None, :, None].expand(b, h, n_max, d)
     valid = torch.arange(n_max, device=masked.device)[None] < n_keep[:, None]
-    kept_bias = torch.zeros(b, n_max, device=masked.device).masked_fill(~valid, -math.inf)
+    kept_bias = torch.zeros(masked.shape[0], n_max, device=masked.device).masked_fill(~valid, -math.inf)
     # K~(i) = K_bar for masked i: n_masked copies of one key = one key with bias log(n_masked)
-    weights = ((1.0 - masked) / n_keep.clamp(min=1)[:, None])[:, None, None, :]  # [B, 1, 1, HW]
-    k_bar = torch.matmul(weights, key.float()).to(key.dtype)  # [B, h, 1, d], mean in fp32
-    v_bar = torch.matmul(weights, value.float()).to(value.dtype)
+    weights = ((1.0 - masked) / n_keep.clamp(min=1)[:, None])[:, None, None, :]
     bar_bias = torch.log(hw - n_keep).masked_fill(n_keep == 0, -math.inf)[:, None]  # log 0 = -inf: no masked token
+    bias = torch.cat([kept_bias, bar_bias], dim=-1)[:, None, None, :]
+    return _MaskedMeanPlan(order, weights, bias, any_empty, all_empty)
+
+
+def masked_mean_bank(call: AttentionCall, op: KvBankOp) -> Bank | None:
+    """Eq. 10 in compact form: gathered unmasked keys plus one mean key with bias log(n_masked)."""
+    hw = grid_tokens(call)
+    state, device = call.state, call.query.device
+    plan = state.memo(("kv_bank", call.site.level, state.rows, device),
+                      lambda: _masked_mean_plan(state.row_mask(call.site, device)))
+    if plan.any_empty:
+        _warn_once(call, op, f"{call.site.key}: the mask covers every token at this {state.grid(call.site)} grid "
+                   "for some image, so the unmasked mean is undefined; kv_bank skips injection there")
+        if plan.all_empty:
+            return None
+    key, value = call.key[..., :hw, :], call.value[..., :hw, :]
+    b, h, _, d = key.shape
+    index = plan.index[:, None, :, None].expand(b, h, plan.index.shape[-1], d)
+    k_bar = torch.matmul(plan.weights, key.float()).to(key.dtype)  # [B, h, 1, d], mean in fp32
+    v_bar = torch.matmul(plan.weights, value.float()).to(value.dtype)
     return Bank(
         key=torch.cat([key.gather(2, index), k_bar], dim=2),
         value=torch.cat([value.gather(2, index), v_bar], dim=2),
-        bias=torch.cat([kept_bias, bar_bias], dim=-1)[:, None, None, :],
+        bias=plan.bias,
     )
 
 

@@ -71,9 +71,14 @@ class RegionMaskOp(ReweightOp):
 
     def factors(self, call: AttentionCall) -> list[tuple[torch.Tensor, torch.Tensor]]:
         hw = grid_tokens(call)
-        m_hat = soft_mask(call.state.row_mask(call.site, call.query.device), self.tau)  # [R, HW] fp32
-        query_side = m_hat[:, None, :, None]  # [R, 1, HW, 1]
         extra = call.key.shape[-2] - hw  # keys appended by key/value ops: weight 1
+        state, device = call.state, call.query.device
+        key = ("region_mask", call.site.level, state.rows, device, self.tau, extra)
+        return state.memo(key, lambda: self._factors(state.row_mask(call.site, device), extra))
+
+    def _factors(self, mask: torch.Tensor, extra: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        m_hat = soft_mask(mask, self.tau)  # [R, HW] fp32
+        query_side = m_hat[:, None, :, None]  # [R, 1, HW, 1]
         ones = m_hat.new_ones(m_hat.shape[0], extra)
         key_in = torch.cat([m_hat, ones], dim=-1)[:, None, :, None]
         key_out = torch.cat([1.0 - m_hat, ones], dim=-1)[:, None, :, None]

@@ -32,15 +32,16 @@ def markdown_table(result: dict[str, Any]) -> str:
         + (f"; load average {meta['load_average']['before'][0]} before, {meta['load_average']['after'][0]} after"
            if meta.get("load_average", {}).get("before") and meta["load_average"].get("after") else ""),
         "",
-        f"| variant | s/image (median) | min - max | it/s | time vs stock | {mem_head} | memory vs stock |"
+        f"| variant | s/image (median) | min - max | it/s | time vs stock | min vs stock min | {mem_head} | memory vs stock |"
         + (" VmHWM increase | VmHWM vs stock |" if cpu else ""),
-        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cpu else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cpu else ""),
     ]
     for name, v in result["variants"].items():
         t = v["sec_per_image"]
         pm = v["peak_memory"]
         row = (f"| {name} | {t['median']:.3f} | {t['min']:.3f} - {t['max']:.3f} | {v['it_per_s']:.2f} | "
-               f"{_ratio(v['time_ratio'])} | {_mem(pm['median_bytes'])} | {_ratio(v['memory_ratio'])} |")
+               f"{_ratio(v['time_ratio'])} | {_ratio(v.get('time_ratio_min'))} | {_mem(pm['median_bytes'])} | "
+               f"{_ratio(v['memory_ratio'])} |")
         if cpu:
             row += f" {_mem(pm.get('hwm_median_bytes'))} | {_ratio(v.get('hwm_memory_ratio'))} |"
         lines.append(row)
@@ -78,11 +79,13 @@ def bar_chart(result: dict[str, Any], path: Path) -> None:
     axes[0].set_title("time per image / stock (median, min-max)")
     axes[1].bar(names, m_med, color=colors[: len(names)])
     axes[1].set_title("peak memory / stock")
-    for ax, vals in zip(axes, (t_med, m_med)):
+    tops = ([r + up for r, up in zip(t_med, t_err[1])], m_med)  # label above the whisker
+    for ax, vals, top in zip(axes, (t_med, m_med), tops):
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.tick_params(axis="x", rotation=20)
-        for i, val in enumerate(vals):
-            ax.annotate(f"{val:.2f}", (i, val), ha="center", va="bottom", fontsize=8)
+        for i, (val, y) in enumerate(zip(vals, top)):
+            ax.annotate(f"{val:.2f}", (i, y), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, max(top) * 1.12)
     meta = result["meta"]
     cfg = meta["config"]
     fig.suptitle(f"{meta['arch']['name']} {cfg['size']}px {cfg['steps']} steps {cfg['dtype']} - {meta['device']}", fontsize=9)

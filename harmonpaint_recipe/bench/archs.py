@@ -1,7 +1,8 @@
 """Benchmark architectures: inpainting pipelines with random weights, built from configs.
 
 Nothing is downloaded. The full-size architectures use the published component configs
-(UNet, text encoder(s), VAE) of the models they are named after; only the tokenizer is
+(UNet: ``attnctl.unet_configs``; text encoder(s) and VAE: below) of the models they are
+named after; only the tokenizer is
 attnctl's byte-level stand-in (``attnctl.tiny``), which changes the token ids but not the
 77-token sequence the text encoder and cross-attention see. ``mid`` is a reduced
 SD1.5-shaped pipeline (the same 16 self + 16 cross sites over 4 levels) sized so a
@@ -18,60 +19,26 @@ from typing import Any, Callable
 import torch
 
 from attnctl.errors import ConfigError, did_you_mean
+from attnctl.unet_configs import load_unet_config
 
-# --- UNets (diffusers UNet2DConditionModel kwargs) -------------------------------------
-_SD_UNET_COMMON = dict(
-    sample_size=64,
-    in_channels=9,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    norm_num_groups=32,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-)
-#: stable-diffusion-v1-5/stable-diffusion-inpainting (8 heads everywhere)
-SD15_UNET = dict(_SD_UNET_COMMON, cross_attention_dim=768, attention_head_dim=8)
-#: stabilityai/stable-diffusion-2-inpainting (64-channel heads, linear projections)
-SD2_UNET = dict(_SD_UNET_COMMON, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-#: diffusers/stable-diffusion-xl-1.0-inpainting-0.1
-SDXL_UNET = dict(
-    sample_size=128,
-    in_channels=9,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-)
-#: SD1.5's layout (16 self + 16 cross sites, 4 levels) at a quarter of the width and a
-#: quarter of the heads: every head keeps SD1.5's head size (40/80/160 channels), and at
-#: 256x256 (32x32 latent) the tokens-per-channel ratio N/C of every level equals SD1.5's
-#: at 512x512, so attention vs. convolution/projection cost is balanced as in SD1.5
-MID_UNET = dict(
-    _SD_UNET_COMMON,
-    block_out_channels=(80, 160, 320, 320),
-    cross_attention_dim=192,
-    attention_head_dim=2,  # diffusers' legacy name: the number of heads (SD1.5: 8)
-    norm_num_groups=16,
-    sample_size=32,
-)
+# --- UNets -----------------------------------------------------------------------------
+# The full-size UNet configs ship with attnctl (attnctl/configs/*.json, one source of truth).
+
+
+def _mid_unet() -> dict[str, Any]:
+    """SD1.5's layout (16 self + 16 cross sites, 4 levels) at a quarter of the width and a
+    quarter of the heads: every head keeps SD1.5's head size (40/80/160 channels), and at
+    256x256 (32x32 latent) the tokens-per-channel ratio N/C of every level equals SD1.5's
+    at 512x512, so attention vs. convolution/projection cost is balanced as in SD1.5."""
+    return dict(
+        load_unet_config("sd15-inpaint"),
+        block_out_channels=(80, 160, 320, 320),
+        cross_attention_dim=192,
+        attention_head_dim=2,  # diffusers' legacy name: the number of heads (SD1.5: 8)
+        norm_num_groups=16,
+        sample_size=32,
+    )
+
 
 # --- text encoders (transformers CLIPTextConfig kwargs) --------------------------------
 _CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -161,14 +128,14 @@ def _seeded(seed: int, make: Callable[[], Any]) -> Any:
         torch.random.set_rng_state(state)
 
 
-def _build_sd(unet_config: dict, text_config: dict, vae_config: dict) -> Callable[[int], Any]:
+def _build_sd(unet_config: Callable[[], dict], text_config: dict, vae_config: dict) -> Callable[[int], Any]:
     def build(seed: int):
         from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
 
         tokenizer, vocab = _tokenizer()
 
         def make():
-            return (UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config), _text_encoder(text_config, vocab))
+            return (UNet2DConditionModel(**unet_config()), AutoencoderKL(**vae_config), _text_encoder(text_config, vocab))
 
         unet, vae, text_encoder = _seeded(seed, make)
         return StableDiffusionInpaintPipeline(
@@ -186,7 +153,7 @@ def _build_sdxl(seed: int):
     tokenizer, vocab = _tokenizer()
 
     def make():
-        return (UNet2DConditionModel(**SDXL_UNET), AutoencoderKL(**_SDXL_VAE), _text_encoder(_CLIP_L, vocab),
+        return (UNet2DConditionModel(**load_unet_config("sdxl-inpaint")), AutoencoderKL(**_SDXL_VAE), _text_encoder(_CLIP_L, vocab),
                 _text_encoder(_OPENCLIP_BIGG, vocab, with_projection=True))
 
     unet, vae, text_encoder, text_encoder_2 = _seeded(seed, make)
@@ -207,13 +174,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
         Architecture("sd15-inpaint", "SD 1.5 inpainting (UNet 860M, CLIP ViT-L, SD VAE)", 512,
-                     _build_sd(SD15_UNET, _CLIP_L, _SD_VAE)),
+                     _build_sd(lambda: load_unet_config("sd15-inpaint"), _CLIP_L, _SD_VAE)),
         Architecture("sd2-inpaint", "SD 2 inpainting (UNet 865M, OpenCLIP ViT-H, SD VAE)", 512,
-                     _build_sd(SD2_UNET, _OPENCLIP_H, _SD_VAE)),
+                     _build_sd(lambda: load_unet_config("sd2-inpaint"), _OPENCLIP_H, _SD_VAE)),
         Architecture("sdxl-inpaint", "SDXL 1.0 inpainting (UNet 2.6B, CLIP ViT-L + OpenCLIP bigG, SDXL VAE)", 1024,
                      _build_sdxl),
         Architecture("mid", "SD1.5 layout and head sizes at 1/4 width, 1/4 heads (UNet 54M), small CLIP and VAE", 256,
-                     _build_sd(MID_UNET, _CLIP_MID, _MID_VAE), full_size=False),
+                     _build_sd(_mid_unet, _CLIP_MID, _MID_VAE), full_size=False),
         Architecture("tiny", "attnctl.tiny (test-sized SD1.5 layout)", 64, _build_tiny, full_size=False),
     )
 }

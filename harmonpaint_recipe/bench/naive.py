@@ -101,8 +101,8 @@ class _Run:
 class NaiveProcessor:
     """Classic explicit-softmax attention with SAMS / MAKVS / map storage by role."""
 
-    def __init__(self, owner: NaiveHarmonPaint, site: Site, role: str):
-        self.owner, self.site, self.role = owner, site, role
+    def __init__(self, owner: NaiveHarmonPaint, site: Site, roles: frozenset[str]):
+        self.owner, self.site, self.roles = owner, site, roles
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         run = self.owner.run_state
@@ -128,16 +128,16 @@ class NaiveProcessor:
         query = attn.head_to_batch_dim(query)
         heads = attn.heads
 
-        if run is not None and self.role == "makvs" and not run.structure:
+        if run is not None and "makvs" in self.roles and not run.structure:
             key, value = self._makvs_kv(run, key, value, batch, heads)
         probs = attn.get_attention_scores(query, key, attention_mask)
-        if run is not None and self.role == "sams" and run.structure:
+        if run is not None and "sams" in self.roles and run.structure:
             m = run.mask_at(self.site.level, probs.device, probs.dtype)
             hw = m.numel()
             soft = (1 - run.settings.tau) * m + run.settings.tau / hw
             weight = soft[:, None] * soft[None, :] + (1 - soft)[:, None] * (1 - soft)[None, :]  # [HW, HW]
             probs = probs * weight
-        if run is not None and self.role == "cross" and run.storing:
+        if run is not None and "cross" in self.roles and run.storing:
             run.cross_maps.append((self.site.level, probs.view(batch, heads, *probs.shape[1:])))
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
 
@@ -183,14 +183,14 @@ class NaiveHarmonPaint:
         self.settings = settings or NaiveSettings()
         self.run_state: _Run | None = None
         sites = describe_sites(self.unet)
-        roles: dict[str, tuple[Site, str]] = {}
+        roles: dict[str, set[str]] = {}
         for s in select_sites(self.settings.sams_sites, sites):
-            roles[s.name] = (s, "sams")
+            roles.setdefault(s.name, set()).add("sams")
         for s in select_sites(self.settings.makvs_sites, sites):
-            roles[s.name] = (s, "makvs")
+            roles.setdefault(s.name, set()).add("makvs")
         for s in sites.of_kind("cross"):  # A&E-style: every cross map is computed and stored
-            roles[s.name] = (s, "cross")
-        self._roles = roles
+            roles.setdefault(s.name, set()).add("cross")
+        self._roles = {name: (sites.by_name(name), frozenset(r)) for name, r in roles.items()}
         self._read_levels = sorted({s.level for s in select_sites(self.settings.read_sites, sites)}, reverse=True)
         self._originals: dict[str, Any] | None = None
         self._hook = None

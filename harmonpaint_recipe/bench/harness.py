@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from attnctl.errors import ConfigError
+from attnctl.run_state import BatchLayout
 from harmonpaint_recipe.bench.archs import get_architecture
 from harmonpaint_recipe.bench.compiling import dynamo_counts
 from harmonpaint_recipe.bench.memory import PeakMemory, pin_mmap_threshold
@@ -166,7 +167,9 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         )
 
     recipe = cfg.recipe or ("harmonpaint-sdxl" if arch.name.startswith("sdxl") else "harmonpaint")
-    inputs = BenchInputs(pipe=pipe, call_kwargs=call_kwargs, mask=mask, prompt=PROMPT, recipe=recipe)
+    # diffusers runs CFG (rows [uncond, cond]) iff guidance_scale > 1
+    layout = BatchLayout.for_pipeline(num_prompts=1, cfg=cfg.guidance_scale > 1.0)
+    inputs = BenchInputs(pipe=pipe, call_kwargs=call_kwargs, mask=mask, prompt=PROMPT, recipe=recipe, layout=layout)
     factories = make_variants()
     variants = {n: factories[n]() for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}

@@ -79,10 +79,30 @@ def _masked_mean_plan(masked: torch.Tensor) -> _MaskedMeanPlan:
     return _MaskedMeanPlan(order, weights, bias, any_empty, all_empty)
 
 
+def _static_masked_mean_bank(key: torch.Tensor, value: torch.Tensor, masked: torch.Tensor) -> Bank:
+    """Eq. 10 with static shapes, for ``torch.compile``: no host reads of mask counts.
+
+    All HW own keys are appended, masked ones with bias -inf (weight exactly 0), plus the
+    mean key with bias log(n_masked): HW + 1 bank keys, the same attention as the compact
+    form. A row without unmasked tokens gets -inf on its whole bank (no injection).
+    """
+    hw = masked.shape[-1]
+    n_keep = hw - masked.sum(-1)
+    weights = ((1.0 - masked) / n_keep.clamp(min=1)[:, None])[:, None, None, :]
+    k_bar = torch.matmul(weights, key.float()).to(key.dtype)
+    v_bar = torch.matmul(weights, value.float()).to(value.dtype)
+    own_bias = torch.zeros_like(masked).masked_fill(masked > 0, -math.inf)
+    bar_bias = torch.where(n_keep > 0, torch.log(hw - n_keep), torch.full_like(n_keep, -math.inf))[:, None]
+    bias = torch.cat([own_bias, bar_bias], dim=-1)[:, None, None, :]
+    return Bank(torch.cat([key, k_bar], dim=2), torch.cat([value, v_bar], dim=2), bias)
+
+
 def masked_mean_bank(call: AttentionCall, op: KvBankOp) -> Bank | None:
     """Eq. 10 in compact form: gathered unmasked keys plus one mean key with bias log(n_masked)."""
     hw = grid_tokens(call)
     state, device = call.state, call.query.device
+    if torch.compiler.is_compiling():  # data-dependent shapes would break the graph
+        return _static_masked_mean_bank(call.key[..., :hw, :], call.value[..., :hw, :], state.row_mask(call.site, device))
     plan = state.memo(("kv_bank", call.site.level, state.rows, device),
                       lambda: _masked_mean_plan(state.row_mask(call.site, device)))
     if plan.any_empty:

@@ -76,6 +76,38 @@ def test_masked_mean_matches_naive_reference_on_random_tensors(case, lam):
     assert ((out.double() - plain).abs().amax(dim=(1, 2, 3)) > 1e-2).tolist() == injected.tolist()
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_static_shape_path_for_torch_compile_matches_reference(case, monkeypatch):
+    """Under torch.compile kv_bank appends all HW keys (masked ones at -inf): same attention."""
+    layout, hw, boxes = CASES[case]
+    mask, q, k, v = _random_case(layout, hw, boxes)
+    _, call = make_call(SITE, mask, hw, layout, q, k, v, SCALE)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    out = call.compute(ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=1.4),)))
+    ref = naive_makvs(q, k, v, site_masks(mask, hw, hw, list(layout.images)), 1.4, SCALE)
+    assert call.key.shape[-2] == 2 * hw[0] * hw[1] + 1
+    assert (out.double() - ref).abs().max().item() <= TOL
+
+
+def test_compiled_style_phase_has_no_graph_breaks():
+    """torch.compile traces a MAKVS call as one graph (no data-dependent host reads)."""
+    layout, hw, boxes = CASES["cfg-2per-prompt-nonsquare"]
+    mask, q, k, v = _random_case(layout, hw, boxes)
+    state, _ = make_call(SITE, mask, hw, layout, q, k, v, SCALE)
+    ops = ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=1.4),))
+
+    def attention(q, k, v):
+        from attnctl.attention import AttentionCall
+
+        return AttentionCall(SITE, state, q, k, v, None, SCALE).compute(ops)
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(attention)(q, k, v)
+    assert explanation.graph_break_count == 0
+    ref = naive_makvs(q, k, v, site_masks(mask, hw, hw, list(layout.images)), 1.4, SCALE)
+    assert (torch.compile(attention, backend="eager")(q, k, v).double() - ref).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("cfg", [True, False])
 def test_row_source_matches_naive_reference(cfg):
     """Each row also attends to image 1's keys/values in its own CFG branch; image 1 itself is unchanged."""

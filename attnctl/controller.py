@@ -229,6 +229,11 @@ def attach(
     unet = getattr(target, "unet", target)
     if not isinstance(unet, torch.nn.Module):
         raise UnsupportedModelError(f"cannot attach to {type(target).__name__}: expected a diffusers pipeline or UNet")
+    if hasattr(unet, "_orig_mod"):
+        raise UnsupportedModelError(
+            "the UNet was wrapped by torch.compile(); attach to the uncompiled UNet, then compile its "
+            "forward: `ctl = attnctl.attach(pipe, cfg); pipe.unet.forward = torch.compile(pipe.unet.forward)`"
+        )
     scheduler = getattr(target, "scheduler", None)
     sites = describe_sites(unet)
     for site in sites:

@@ -128,3 +128,11 @@ def test_run_state_is_dropped_after_the_run(tiny_pipe, image_and_mask):
             run_pipe(tiny_pipe, image, mask)
             assert ctl.state is state and state.timestep is not None and state.step_index == 2
         assert ctl.state is None
+
+
+def test_compiled_unet_wrapper_is_refused_with_the_fix(tiny_pipe):
+    from attnctl.errors import UnsupportedModelError
+
+    tiny_pipe.unet = torch.compile(tiny_pipe.unet)
+    with pytest.raises(UnsupportedModelError, match=r"wrapped by torch.compile\(\); attach to the uncompiled UNet"):
+        attnctl.attach(tiny_pipe, {}, manager=StrategyManager(autoload=False))

@@ -69,3 +69,29 @@ def test_bad_options_fail_with_a_message(tmp_path, capsys):
     assert "--variants: unknown variant 'fast'" in capsys.readouterr().err
     assert main(["bench", "--arch", "tiny", "--size", "60", "--out", str(tmp_path)]) == 2
     assert "--size must be a positive multiple of 8" in capsys.readouterr().err
+
+
+def test_naive_reference_makes_the_same_image_as_the_library(tiny_pipe):
+    """The benchmark compares like with like: naive and harmonpaint agree, idle equals stock."""
+    from harmonpaint_recipe.bench.harness import make_inputs
+    from harmonpaint_recipe.bench.variants import BenchInputs, make_variants
+
+    image, mask_image, mask = make_inputs(64, 0)
+
+    def call_kwargs():
+        return dict(prompt="a red fox in the snow", image=image, mask_image=mask_image, height=64, width=64,
+                    num_inference_steps=6, guidance_scale=7.5, strength=1.0,
+                    generator=torch.Generator().manual_seed(0), output_type="np")
+
+    inputs = BenchInputs(pipe=tiny_pipe, call_kwargs=call_kwargs, mask=mask, prompt="a red fox in the snow")
+    images = {}
+    for name, factory in make_variants().items():
+        variant = factory()
+        variant.setup(inputs)
+        try:
+            images[name] = variant()
+        finally:
+            variant.teardown()
+    assert (images["idle"] == images["stock"]).all()
+    assert abs(images["naive"] - images["harmonpaint"]).max() <= 1e-4
+    assert abs(images["harmonpaint"] - images["stock"]).max() > 1e-3  # the recipe really acts

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
+from attnctl.attention import finish_attention, project_attention
 from attnctl.selectors import select_sites
 from attnctl.sites import Site, describe_sites, grid_at
 
@@ -106,27 +107,11 @@ class NaiveProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         run = self.owner.run_state
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        query = attn.head_to_batch_dim(query)
-        heads = attn.heads
+        # diffusers' own pre/post-processing; the core below is the classic explicit processor
+        p = project_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        batch, heads, _, head_dim = p.query.shape
+        query, key, value = (t.reshape(batch * heads, -1, t.shape[-1]) for t in (p.query, p.key, p.value))
+        attention_mask = None if p.mask is None else p.mask.reshape(batch * heads, -1, p.mask.shape[-1])
 
         if run is not None and "makvs" in self.roles and not run.structure:
             key, value = self._makvs_kv(run, key, value, batch, heads)
@@ -139,14 +124,8 @@ class NaiveProcessor:
             probs = probs * weight
         if run is not None and "cross" in self.roles and run.storing:
             run.cross_maps.append((self.site.level, probs.view(batch, heads, *probs.shape[1:])))
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        out = torch.bmm(probs, value).view(batch, heads, -1, value.shape[-1])
+        return finish_attention(attn, p, out)
 
     def _makvs_kv(self, run: _Run, key, value, batch: int, heads: int):
         """``[K ; lambda K~]`` and ``[V ; V~]`` with all 2*HW tokens (Eq. 10-12)."""

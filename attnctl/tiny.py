@@ -36,7 +36,8 @@ TINY_VAE_CONFIG = dict(
     norm_num_groups=8,
     sample_size=64,
 )
-TINY_SCHEDULER_CONFIG = dict(
+#: SD's training noise schedule with DDIM, as in the HarmonPaint paper (Sec. V-A)
+SD_DDIM_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
@@ -130,7 +131,7 @@ def build_tiny_inpaint_pipeline(seed: int = 0, directory: str | Path | None = No
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(**TINY_SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler(**SD_DDIM_SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from attnctl.tiny import TINY_SCHEDULER_CONFIG, TINY_VAE_CONFIG, _byte_vocab, write_tiny_tokenizer
+from attnctl.tiny import SD_DDIM_SCHEDULER_CONFIG, TINY_VAE_CONFIG, _byte_vocab, write_tiny_tokenizer
 
 #: time ids: original size (2) + crop top-left (2) + target size (2), each embedded to 8 dims
 _TIME_EMBED_DIM = 8
@@ -89,7 +89,7 @@ def build_tiny_sdxl_inpaint_pipeline(seed: int = 0, in_channels: int = 9):
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=DDIMScheduler(**TINY_SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler(**SD_DDIM_SCHEDULER_CONFIG),
         requires_aesthetics_score=False,
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,

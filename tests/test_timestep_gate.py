@@ -13,7 +13,7 @@ from PIL import Image
 import attnctl
 from attnctl import BatchLayout, ConfigError, ReweightOp, StrategySpec, describe_sites
 from attnctl.run_state import RunState
-from attnctl.tiny import TINY_SCHEDULER_CONFIG, build_tiny_inpaint_pipeline
+from attnctl.tiny import SD_DDIM_SCHEDULER_CONFIG, build_tiny_inpaint_pipeline
 from strategies import timestep_gate
 
 
@@ -75,7 +75,7 @@ def _active_steps(plan, sites, timesteps):
 
 
 def _ddim(steps):
-    s = DDIMScheduler(**TINY_SCHEDULER_CONFIG)
+    s = DDIMScheduler(**SD_DDIM_SCHEDULER_CONFIG)
     s.set_timesteps(steps)
     return s.timesteps
 
@@ -101,7 +101,7 @@ def test_max_only_and_two_sided_windows():
 @pytest.mark.parametrize("steps", [7, 25])
 def test_gate_uses_the_timestep_value_for_any_scheduler(steps):
     """Euler has non-integer timesteps and another spacing: the rule still reads t / T_train."""
-    s = EulerDiscreteScheduler(**{k: v for k, v in TINY_SCHEDULER_CONFIG.items() if k != "clip_sample" and k != "set_alpha_to_one"})
+    s = EulerDiscreteScheduler(**{k: v for k, v in SD_DDIM_SCHEDULER_CONFIG.items() if k != "clip_sample" and k != "set_alpha_to_one"})
     s.set_timesteps(steps)
     plan, sites = _plan(_config({"probe": {"min": 0.6}}))
     expected = [k for k, t in enumerate(s.timesteps) if float(t) / 1000 >= 0.6]

@@ -20,6 +20,7 @@ import torch
 
 from attnctl.errors import ConfigError, did_you_mean
 from attnctl.unet_configs import load_unet_config
+from attnctl.tiny import SD_DDIM_SCHEDULER_CONFIG, TINY_VAE_CONFIG
 
 # --- UNets -----------------------------------------------------------------------------
 # The full-size UNet configs ship with attnctl (attnctl/configs/*.json, one source of truth).
@@ -52,31 +53,10 @@ _CLIP_MID = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, nu
                  projection_dim=192, hidden_act="quick_gelu")
 
 # --- VAEs (diffusers AutoencoderKL kwargs) ---------------------------------------------
-_SD_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-)
+_SD_VAE = dict(TINY_VAE_CONFIG, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+               sample_size=512)
 _SDXL_VAE = dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 _MID_VAE = dict(_SD_VAE, block_out_channels=(32, 64, 64, 64), layers_per_block=1, sample_size=256)
-
-#: DDIM as in the HarmonPaint paper (Sec. V-A), SD's training schedule
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
-
 
 @dataclass(frozen=True)
 class Architecture:
@@ -140,7 +120,7 @@ def _build_sd(unet_config: Callable[[], dict], text_config: dict, vae_config: di
         unet, vae, text_encoder = _seeded(seed, make)
         return StableDiffusionInpaintPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+            scheduler=DDIMScheduler(**SD_DDIM_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
 
@@ -159,7 +139,7 @@ def _build_sdxl(seed: int):
     unet, vae, text_encoder, text_encoder_2 = _seeded(seed, make)
     return StableDiffusionXLInpaintPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        tokenizer_2=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD_DDIM_SCHEDULER_CONFIG),
         requires_aesthetics_score=False, force_zeros_for_empty_prompt=True,
     )
 

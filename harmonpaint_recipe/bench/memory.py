@@ -26,7 +26,6 @@ import ctypes
 import ctypes.util
 import gc
 import threading
-import time
 from dataclasses import dataclass
 
 import torch

@@ -9,10 +9,13 @@ so a whole UNet can be evaluated with the reference at chosen sites.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from attnctl import BatchLayout
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -103,6 +106,17 @@ class NaiveSelfAttnProcessor:
 
 
 # ----------------------------------------------------------------------------- harness
+def random_case(layout: BatchLayout, hw: tuple[int, int], boxes, heads=2, d=16, seed=0):
+    """A random q/k/v case [rows, heads, HW, d] and one box mask [K, 1, H, W] per ``(top, left, bottom, right)``."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(boxes), 1, *hw)
+    for i, (t, l, b, r) in enumerate(boxes):
+        mask[i, :, t:b, l:r] = 1
+    n = hw[0] * hw[1]
+    q, k, v = (torch.randn(len(layout), heads, n, d, generator=g) for _ in range(3))
+    return mask, q, k, v
+
+
 def make_call(site, mask: torch.Tensor, latent_hw: tuple[int, int], layout, q, k, v, scale: float):
     """A RunState in a step with ``mask`` (pixel/latent masks, see RunState) and an AttentionCall at ``site``."""
     from attnctl.attention import AttentionCall

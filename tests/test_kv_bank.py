@@ -12,6 +12,7 @@ from attnctl import ActiveOps, BatchLayout, ConfigError, InputError, Site, Strat
 from attnctl.sites import grid_at
 from attnctl.tiny import build_tiny_inpaint_pipeline
 from reference_attention import (
+    random_case,
     make_call,
     makvs_bank,
     naive_makvs,
@@ -33,16 +34,6 @@ TOL = 1e-5
 SCALE = 16**-0.5
 
 
-def _random_case(layout: BatchLayout, hw: tuple[int, int], boxes, heads=2, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(len(boxes), 1, *hw)
-    for i, (t, l, b, r) in enumerate(boxes):
-        mask[i, :, t:b, l:r] = 1
-    n = hw[0] * hw[1]
-    q, k, v = (torch.randn(len(layout), heads, n, d, generator=g) for _ in range(3))
-    return mask, q, k, v
-
-
 CASES = {
     "cfg-1img": (BatchLayout.for_pipeline(1, 1, cfg=True), (8, 8), [(2, 2, 6, 5)]),
     "no-cfg-2prompts-2masks": (BatchLayout.for_pipeline(2, 1, cfg=False), (8, 8), [(2, 2, 6, 5), (0, 4, 3, 8)]),
@@ -56,7 +47,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_masked_mean_matches_naive_reference_on_random_tensors(case, lam):
     layout, hw, boxes = CASES[case]
-    mask, q, k, v = _random_case(layout, hw, boxes)
+    mask, q, k, v = random_case(layout, hw, boxes)
     _, call = make_call(SITE, mask, hw, layout, q, k, v, SCALE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -80,7 +71,7 @@ def test_masked_mean_matches_naive_reference_on_random_tensors(case, lam):
 def test_static_shape_path_for_torch_compile_matches_reference(case, monkeypatch):
     """Under torch.compile kv_bank appends all HW keys (masked ones at -inf): same attention."""
     layout, hw, boxes = CASES[case]
-    mask, q, k, v = _random_case(layout, hw, boxes)
+    mask, q, k, v = random_case(layout, hw, boxes)
     _, call = make_call(SITE, mask, hw, layout, q, k, v, SCALE)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     out = call.compute(ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=1.4),)))
@@ -92,7 +83,7 @@ def test_static_shape_path_for_torch_compile_matches_reference(case, monkeypatch
 def test_compiled_style_phase_has_no_graph_breaks():
     """torch.compile traces a MAKVS call as one graph (no data-dependent host reads)."""
     layout, hw, boxes = CASES["cfg-2per-prompt-nonsquare"]
-    mask, q, k, v = _random_case(layout, hw, boxes)
+    mask, q, k, v = random_case(layout, hw, boxes)
     state, _ = make_call(SITE, mask, hw, layout, q, k, v, SCALE)
     ops = ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=1.4),))
 
@@ -112,7 +103,7 @@ def test_compiled_style_phase_has_no_graph_breaks():
 def test_row_source_matches_naive_reference(cfg):
     """Each row also attends to image 1's keys/values in its own CFG branch; image 1 itself is unchanged."""
     layout = BatchLayout.for_pipeline(1, 3, cfg=cfg)
-    mask, q, k, v = _random_case(layout, (6, 8), [(1, 1, 4, 4)])
+    mask, q, k, v = random_case(layout, (6, 8), [(1, 1, 4, 4)])
     _, call = make_call(SITE, mask, (6, 8), layout, q, k, v, SCALE)
     out = call.compute(ActiveOps(key_value=(KvBankOp("style", site=SITE, scale=1.2, source="row", source_image=1),)))
     refs = [next(j for j in range(len(layout)) if layout.images[j] == 1 and layout.branches[j] == layout.branches[r])
@@ -162,7 +153,7 @@ def test_masked_outputs_move_toward_the_unmasked_mean_as_lambda_grows():
 
 def test_full_mask_skips_injection_and_warns_once_per_run():
     layout, hw = BatchLayout.for_pipeline(1, 1, cfg=True), (6, 8)
-    mask, q, k, v = _random_case(layout, hw, [(0, 0, 6, 8)])
+    mask, q, k, v = random_case(layout, hw, [(0, 0, 6, 8)])
     op = KvBankOp("makvs", site=SITE)
     plain = softmax_attention(q, k, SCALE) @ v.double()
     with warnings.catch_warnings(record=True) as caught:
@@ -182,7 +173,7 @@ def test_full_mask_skips_injection_and_warns_once_per_run():
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_half_precision_stays_close_to_the_reference(dtype, tol):
     layout, hw, boxes = CASES["cfg-2per-prompt-nonsquare"]
-    mask, q, k, v = _random_case(layout, hw, boxes)
+    mask, q, k, v = random_case(layout, hw, boxes)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     _, call = make_call(SITE, mask, hw, layout, q, k, v, SCALE)
     out = call.compute(ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=1.4),)))

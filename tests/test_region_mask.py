@@ -10,6 +10,7 @@ from attnctl import ActiveOps, BatchLayout, ConfigError, Site, StrategyManager, 
 from attnctl.sites import grid_at
 from attnctl.tiny import build_tiny_inpaint_pipeline
 from reference_attention import (
+    random_case,
     make_call,
     naive_sams,
     pipe_latents,
@@ -29,16 +30,6 @@ SITE = Site("down_blocks.0.attentions.0.transformer_blocks.0.attn1", "self", "do
 TOL = 1e-5
 
 
-def _random_case(layout: BatchLayout, hw: tuple[int, int], boxes, heads=2, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(len(boxes), 1, *hw)
-    for i, (t, l, b, r) in enumerate(boxes):
-        mask[i, :, t:b, l:r] = 1
-    n = hw[0] * hw[1]
-    q, k, v = (torch.randn(len(layout), heads, n, d, generator=g) for _ in range(3))
-    return mask, q, k, v
-
-
 CASES = {
     "cfg-1img": (BatchLayout.for_pipeline(1, 1, cfg=True), (8, 8), [(2, 2, 6, 5)]),
     "no-cfg-2prompts-2masks": (BatchLayout.for_pipeline(2, 1, cfg=False), (8, 8), [(2, 2, 6, 5), (0, 4, 3, 8)]),
@@ -51,7 +42,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_fast_path_matches_naive_reference_on_random_tensors(case, renormalize):
     layout, hw, boxes = CASES[case]
-    mask, q, k, v = _random_case(layout, hw, boxes)
+    mask, q, k, v = random_case(layout, hw, boxes)
     _, call = make_call(SITE, mask, hw, layout, q, k, v, 16**-0.5)
     out = call.compute(ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1, renormalize=renormalize),)))
     rows = site_masks(mask, hw, hw, list(layout.images))
@@ -68,7 +59,7 @@ def test_fast_path_matches_naive_reference_on_random_tensors(case, renormalize):
 def test_empty_mask_at_coarse_grid_scales_attention_uniformly():
     """No masked token: M^ = tau/HW everywhere, so W is the constant (tau/HW)^2 + (1 - tau/HW)^2."""
     layout, hw, boxes = CASES["empty-mask"]
-    mask, q, k, v = _random_case(layout, hw, boxes)
+    mask, q, k, v = random_case(layout, hw, boxes)
     _, call = make_call(SITE, mask, hw, layout, q, k, v, 16**-0.5)
     out = call.compute(ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1),)))
     e = 0.1 / 60
@@ -80,7 +71,7 @@ def test_masked_queries_lose_background_mass_by_the_analytic_factor():
     """For a masked query, every background key's weight is multiplied by
     W_ob = M^_obj M^_bg + (1-M^_obj)(1-M^_bg) ~ tau; object keys by W_oo ~ (1-tau)^2 + tau^2."""
     layout, hw, tau = BatchLayout.for_pipeline(1, 1, cfg=False), (8, 8), 0.1
-    mask, q, k, v = _random_case(layout, hw, [(2, 2, 6, 6)], heads=1)
+    mask, q, k, v = random_case(layout, hw, [(2, 2, 6, 6)], heads=1)
     m = mask.flatten(1)
     n = m.shape[-1]
     e = tau / n
@@ -110,7 +101,7 @@ def test_masked_queries_lose_background_mass_by_the_analytic_factor():
 def test_appended_keys_are_left_unweighted():
     """Composed with a key/value op, bank keys get weight M^_q + (1 - M^_q) = 1."""
     layout, hw, boxes = CASES["no-cfg-2prompts-2masks"]
-    mask, q, k, v = _random_case(layout, hw, boxes)
+    mask, q, k, v = random_case(layout, hw, boxes)
     g = torch.Generator().manual_seed(1)
     extra_k, extra_v = torch.randn(2, 2, 5, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g)
     _, call = make_call(SITE, mask, hw, layout, q, k, v, 16**-0.5)
@@ -126,7 +117,7 @@ def test_appended_keys_are_left_unweighted():
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_half_precision_stays_close_to_the_reference(dtype, tol):
     layout, hw, boxes = CASES["cfg-2per-prompt-nonsquare"]
-    mask, q, k, v = _random_case(layout, hw, boxes)
+    mask, q, k, v = random_case(layout, hw, boxes)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     _, call = make_call(SITE, mask, hw, layout, q, k, v, 16**-0.5)
     out = call.compute(ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1),)))

@@ -1,0 +1,34 @@
+"""The core's commands: strategies, sites, make-tiny-model."""
+
+from __future__ import annotations
+
+from attnctl.cli import main
+
+
+def test_strategies_lists_the_four_builtins_with_defaults(capsys):
+    assert main(["strategies"]) == 0
+    out = capsys.readouterr().out
+    for name in ("region_mask", "kv_bank", "latent_guidance", "timestep_gate"):
+        assert f"{name}  [plugin: {name}]" in out
+    assert "tau: float = 0.1" in out and "scale: float = 1.4" in out and "read_sites: str = 'cross/4,cross/2'" in out
+
+
+def test_sites_prints_the_execution_order_table(capsys):
+    assert main(["sites", "sd15-inpaint", "--height", "512", "--width", "768"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "# sd15-inpaint: sites at 512x768 (latent 64x96)"
+    assert lines[7].split()[:4] == ["self[6]", "mid", "level=3", "8x12"]
+
+
+def test_make_tiny_model_writes_a_loadable_pipeline(tmp_path, capsys):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    target = tmp_path / "tiny"
+    assert main(["make-tiny-model", str(target)]) == 0
+    assert "its images are noise" in capsys.readouterr().out
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(target), safety_checker=None)
+    assert pipe.unet.config.in_channels == 9
+    assert sorted(p.name for p in (target / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    # a non-empty folder is not overwritten
+    assert main(["make-tiny-model", str(target)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err

@@ -7,10 +7,10 @@ paths are resolved against the manifest's folder. Blank lines and ``#`` lines ar
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from attnctl.errors import InputError
+from harmonpaint_recipe.files import iter_jsonl_objects
 from harmonpaint_recipe.jobs import Job
 
 REQUIRED = ("image", "mask", "prompt")
@@ -32,17 +32,7 @@ def read_manifest(path: str | Path, out_dir: str | Path, seed: int | None = None
     out_dir = Path(out_dir)
     jobs: list[Job] = []
     names: dict[str, int] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected a JSON object with keys {', '.join(REQUIRED)}")
+    for lineno, where, row in iter_jsonl_objects(path, lambda n: f"{path}:{n}"):
         missing = [k for k in REQUIRED if not row.get(k)]
         if missing:
             raise InputError(f"{where}: missing {', '.join(missing)}; every row needs {', '.join(REQUIRED)}")

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
@@ -57,3 +57,25 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Rows of a JSONL file (blank lines skipped)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def iter_jsonl_objects(path: Path, where: Callable[[int], str]) -> Iterator[tuple[int, str, dict]]:
+    """``(line number, where, row)`` for every JSON object line of a manifest.
+
+    Blank lines and ``#`` comment lines are skipped. ``where(lineno)`` names the line in
+    errors; a line that is not valid JSON or not a JSON object raises ``InputError``.
+    """
+    from attnctl.errors import InputError
+
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        label = where(lineno)
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{label}: not valid JSON ({exc.msg}); write one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{label}: expected a JSON object, got {type(row).__name__}; write one object per line")
+        yield lineno, label, row

@@ -8,7 +8,6 @@ folder.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from attnctl.errors import InputError
+from harmonpaint_recipe.files import iter_jsonl_objects
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -51,14 +51,7 @@ def load_items(path: str | Path, mask_key: str = "mask") -> list[EvalItem]:
         raise InputError(f"--data '{path}' does not exist; build one with `attnctl dataset sample --out DIR`")
     items: list[EvalItem] = []
     seen: set[str] = set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"--data '{path}' line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc})") from exc
+    for _, where, row in iter_jsonl_objects(path, lambda n: f"--data '{path}' line {n}"):
         missing = [k for k in ("id", "image", mask_key, "prompt") if k not in row]
         if missing:
             raise InputError(f"{where}: missing {', '.join(missing)} (each line needs id, image, {mask_key}, prompt)")

@@ -30,6 +30,14 @@ class InputError(AttnctlError, ValueError):
     """A user input (image, mask, path, prompt) is invalid."""
 
 
+class UnsupportedProcessorError(ConfigError):
+    """A strategy acts at a site whose attention processor attnctl has no adapter for."""
+
+
+class RunWarning(UserWarning):
+    """Something in a run did not happen as planned (a strategy that never acted, a site never run)."""
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest candidate, or ``""``."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)

@@ -1,19 +1,23 @@
-"""Operations a strategy plans at attach time.
+"""Operations a strategy plans at attach time, and the contract each one follows.
 
 A strategy's plan is a list of ops. Site ops act inside one attention call, in three
 stages that always run in this order, whatever order strategies were registered in:
 
 1. ``KeyValueOp.extend``  - append keys/values (and their additive biases);
-2. ``ReweightOp.factors`` - post-softmax reweighting ``A <- (sum_r a_r b_r^T) * A`` given
-   as low-rank factors, applied exactly with fused attention on scaled values;
-3. ``ObserveOp.observe``  - read the attention probabilities (forces an explicit softmax
-   at that site; only cross-attention maps are cheap enough for this).
+2. ``ReweightOp.factors`` - post-softmax reweighting ``A <- W ⊙ A`` over the site's own
+   keys, given as low-rank factors ``W = sum_r a_r b_r^T``, applied exactly with fused
+   attention on scaled values. Keys appended in stage 1 keep weight 1;
+3. ``ObserveOp.observe``  - read the effective attention weights (forces an explicit
+   softmax at that site; only cross-attention maps are cheap enough for this).
 
 Within a stage, ops run sorted by strategy instance name. Latent ops update the latent
 z_t before a step's noise prediction. Gate ops restrict when other strategies' ops are
 active. Each op has ``gates`` (predicates on the run state, all must hold) and
 ``passes`` (``"main"``: the pipeline's own UNet call, ``"guidance"``: the gradient pass of
 latent guidance).
+
+The full contract (what ``call`` holds at each stage, shapes, dtypes, what may be
+mutated, memo keys) is in ``AttentionCall``'s docstring and docs/writing-strategies.md.
 """
 
 from __future__ import annotations
@@ -59,7 +63,12 @@ class SiteOp(Op):
 
 @dataclass(eq=False)
 class KeyValueOp(SiteOp):
-    """Appends keys/values to the attention call (``call.append_keys``)."""
+    """Appends keys/values to the attention call.
+
+    ``extend(call)`` may read ``call.query``, ``call.key``, ``call.value`` (the site's own
+    keys first, then whatever earlier key/value ops appended) and must change them only
+    through ``call.append_keys(key, value, bias)``; it never writes into a tensor in place.
+    """
 
     stage: ClassVar[int] = 0
 
@@ -69,25 +78,38 @@ class KeyValueOp(SiteOp):
 
 @dataclass(eq=False)
 class ReweightOp(SiteOp):
-    """Post-softmax reweighting ``W ⊙ A`` with ``W = sum_r a_r b_r^T``.
+    """Post-softmax reweighting ``W ⊙ A`` of the site's own keys, ``W = sum_r a_r b_r^T``.
+
+    ``factors(call)`` returns ``[(a_r, b_r)]``: ``a_r`` broadcastable to
+    ``[B, heads, Nq, 1]`` (per query) and ``b_r`` to ``[B, heads, call.num_own_keys, 1]``
+    (per own key; a key dimension of 1 broadcasts). ``B`` is ``len(call.rows)``. Factors
+    may be any floating dtype (fp32 is usual); the core multiplies in the promoted dtype
+    and casts to the value dtype. Keys appended by key/value ops are not covered by the
+    factors: their weight is 1, whatever the reweight ops (so a reweighting written for a
+    site's own tokens composes with any bank of extra keys).
 
     With ``renormalize=True`` every row of the reweighted map is divided by its sum. The
-    row sums ``sum_r a_r ⊙ (A b_r)`` come out of the same fused call (extra value columns
-    ``b_r``), so this stays exact without a map. At a site where several reweight ops
-    compose, the product map is renormalized once if any of them asks for it.
+    row sums come out of the same fused call (extra value columns), so this stays exact
+    without a map. At a site where several reweight ops compose, ``W`` is the product of
+    their weights and the map is renormalized once if any of them asks for it.
     """
 
     stage: ClassVar[int] = 1
     renormalize: bool = field(default=False, kw_only=True)
 
     def factors(self, call: AttentionCall) -> list[tuple[torch.Tensor, torch.Tensor]]:  # pragma: no cover
-        """Return ``[(a_r, b_r)]``: ``a_r`` broadcastable to [B, heads, Nq, 1], ``b_r`` to [B, heads, Nk, 1]."""
+        """Return ``[(a_r, b_r)]`` over the site's own keys (see the class docstring)."""
         raise NotImplementedError
 
 
 @dataclass(eq=False)
 class ObserveOp(SiteOp):
-    """Reads attention probabilities [B, heads, Nq, Nk] (fp32). Guidance pass only by default."""
+    """Reads the effective attention weights ``[B, heads, Nq, Nk]`` (fp32). Guidance pass only by default.
+
+    ``probs`` are the weights the output is made of: the softmax over all keys (own and
+    appended), after every reweight op at the site and the renormalization if one asked
+    for it. Observers must not modify ``probs`` in place; it may carry gradients.
+    """
 
     stage: ClassVar[int] = 2
     passes: frozenset[str] = field(default=frozenset({GUIDANCE}), kw_only=True)
@@ -109,7 +131,11 @@ class LatentOp(Op):
 
 @dataclass(eq=False)
 class GateOp(Op):
-    """Restricts the ops of the strategy instances ``targets`` to steps where ``gate`` holds."""
+    """Restricts the ops of the strategy instances ``targets`` to steps where ``gate`` holds.
+
+    ``gate`` should have a readable ``str()`` (e.g. ``0.6 <= t/T``): warnings about a
+    strategy that cannot act in a run quote it.
+    """
 
     targets: tuple[str, ...] = field(default=(), kw_only=True)
     gate: Gate = field(default=lambda state: True, kw_only=True)
@@ -122,3 +148,7 @@ class ActiveOps:
     key_value: tuple[KeyValueOp, ...] = ()
     reweight: tuple[ReweightOp, ...] = ()
     observe: tuple[ObserveOp, ...] = ()
+
+
+#: no op at all (a site that only needs its processor adapted, e.g. in the guidance pass)
+NO_OPS = ActiveOps()

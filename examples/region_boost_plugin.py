@@ -47,15 +47,13 @@ class RegionBoostOp(ReweightOp):
     gain: float = field(default=2.0, kw_only=True)
 
     def factors(self, call: attnctl.AttentionCall) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        state, device = call.state, call.query.device
-
         def compute():
-            mask = state.row_mask(call.site, device)  # [rows, HW], 1 = inpaint
-            key_weight = (1.0 + (self.gain - 1.0) * mask)[:, None, :, None]
+            mask = call.mask()  # [rows, HW] fp32 at this site's grid, 1 = inpaint
+            key_weight = (1.0 + (self.gain - 1.0) * mask)[:, None, :, None]  # one weight per own key
             return [(key_weight.new_ones(1, 1, 1, 1), key_weight)]
 
-        # the factors depend only on the grid and the rows: compute them once per run
-        return state.memo(("region_boost", call.site.level, state.rows, device, self.gain), compute)
+        # depends only on the grid, the rows (both part of call.memo's key) and gain: once per run
+        return call.memo(("region_boost", self.gain), compute)
 
 
 @attnctl.hookimpl

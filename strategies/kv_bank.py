@@ -100,13 +100,11 @@ def _static_masked_mean_bank(key: torch.Tensor, value: torch.Tensor, masked: tor
 def masked_mean_bank(call: AttentionCall, op: KvBankOp) -> Bank | None:
     """Eq. 10 in compact form: gathered unmasked keys plus one mean key with bias log(n_masked)."""
     hw = grid_tokens(call)
-    state, device = call.state, call.query.device
     if torch.compiler.is_compiling():  # data-dependent shapes would break the graph
-        return _static_masked_mean_bank(call.key[..., :hw, :], call.value[..., :hw, :], state.row_mask(call.site, device))
-    plan = state.memo(("kv_bank", call.site.level, state.rows, device),
-                      lambda: _masked_mean_plan(state.row_mask(call.site, device)))
+        return _static_masked_mean_bank(call.key[..., :hw, :], call.value[..., :hw, :], call.mask())
+    plan = call.memo("kv_bank", lambda: _masked_mean_plan(call.mask()))
     if plan.any_empty:
-        _warn_once(call, op, f"{call.site.key}: the mask covers every token at this {state.grid(call.site)} grid "
+        _warn_once(call, op, f"{call.site.key}: the mask covers every token at this {call.grid} grid "
                    "for some image, so the unmasked mean is undefined; kv_bank skips injection there")
         if plan.all_empty:
             return None
@@ -125,7 +123,7 @@ def masked_mean_bank(call: AttentionCall, op: KvBankOp) -> Bank | None:
 def reference_row_bank(call: AttentionCall, op: KvBankOp) -> Bank:
     """The own keys/values of image ``source_image`` in the same CFG branch as each row."""
     hw = grid_tokens(call)
-    layout = call.state.row_layout
+    layout = call.layout
     refs = []
     for r in range(len(layout)):
         hits = [j for j in range(len(layout))

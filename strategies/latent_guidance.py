@@ -115,9 +115,9 @@ class _PassMaps:
         heads_mean = probs.float().mean(dim=1)  # [B, HW, L]
         self.sums[level] = heads_mean if level not in self.sums else self.sums[level] + heads_mean
         self.counts[level] = self.counts.get(level, 0) + 1
-        self.masks.setdefault(level, state.row_mask(call.site, probs.device))
+        self.masks.setdefault(level, call.mask())
         self.grids[level] = grid
-        self.prompts = state.row_layout.prompts
+        self.prompts = call.layout.prompts
 
 
 @dataclass(eq=False)

@@ -14,9 +14,9 @@ so the op only returns the two factor pairs ``(M^, M^)`` and ``(1-M^, 1-M^)``; t
 no HW x HW tensor exists. Each batch row (both CFG halves) uses its own image's mask;
 every head gets the same weights.
 
-Keys appended at the site by key/value ops (stage 0, e.g. ``kv_bank``) are not image
-tokens with a mask value; they get factor 1 in both terms, i.e. weight
-``M^_q + (1 - M^_q) = 1``: SAMS leaves them unweighted.
+The factors cover the site's own (image-token) keys. Keys appended at the site by
+key/value ops (e.g. ``kv_bank``) are not image tokens with a mask value; the core gives
+them weight 1 (the reweight-op contract): SAMS leaves them unweighted.
 """
 
 from __future__ import annotations
@@ -70,19 +70,12 @@ class RegionMaskOp(ReweightOp):
     tau: float = field(default=0.1, kw_only=True)
 
     def factors(self, call: AttentionCall) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        hw = grid_tokens(call)
-        extra = call.key.shape[-2] - hw  # keys appended by key/value ops: weight 1
-        state, device = call.state, call.query.device
-        key = ("region_mask", call.site.level, state.rows, device, self.tau, extra)
-        return state.memo(key, lambda: self._factors(state.row_mask(call.site, device), extra))
+        grid_tokens(call)  # queries and own keys are this grid's tokens
+        return call.memo(("region_mask", self.tau), lambda: self._factors(call.mask()))
 
-    def _factors(self, mask: torch.Tensor, extra: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        m_hat = soft_mask(mask, self.tau)  # [R, HW] fp32
-        query_side = m_hat[:, None, :, None]  # [R, 1, HW, 1]
-        ones = m_hat.new_ones(m_hat.shape[0], extra)
-        key_in = torch.cat([m_hat, ones], dim=-1)[:, None, :, None]
-        key_out = torch.cat([1.0 - m_hat, ones], dim=-1)[:, None, :, None]
-        return [(query_side, key_in), (1.0 - query_side, key_out)]
+    def _factors(self, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        m_hat = soft_mask(mask, self.tau)[:, None, :, None]  # [R, 1, HW, 1] fp32
+        return [(m_hat, m_hat), (1.0 - m_hat, 1.0 - m_hat)]
 
 
 @attnctl.hookimpl

@@ -77,6 +77,11 @@ class TimeWindow:
             return False
         return (self.min is None or t >= self.min) and (self.max is None or t < self.max)
 
+    def __str__(self) -> str:
+        lo = "" if self.min is None else f"{self.min:g} <= "
+        hi = "" if self.max is None else f" < {self.max:g}"
+        return f"{lo}t/T{hi}" if lo or hi else "always"
+
 
 SPEC = StrategySpec(
     name=NAME,

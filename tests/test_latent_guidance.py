@@ -43,6 +43,17 @@ class _FakeState:
         return self._masks[self.grid(site)]
 
 
+class _FakeCall:
+    """Just what ``_PassMaps.add`` reads from an attention call."""
+
+    def __init__(self, state: _FakeState, site: Site):
+        self.state, self.site = state, site
+        self.layout = state.row_layout
+
+    def mask(self):
+        return self.state.row_mask(self.site)
+
+
 def _random_case(seed: int, zero_grid: tuple[int, int] | None = None):
     """Two images (prompts with 5 and 3 tokens), two grids with two sites each, 4 heads."""
     g = torch.Generator().manual_seed(seed)
@@ -59,7 +70,7 @@ def _fast_loss(sites, logits, state, **params):
     op = SteerLatent("steer", params=LatentGuidanceParams(**params), read_sites=tuple(sites))
     maps = _PassMaps()
     for site, lg in zip(sites, logits):
-        maps.add(SimpleNamespace(state=state, site=site), lg.softmax(-1))
+        maps.add(_FakeCall(state, site), lg.softmax(-1))
     return op.loss_from(maps, state)
 
 

@@ -54,7 +54,7 @@ class MaskGain(ReweightOp):
     gain: float = 1.0
 
     def factors(self, call):
-        m = call.state.row_mask(self.site, call.query.device)[:, None, :, None].to(call.value.dtype)
+        m = call.mask()[:, None, :, None].to(call.value.dtype)
         one = call.query.new_ones(1, 1, 1, 1)
         return [(one, 1 + (self.gain - 1) * m)]
 

@@ -9,6 +9,7 @@ Quick use::
             image = pipe(...).images[0]
 """
 
+from attnctl.adapters import MIRROR, AdapterRegistry, CoreCall, ProcessorAdapter, SdpaAdapter
 from attnctl.attention import AttentionCall
 from attnctl.controller import Controller, attach
 from attnctl.errors import (
@@ -16,8 +17,10 @@ from attnctl.errors import (
     ConfigError,
     InputError,
     ProcessorReplacedError,
+    RunWarning,
     SelectorError,
     UnsupportedModelError,
+    UnsupportedProcessorError,
 )
 from attnctl.guidance import GuidanceContext
 from attnctl.ops import ActiveOps, GateOp, KeyValueOp, LatentOp, ObserveOp, ReweightOp, SiteOp
@@ -31,8 +34,9 @@ from attnctl.sites import Site, SiteTable, describe_sites
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActiveOps", "AttentionCall", "AttnctlError", "BatchLayout", "ConfigError", "Controller", "GateOp",
-    "GuidanceContext", "InputError", "KeyValueOp", "LatentOp", "ObserveOp", "Plan", "ProcessorReplacedError",
-    "ReweightOp", "RunState", "SelectorError", "Site", "SiteOp", "SiteTable", "StrategyManager", "StrategySpec",
-    "UnsupportedModelError", "attach", "compile_plan", "describe_sites", "hookimpl", "select_sites",
+    "MIRROR", "ActiveOps", "AdapterRegistry", "AttentionCall", "AttnctlError", "BatchLayout", "ConfigError",
+    "Controller", "CoreCall", "GateOp", "GuidanceContext", "InputError", "KeyValueOp", "LatentOp", "ObserveOp",
+    "Plan", "ProcessorAdapter", "ProcessorReplacedError", "ReweightOp", "RunState", "RunWarning", "SdpaAdapter",
+    "SelectorError", "Site", "SiteOp", "SiteTable", "StrategyManager", "StrategySpec", "UnsupportedModelError",
+    "UnsupportedProcessorError", "attach", "compile_plan", "describe_sites", "hookimpl", "select_sites",
 ]

@@ -1,24 +1,27 @@
 """Attach, run, detach.
 
 ``attach(pipe, config)`` describes the sites of ``pipe.unet``, compiles the config into a
-plan, and wraps every site's processor. ``Controller.run(...)`` is the context in which the
-pipeline is called: it creates the run state, follows the steps through a UNet forward
-pre-hook, applies latent guidance, and drops the state at the end. ``detach()`` puts the
-very same original processor objects back.
+plan, and wraps every site's processor (through its adapter, see ``attnctl.adapters``).
+``Controller.run(...)`` is the context in which the pipeline is called: it creates the
+run state, follows the steps through a UNet forward pre-hook (wrapping any processor a
+pipeline swapped in, e.g. PAG's), applies latent guidance, and drops the state at the
+end. ``detach()`` puts the very same processor objects back.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from attnctl.adapters import AdapterRegistry, ProcessorAdapter
 from attnctl.errors import ConfigError, ProcessorReplacedError, UnsupportedModelError
 from attnctl.guidance import GuidanceContext, UNetCall
 from attnctl.plan import Plan, compile_plan
 from attnctl.plugins import StrategyManager
-from attnctl.processor import ControlledProcessor, make_processor
+from attnctl.processor import ControlledProcessor, innermost, make_processor
+from attnctl.run_report import idle_instances, warn_idle_instances, warn_sites_not_run
 from attnctl.run_state import BatchLayout, RunState
 from attnctl.sites import SiteTable, describe_sites
 
@@ -29,31 +32,84 @@ class Controller:
     Use ``attnctl.attach`` to make one. Usable as a context manager that detaches on exit.
     """
 
-    def __init__(self, unet: torch.nn.Module, plan: Plan, manager: StrategyManager, scheduler: Any = None):
+    def __init__(self, unet: torch.nn.Module, plan: Plan, manager: StrategyManager, scheduler: Any = None,
+                 adapters: AdapterRegistry | None = None):
         self.unet = unet
         self.plan = plan
         self.sites: SiteTable = plan.sites
         self.manager = manager
         self.scheduler = scheduler
+        self.adapters = adapters or AdapterRegistry()
         self.state: RunState | None = None
         self._modules = {s.name: unet.get_submodule(s.name) for s in self.sites}
-        self.originals = {name: m.processor for name, m in self._modules.items()}
         self.processors: dict[str, ControlledProcessor] = {}
-        for site in self.sites:
-            proc = make_processor(self, site, self.originals[site.name])
-            self._modules[site.name].set_processor(proc)
-            self.processors[site.name] = proc
-        self._hook = unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self.attached = True
+        wrappers = {}
+        for site in self.sites:
+            current = self._modules[site.name].processor
+            if isinstance(current, ControlledProcessor) and current.controller.attached:
+                raise ConfigError("this UNet already has an attnctl controller attached; detach it first")
+            # wrappers of a detached controller can come back (e.g. unfuse_qkv_projections restores them)
+            wrappers[site.name] = self._wrap(site, innermost(current))
+        for name, wrapper in wrappers.items():
+            self._install(name, wrapper)
+        self._hook = unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+
+    # ------------------------------------------------------------------ processors
+    @property
+    def originals(self) -> dict[str, Any]:
+        """Site name -> the processor each wrapper runs (what detach puts back)."""
+        return {name: proc.original for name, proc in self.processors.items()}
+
+    def _wrap(self, site, original: Any) -> ControlledProcessor:
+        adapter = self.adapters.find(original)
+        if adapter is None and site.name in self.plan.site_ops:
+            instances = sorted({op.strategy for op in self.plan.site_ops[site.name]})
+            raise self.adapters.refusal(site, original, instances)
+        return make_processor(self, site, original, adapter)
+
+    def _install(self, name: str, wrapper: ControlledProcessor) -> None:
+        self._modules[name].set_processor(wrapper)
+        self.processors[name] = wrapper
+
+    def sync_processors(self) -> None:
+        """Wrap processors that were put on sites since attach (fused, sliced, PAG's, a user's).
+
+        Called at run start and before every main UNet call, so processors a pipeline swaps
+        in during its call (PAG does) are controlled too. A processor without an adapter at
+        a site where a strategy acts raises ``UnsupportedProcessorError``.
+        """
+        if not self.attached:
+            raise ProcessorReplacedError("this controller was detached; call attnctl.attach(...) again")
+        for name, module in self._modules.items():
+            current = module.processor
+            if current is self.processors[name]:
+                continue
+            if isinstance(current, ControlledProcessor):
+                if current.controller is self:  # one of ours, put back (e.g. by PAG at the end of its call)
+                    self.processors[name] = current
+                    continue
+                if current.controller.attached:
+                    raise ConfigError(f"{name}: a second attnctl controller was attached over this one; detach it")
+            self._install(name, self._wrap(self.sites.by_name(name), innermost(current)))
+
+    def check_processors(self) -> None:
+        """Kept for compatibility: ``sync_processors``."""
+        self.sync_processors()
 
     # ------------------------------------------------------------------ lifecycle
     def detach(self) -> None:
-        """Restore the original processor objects and remove every hook. Idempotent."""
+        """Put back what each wrapper runs and remove every hook. Idempotent.
+
+        Sites whose wrapper was replaced by someone else since keep that processor.
+        """
         if not self.attached:
             return
         self._hook.remove()
         for name, module in self._modules.items():
-            module.set_processor(self.originals[name])
+            current = module.processor
+            if isinstance(current, ControlledProcessor) and current.controller is self:
+                module.set_processor(current.original)
         self.attached = False
         self.state = None
 
@@ -62,18 +118,6 @@ class Controller:
 
     def __exit__(self, *exc) -> None:
         self.detach()
-
-    def check_processors(self) -> None:
-        """Raise if someone replaced our processors since attach (e.g. ``set_attn_processor``)."""
-        if not self.attached:
-            raise ProcessorReplacedError("this controller was detached; call attnctl.attach(...) again")
-        replaced = [n for n, m in self._modules.items() if m.processor is not self.processors[n]]
-        if replaced:
-            raise ProcessorReplacedError(
-                f"the attention processors of {len(replaced)} site(s) (first: {replaced[0]}) were replaced "
-                "after attnctl.attach, e.g. by unet.set_attn_processor(...); attnctl would silently do "
-                "nothing there. Call controller.detach(), make your processor changes, then attach again."
-            )
 
     # ------------------------------------------------------------------ runs
     @contextmanager
@@ -92,7 +136,7 @@ class Controller:
             token_indices: per prompt, positions of the prompt's own tokens.
             num_train_timesteps: T_train; default: the scheduler's ``num_train_timesteps``.
         """
-        self.check_processors()
+        self.sync_processors()
         if self.state is not None:
             raise RuntimeError("a run is already active on this controller; runs cannot be nested")
         if self.plan.latent_ops and self.scheduler is None:
@@ -115,6 +159,7 @@ class Controller:
         try:
             self.manager.hook.attnctl_run_start(state=state, plan=self.plan)
             yield state
+            warn_sites_not_run(state, {n: m.processor for n, m in self._modules.items()})
         finally:
             restore()
             try:
@@ -128,7 +173,8 @@ class Controller:
         scale, step = scheduler.scale_model_input, scheduler.step
 
         def recording_scale(sample, timestep, *a, **kw):
-            state.scratch_for("_attnctl")["scale_input"] = sample
+            # by batch size: a pipeline may scale other inputs too (ControlNet's guess mode does)
+            state.scratch_for("_attnctl").setdefault("scale_inputs", {})[sample.shape[0]] = sample
             return scale(sample, timestep, *a, **kw)
 
         def substituting_step(model_output, timestep, sample=None, *a, **kw):
@@ -153,7 +199,7 @@ class Controller:
         state = self.state
         if state is None:
             if not self.plan.is_idle:
-                self.check_processors()
+                self.sync_processors()
                 raise ConfigError(
                     "attnctl strategies are attached but the pipeline was called outside a run; call it "
                     "inside `with controller.run(layout, mask): pipe(...)` (or use harmonpaint_recipe.inpaint)"
@@ -161,31 +207,46 @@ class Controller:
             return None
         if state.in_guidance:
             return None
+        self.sync_processors()
         call = UNetCall(unet, args, kwargs)
         timestep = call.get("timestep")
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         sample = call.get("sample")
+        if sample.shape[0] != len(state.layout):
+            raise ConfigError(
+                f"the run's BatchLayout has {state.layout.describe()}, but the UNet got a batch of "
+                f"{sample.shape[0]}; build it with attnctl.BatchLayout.for_call(pipe, prompt=..., "
+                "num_images_per_prompt=..., guidance_scale=...), which follows the pipeline's own rules "
+                "(classifier-free guidance, PAG's perturbed rows)"
+            )
+        first = state.timestep is None
         state.begin_step(t, latent_hw=tuple(sample.shape[-2:]))
+        if first:
+            self._preview_gates(state, t)
         if not state.active_latent_ops:
             return None
         return self._guide(state, call, t)
 
+    def _preview_gates(self, state: RunState, t: float) -> None:
+        """Warn now about strategies whose gates are closed for the rest of the run."""
+        schedule = [float(v) for v in state._timesteps]
+        if t not in schedule:
+            return
+        remaining = schedule[schedule.index(t):]
+        idle = idle_instances(self.plan, state.layout, schedule, remaining, state.num_train_timesteps)
+        warn_idle_instances(self.plan, idle, remaining, state.num_train_timesteps)
+
     def _guide(self, state: RunState, call: UNetCall, t: float):
         sample = call.get("sample")
         own = state.scratch_for("_attnctl")
-        recorded, scale = own.get("scale_input"), own["scale"]
-        if recorded is None or recorded.shape[0] != sample.shape[0]:
+        recorded, scale = own.get("scale_inputs", {}).get(sample.shape[0]), own["scale"]
+        if recorded is None:
             raise UnsupportedModelError(
                 "latent guidance could not find this step's latents (the pipeline did not call "
-                "scheduler.scale_model_input before the UNet); this pipeline is not supported"
+                "scheduler.scale_model_input on the UNet's batch before the UNet); this pipeline is not supported"
             )
         channels = recorded.shape[1]
         layout = state.layout
-        if len(layout) != sample.shape[0]:
-            raise ConfigError(
-                f"run layout has {len(layout)} rows but the UNet got a batch of {sample.shape[0]}; "
-                "check num_images_per_prompt and guidance_scale passed to BatchLayout.for_pipeline"
-            )
         cond = torch.tensor(layout.cond_rows, device=recorded.device)
         z = recorded.index_select(0, cond).detach()
         ctx = GuidanceContext(state, call, lambda x: scale(x, t), channels)
@@ -195,7 +256,7 @@ class Controller:
         images = torch.tensor(layout.images, device=z.device)
         x = scale(z.index_select(0, images), t).to(sample.dtype)
         new_sample = torch.cat([x, sample[:, channels:]], dim=1) if sample.shape[1] > channels else x
-        own["scale_input"] = None
+        own["scale_inputs"] = {}
         return call.with_sample(new_sample)
 
 
@@ -214,6 +275,7 @@ def attach(
     target: Any,
     config: Any = None,
     manager: StrategyManager | None = None,
+    adapters: Mapping[type | str, ProcessorAdapter] | None = None,
 ) -> Controller:
     """Attach attention control to a diffusers pipeline (or a bare UNet).
 
@@ -222,6 +284,8 @@ def attach(
         config: mapping with ``strategies: {instance: {strategy: type, enabled: bool, ...}}``;
             ``None`` attaches idle.
         manager: strategy plugin manager; default discovers plugins from entry points.
+        adapters: processor class (or qualified class name) -> adapter, for attention
+            processors of your own that strategies should act inside (see ``attnctl.adapters``).
 
     Returns:
         The ``Controller``; use it as a context manager or call ``detach()``.
@@ -237,8 +301,10 @@ def attach(
     scheduler = getattr(target, "scheduler", None)
     sites = describe_sites(unet)
     for site in sites:
-        if isinstance(unet.get_submodule(site.name).processor, ControlledProcessor):
+        current = unet.get_submodule(site.name).processor
+        if isinstance(current, ControlledProcessor) and current.controller.attached:
             raise ConfigError("this UNet already has an attnctl controller attached; detach it first")
     manager = manager or StrategyManager()
     plan = compile_plan(config or {}, sites, manager)
-    return Controller(unet, plan, manager, scheduler)
+    registry = AdapterRegistry(*manager.processor_adapters(), adapters or {})
+    return Controller(unet, plan, manager, scheduler, registry)

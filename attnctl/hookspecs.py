@@ -39,6 +39,20 @@ def attnctl_add_strategies() -> Sequence[StrategySpec]:
     """
 
 
+@hookspec
+def attnctl_add_processor_adapters() -> Mapping[type | str, Any]:
+    """Return adapters for attention processor classes this plugin knows how to run.
+
+    :returns: processor class (or its qualified name, ``"package.module.Class"``) ->
+        adapter object with ``run(core, original, attn, hidden_states, *args, **kwargs)``
+        and a ``guidance_mirror`` flag; ``attnctl.SdpaAdapter()`` fits any processor that
+        computes its attention with one ``scaled_dot_product_attention`` call.
+
+    Strategies act at a site only through the adapter of the site's processor class;
+    without one, ``attach`` refuses the site. Called once per attach.
+    """
+
+
 # -------------------------------------------------------------------------------------
 # Validation
 # -------------------------------------------------------------------------------------

@@ -22,12 +22,14 @@ class Plan:
         instances: enabled instance name -> (spec, params).
         site_ops: site name -> ops at that site, in canonical order (stage, instance name).
         latent_ops: latent-guidance ops, sorted by instance name.
+        gated_by: instance name -> the gate ops that restrict it (for messages).
     """
 
     sites: SiteTable
     instances: dict[str, tuple[StrategySpec, Any]] = field(default_factory=dict)
     site_ops: dict[str, tuple[SiteOp, ...]] = field(default_factory=dict)
     latent_ops: tuple[LatentOp, ...] = ()
+    gated_by: dict[str, tuple[GateOp, ...]] = field(default_factory=dict)
 
     @property
     def is_idle(self) -> bool:
@@ -98,6 +100,7 @@ def compile_plan(config: Any, sites: SiteTable, manager: StrategyManager) -> Pla
             planned.append(op)
 
     gates: dict[str, list] = defaultdict(list)
+    gated_by: dict[str, list[GateOp]] = defaultdict(list)
     for op in planned:
         if isinstance(op, GateOp):
             for target in op.targets:
@@ -109,8 +112,9 @@ def compile_plan(config: Any, sites: SiteTable, manager: StrategyManager) -> Pla
                         f"{did_you_mean(target, instances)}; instances: {', '.join(instances) or '(none)'}"
                     )
                 gates[target].append(op.gate)
+                gated_by[target].append(op)
 
-    plan = Plan(sites=sites, instances=instances)
+    plan = Plan(sites=sites, instances=instances, gated_by={k: tuple(v) for k, v in gated_by.items()})
     per_site: dict[str, list[SiteOp]] = defaultdict(list)
     latent: list[LatentOp] = []
     for op in planned:

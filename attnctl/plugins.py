@@ -83,6 +83,10 @@ class StrategyManager:
             self._specs = dict(sorted(specs.items()))
         return self._specs
 
+    def processor_adapters(self) -> list[Mapping[Any, Any]]:
+        """The processor adapter tables every plugin provides (``attnctl_add_processor_adapters``)."""
+        return [table for table in self.pm.hook.attnctl_add_processor_adapters() if table]
+
     def provider(self, name: str) -> str:
         """Name of the plugin that provides strategy ``name``."""
         self.strategies()

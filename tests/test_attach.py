@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import attnctl
 from attnctl import BatchLayout, StrategyManager
-from attnctl.errors import ConfigError, ProcessorReplacedError
+from attnctl.errors import ConfigError, UnsupportedProcessorError
 from toy_strategies import ScalePlugin, run_pipe
 
 
@@ -88,22 +88,53 @@ def test_module_processors_stay_registered(tiny_pipe):
     assert module.processor is custom
 
 
-def test_replaced_processors_are_detected(tiny_pipe, image_and_mask):
-    image, mask = image_and_mask
-    ctl = attnctl.attach(tiny_pipe, {}, manager=StrategyManager(autoload=False))
-    tiny_pipe.unet.set_attn_processor(AttnProcessor())
-    with pytest.raises(ProcessorReplacedError, match="were replaced after attnctl.attach"):
-        with ctl.run(BatchLayout.for_pipeline(1), mask=mask_tensor(mask)):
-            pass
+class ForeignProcessor:
+    """A user's processor attnctl has no adapter for: plain attention, output doubled."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        return 2 * AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
-def test_replaced_processors_detected_outside_a_run(tiny_pipe, image_and_mask):
+def test_known_processors_set_after_attach_are_wrapped_and_controlled(tiny_pipe, image_and_mask):
+    """set_attn_processor after attach: attnctl wraps the new processors at the next run and keeps acting."""
     image, mask = image_and_mask
     manager = StrategyManager(plugins=[ScalePlugin()], autoload=False)
-    attnctl.attach(tiny_pipe, {"strategies": {"s": {"strategy": "toy_scale"}}}, manager=manager)
-    tiny_pipe.unet.set_attn_processor(AttnProcessor())
-    with pytest.raises(ProcessorReplacedError):
-        run_pipe(tiny_pipe, image, mask)
+    config = {"strategies": {"s": {"strategy": "toy_scale", "factor": 0.5}}}
+    with attnctl.attach(tiny_pipe, config, manager=manager) as ctl:
+        with ctl.run(BatchLayout.for_pipeline(1), mask=mask_tensor(mask)):
+            expected = run_pipe(tiny_pipe, image, mask)
+        replacement = AttnProcessor()
+        tiny_pipe.unet.set_attn_processor(replacement)
+        with ctl.run(BatchLayout.for_pipeline(1), mask=mask_tensor(mask)):
+            out = run_pipe(tiny_pipe, image, mask)
+        assert all(p.original is replacement for p in tiny_pipe.unet.attn_processors.values())
+    assert np.abs(out - expected).max() < 1e-5  # AttnProcessor computes the same attention
+    assert all(p is replacement for p in tiny_pipe.unet.attn_processors.values())  # detach keeps the user's choice
+
+
+def test_unknown_processor_set_after_attach_is_refused_with_its_name(tiny_pipe, image_and_mask):
+    image, mask = image_and_mask
+    manager = StrategyManager(plugins=[ScalePlugin()], autoload=False)
+    ctl = attnctl.attach(tiny_pipe, {"strategies": {"s": {"strategy": "toy_scale"}}}, manager=manager)
+    tiny_pipe.unet.set_attn_processor(ForeignProcessor())
+    with pytest.raises(UnsupportedProcessorError, match=r"self\[2\] .* ForeignProcessor.*strategies\.s"):
+        with ctl.run(BatchLayout.for_pipeline(1), mask=mask_tensor(mask)):
+            pass
+    with pytest.raises(UnsupportedProcessorError, match="ForeignProcessor"):
+        run_pipe(tiny_pipe, image, mask)  # outside a run too
+
+
+def test_unknown_processor_at_an_idle_site_is_kept(tiny_pipe, image_and_mask):
+    """No strategy acts there: the user's processor runs as is, attached or not."""
+    image, mask = image_and_mask
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"  # self[0]; toy_scale acts at self[2:7]
+    tiny_pipe.unet.get_submodule(name).set_processor(ForeignProcessor())
+    stock = run_pipe(tiny_pipe, image, mask)
+    manager = StrategyManager(plugins=[ScalePlugin()], autoload=False)
+    with attnctl.attach(tiny_pipe, {"strategies": {"s": {"strategy": "toy_scale", "factor": 1.0}}}, manager=manager) as ctl:
+        with ctl.run(BatchLayout.for_pipeline(1), mask=mask_tensor(mask)):
+            out = run_pipe(tiny_pipe, image, mask)
+    assert np.abs(out - stock).max() < 1e-5
 
 
 def test_active_plan_outside_a_run_is_an_error(tiny_pipe, image_and_mask):

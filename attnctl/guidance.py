@@ -23,11 +23,23 @@ if TYPE_CHECKING:
 
 
 def _take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
-    """Index the batch dimension of a tensor (or each tensor of a dict) that has one."""
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
-        return value.index_select(0, rows.to(value.device))
+    """Index the batch dimension of every tensor with one, wherever it sits.
+
+    Tensors whose first dimension is the UNet's batch size are cut to ``rows``, inside
+    dicts, tuples and lists too: SDXL's ``added_cond_kwargs``, ControlNet's
+    ``down_block_additional_residuals`` (a tuple) and ``mid_block_additional_residual``,
+    IP-Adapter's ``image_embeds`` (a list in a dict), T2I-Adapter residuals.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.ndim > 0 and value.shape[0] == batch:
+            return value.index_select(0, rows.to(value.device))
+        return value
     if isinstance(value, dict):
         return {k: _take_rows(v, rows, batch) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_take_rows(v, rows, batch) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_take_rows(v, rows, batch) for v in value)
     return value
 
 

@@ -27,6 +27,8 @@ def inpaint(
     overrides: Iterable[str] | Mapping[str, Any] | None = None,
     resize_mask: bool = False,
     manager: Any = None,
+    pipeline_kwargs: Mapping[str, Any] | None = None,
+    adapters: Mapping[Any, Any] | None = None,
     **kwargs: Any,
 ) -> Image.Image:
     """Inpaint the white region of ``mask`` in ``image`` following ``prompt``.
@@ -42,6 +44,9 @@ def inpaint(
         overrides: ``["strategies.makvs.enabled=false"]`` or ``{"sampler.steps": 20}``.
         resize_mask: resize a mask of another size to the image instead of failing.
         manager: strategy plugin manager (default: entry points).
+        pipeline_kwargs: extra arguments of the pipeline call (``control_image``,
+            ``ip_adapter_image``, ``pag_scale``, ``cross_attention_kwargs``, ...).
+        adapters: processor adapters for attention processors of your own (``attnctl.attach``).
         **kwargs: more overrides, dots written as ``__``: ``strategies__makvs__scale=0.8``.
 
     Returns:
@@ -56,5 +61,5 @@ def inpaint(
     inputs = prepare_inputs(image, mask, resize_mask=resize_mask)
     if pipe is None:
         pipe = load_pipeline(cfg)
-    with Runner(pipe, cfg, manager=manager) as runner:
-        return runner(inputs, prompt, seed).image
+    with Runner(pipe, cfg, manager=manager, adapters=adapters) as runner:
+        return runner(inputs, prompt, seed, pipeline_kwargs=dict(pipeline_kwargs or {})).image

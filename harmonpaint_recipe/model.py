@@ -126,12 +126,23 @@ def load_pipeline(recipe: Any, device: str | None = None, dtype: str | None = No
     return pipe
 
 
+#: inpainting pipelines the runner drives: SD 1.x/2.x and SDXL, plain, with ControlNet, with PAG
+SUPPORTED_PIPELINES = (
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionControlNetInpaintPipeline",
+    "StableDiffusionXLControlNetInpaintPipeline",
+    "StableDiffusionPAGInpaintPipeline",
+    "StableDiffusionXLPAGInpaintPipeline",
+)
+
+
 def check_pipeline(pipe: Any) -> None:
     """Refuse pipelines the runner cannot drive."""
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+    import diffusers
 
-    if not isinstance(pipe, (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)):
+    classes = tuple(getattr(diffusers, name) for name in SUPPORTED_PIPELINES if hasattr(diffusers, name))
+    if not isinstance(pipe, classes):
         raise UnsupportedModelError(
-            f"{type(pipe).__name__} is not supported; the runner drives StableDiffusionInpaintPipeline "
-            "(SD 1.x/2.x) and StableDiffusionXLInpaintPipeline (SDXL)"
+            f"{type(pipe).__name__} is not supported; the runner drives {', '.join(SUPPORTED_PIPELINES)}"
         )

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 import attnctl
+from attnctl.errors import ConfigError
 from attnctl.run_state import BatchLayout
 from harmonpaint_recipe.inputs import PreparedInputs
 from harmonpaint_recipe.loading import resolved
@@ -48,34 +49,49 @@ def new_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(time.time_ns() % 2**63)))
 
 
-def _set_scheduler(pipe: Any, name: str) -> None:
+def _recipe_scheduler(pipe: Any, name: str) -> Any:
+    """The scheduler the recipe asks for, built from the pipeline's own config (``as-is``: the pipeline's)."""
     if name == "ddim":
         from diffusers import DDIMScheduler
 
         if not isinstance(pipe.scheduler, DDIMScheduler):
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            return DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe.scheduler
 
 
 class Runner:
     """A recipe attached to a pipeline; call it once per image. Use as a context manager.
 
+    The recipe's scheduler is swapped in while the runner is open; ``close`` detaches the
+    strategies and puts the pipeline's own scheduler back.
+
     Args:
-        pipe: a ``StableDiffusionInpaintPipeline`` or ``StableDiffusionXLInpaintPipeline``.
+        pipe: an SD / SDXL inpainting pipeline, plain, with ControlNet or with PAG
+            (``harmonpaint_recipe.model.SUPPORTED_PIPELINES``).
         recipe: a validated recipe (``load_recipe``).
         manager: strategy plugin manager (default: entry points).
+        adapters: processor adapters for attention processors of your own (``attnctl.attach``).
     """
 
-    def __init__(self, pipe: Any, recipe: DictConfig, manager: Any = None):
+    def __init__(self, pipe: Any, recipe: DictConfig, manager: Any = None, adapters: Any = None):
         check_pipeline(pipe)
         self.pipe = pipe
         self.recipe = recipe
         self.config = resolved(recipe)
-        _set_scheduler(pipe, self.config["sampler"]["scheduler"])
-        self.controller = attnctl.attach(pipe, {"strategies": self.config.get("strategies") or {}}, manager)
+        self._own_scheduler = pipe.scheduler
+        pipe.scheduler = _recipe_scheduler(pipe, self.config["sampler"]["scheduler"])
+        try:
+            self.controller = attnctl.attach(
+                pipe, {"strategies": self.config.get("strategies") or {}}, manager, adapters=adapters
+            )
+        except BaseException:
+            pipe.scheduler = self._own_scheduler
+            raise
 
     def close(self) -> None:
-        """Detach the strategies; the pipeline is left exactly as it was."""
+        """Detach the strategies and restore the pipeline's scheduler: the pipeline is left as it was."""
         self.controller.detach()
+        self.pipe.scheduler = self._own_scheduler
 
     def __enter__(self) -> Runner:
         return self
@@ -83,12 +99,20 @@ class Runner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __call__(self, inputs: PreparedInputs, prompt: str, seed: int | None = None) -> RunResult:
-        """Inpaint ``inputs`` (from ``prepare_inputs``) with ``prompt``."""
+    def __call__(self, inputs: PreparedInputs, prompt: str, seed: int | None = None,
+                 pipeline_kwargs: dict[str, Any] | None = None) -> RunResult:
+        """Inpaint ``inputs`` (from ``prepare_inputs``) with ``prompt``.
+
+        ``pipeline_kwargs`` go to the pipeline call as they are, for what the recipe does not
+        set: ``control_image`` (ControlNet), ``ip_adapter_image``, ``pag_scale``,
+        ``cross_attention_kwargs``, ...
+        """
         sampler = self.config["sampler"]
         seed = new_seed() if seed is None else int(seed)
         guidance = float(sampler["guidance_scale"])
-        layout = BatchLayout.for_pipeline(num_prompts=1, num_images_per_prompt=1, cfg=guidance > 1.0)
+        extra = dict(pipeline_kwargs or {})
+        layout = BatchLayout.for_call(self.pipe, prompt=prompt, num_images_per_prompt=1, guidance_scale=guidance,
+                                      pag_scale=extra.get("pag_scale"))
         mask = torch.from_numpy(inputs.mask_array)
         tokens = [prompt_token_indices(self.pipe.tokenizer, prompt)]
         width, height = inputs.image.size
@@ -106,6 +130,13 @@ class Runner:
             # a CPU generator gives the same noise on every device
             generator=torch.Generator(device="cpu").manual_seed(seed),
         )
+        clash = sorted(set(extra) & set(kwargs))
+        if clash:
+            raise ConfigError(
+                f"pipeline_kwargs {', '.join(clash)} are set by the recipe and the inputs; change them there "
+                "(e.g. sampler.steps=..., sampler.guidance_scale=...), not as pipeline arguments"
+            )
+        kwargs.update(extra)
         start = time.perf_counter()
         with self.controller.run(layout, mask=mask, token_indices=tokens):
             image = self.pipe(**kwargs).images[0]

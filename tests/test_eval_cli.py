@@ -15,7 +15,7 @@ from PIL import Image
 
 from attnctl.cli import main
 from attnctl.errors import ConfigError
-from attnctl.metrics.testing import save_tiny_clip
+from harmonpaint_recipe.metrics.testing import save_tiny_clip
 from harmonpaint_recipe.dataset.sample import build_sample
 from harmonpaint_recipe.evaluation.ablation import ablation_components, ablation_methods, ablation_variants
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnctl.metrics import MetricOptions, build_metrics
-from attnctl.metrics.cmmd import mmd_rbf
-from attnctl.metrics.testing import save_tiny_clip
+from harmonpaint_recipe.metrics import MetricOptions, build_metrics
+from harmonpaint_recipe.metrics.cmmd import mmd_rbf
+from harmonpaint_recipe.metrics.testing import save_tiny_clip
 from harmonpaint_recipe.dataset.sample import build_sample
 from harmonpaint_recipe.evaluation.items import load_items
 from harmonpaint_recipe.evaluation.methods import Method
@@ -82,7 +82,7 @@ def test_values_tables_and_grid(data, tmp_path):
     assert all(r["ir"] is None and r["lpips"] is None for r in rows)
     # CS equals the metric on the saved output
     out = Image.open(tmp_path / "run" / rows[0]["output"])
-    from attnctl.metrics.base import Sample
+    from harmonpaint_recipe.metrics.base import Sample
     assert rows[0]["cs"] == pytest.approx(metrics["cs"].safe_score(Sample(image=out, prompt="a cat")).values["cs"], abs=1e-5)
     # summary: mean and sample std of the per-item values; CMMD from stored embeddings
     summary = {s["method"]: s for s in res.summary}

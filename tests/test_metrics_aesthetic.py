@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from attnctl.metrics.aesthetic import AestheticHead, AestheticScore, load_aesthetic_head
-from attnctl.metrics.base import Sample
-from attnctl.metrics.clip_embedder import ClipEmbedder
-from attnctl.metrics.testing import save_tiny_clip
+from harmonpaint_recipe.metrics.aesthetic import AestheticHead, AestheticScore, load_aesthetic_head
+from harmonpaint_recipe.metrics.base import Sample
+from harmonpaint_recipe.metrics.clip_embedder import ClipEmbedder
+from harmonpaint_recipe.metrics.testing import save_tiny_clip
 
 
 def test_head_layout_matches_public_predictor():

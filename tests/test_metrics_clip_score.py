@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from attnctl.metrics.base import Sample
-from attnctl.metrics.clip_embedder import ClipEmbedder
-from attnctl.metrics.clip_score import ClipScore
-from attnctl.metrics.testing import save_tiny_clip
+from harmonpaint_recipe.metrics.base import Sample
+from harmonpaint_recipe.metrics.clip_embedder import ClipEmbedder
+from harmonpaint_recipe.metrics.clip_score import ClipScore
+from harmonpaint_recipe.metrics.testing import save_tiny_clip
 
 PROMPTS = ["a cat", "an oil painting of a horse", "a red bus on a street", "sketch of a dog", "blue sky"]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnctl.metrics.clip_embedder import ClipEmbedder
-from attnctl.metrics.cmmd import Cmmd, mmd_rbf
-from attnctl.metrics.testing import save_tiny_clip
+from harmonpaint_recipe.metrics.clip_embedder import ClipEmbedder
+from harmonpaint_recipe.metrics.cmmd import Cmmd, mmd_rbf
+from harmonpaint_recipe.metrics.testing import save_tiny_clip
 
 
 def test_identical_sets_give_zero():

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from attnctl.metrics.base import Sample
-from attnctl.metrics.preservation import Preservation, brushbench_blend, gaussian_blur_reflect101
+from harmonpaint_recipe.metrics.base import Sample
+from harmonpaint_recipe.metrics.preservation import Preservation, brushbench_blend, gaussian_blur_reflect101
 
 
 def _img(a: np.ndarray) -> Image.Image:

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from attnctl.errors import InputError
-from attnctl.metrics import METRICS, MetricOptions, Sample, build_metrics, parse_metric_names
-from attnctl.metrics.image_reward import ImageRewardMetric
+from harmonpaint_recipe.metrics import METRICS, MetricOptions, Sample, build_metrics, parse_metric_names
+from harmonpaint_recipe.metrics.image_reward import ImageRewardMetric
 
 
 def test_registry_names_and_parsing():

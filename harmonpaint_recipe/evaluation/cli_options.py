@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 
 from attnctl.errors import InputError
-from attnctl.metrics import MetricOptions, parse_metric_names
-from attnctl.metrics.clip_score import DEFAULT_CLIP_MODEL
-from attnctl.metrics.cmmd import DEFAULT_CMMD_MODEL
-from attnctl.metrics.image_reward import DEFAULT_IR_MODEL
-from attnctl.metrics.registry import DEFAULT_METRICS
+from harmonpaint_recipe.metrics import MetricOptions, parse_metric_names
+from harmonpaint_recipe.metrics.clip_score import DEFAULT_CLIP_MODEL
+from harmonpaint_recipe.metrics.cmmd import DEFAULT_CMMD_MODEL
+from harmonpaint_recipe.metrics.image_reward import DEFAULT_IR_MODEL
+from harmonpaint_recipe.metrics.registry import DEFAULT_METRICS
 from harmonpaint_recipe.evaluation.items import load_items
 from harmonpaint_recipe.evaluation.methods import Method
 from harmonpaint_recipe.evaluation.runner import EvalConfig, run_evaluation

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from attnctl.errors import InputError
-from attnctl.metrics import Metric, MetricOptions, MetricUnavailable, Sample, build_metrics
+from harmonpaint_recipe.metrics import Metric, MetricOptions, MetricUnavailable, Sample, build_metrics
 from harmonpaint_recipe.files import atomic_write_jsonl
 from harmonpaint_recipe.evaluation.grids import write_grids
 from harmonpaint_recipe.evaluation.items import EvalItem

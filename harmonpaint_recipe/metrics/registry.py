@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from attnctl.errors import InputError, did_you_mean
-from attnctl.metrics.aesthetic import AestheticScore
-from attnctl.metrics.base import Metric
-from attnctl.metrics.clip_embedder import ClipEmbedder
-from attnctl.metrics.clip_score import DEFAULT_CLIP_MODEL, ClipScore
-from attnctl.metrics.cmmd import DEFAULT_CMMD_MODEL, Cmmd
-from attnctl.metrics.image_reward import DEFAULT_IR_MODEL, ImageRewardMetric
-from attnctl.metrics.preservation import Preservation
+from harmonpaint_recipe.metrics.aesthetic import AestheticScore
+from harmonpaint_recipe.metrics.base import Metric
+from harmonpaint_recipe.metrics.clip_embedder import ClipEmbedder
+from harmonpaint_recipe.metrics.clip_score import DEFAULT_CLIP_MODEL, ClipScore
+from harmonpaint_recipe.metrics.cmmd import DEFAULT_CMMD_MODEL, Cmmd
+from harmonpaint_recipe.metrics.image_reward import DEFAULT_IR_MODEL, ImageRewardMetric
+from harmonpaint_recipe.metrics.preservation import Preservation
 
 METRICS: dict[str, type[Metric]] = {
     "cs": ClipScore,

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnctl.metrics.base import Metric
-from attnctl.metrics.clip_embedder import ClipEmbedder, l2_normalize
+from harmonpaint_recipe.metrics.base import Metric
+from harmonpaint_recipe.metrics.clip_embedder import ClipEmbedder, l2_normalize
 
 DEFAULT_CMMD_MODEL = "openai/clip-vit-large-patch14-336"
 SIGMA = 10.0

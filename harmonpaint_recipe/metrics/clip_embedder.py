@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from attnctl.metrics.base import MetricUnavailable
+from harmonpaint_recipe.metrics.base import MetricUnavailable
 
 
 def _as_tensor(features: Any) -> torch.Tensor:

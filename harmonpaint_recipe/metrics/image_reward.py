@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, ClassVar
 
-from attnctl.metrics.base import Metric, MetricResult, MetricUnavailable, Sample
+from harmonpaint_recipe.metrics.base import Metric, MetricResult, MetricUnavailable, Sample
 
 DEFAULT_IR_MODEL = "ImageReward-v1.0"
 

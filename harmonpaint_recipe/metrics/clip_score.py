@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from attnctl.metrics.base import Metric, MetricResult, MetricUnavailable, Sample
-from attnctl.metrics.clip_embedder import ClipEmbedder, l2_normalize
+from harmonpaint_recipe.metrics.base import Metric, MetricResult, MetricUnavailable, Sample
+from harmonpaint_recipe.metrics.clip_embedder import ClipEmbedder, l2_normalize
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 

@@ -26,8 +26,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from attnctl.metrics.base import Metric, MetricResult, MetricUnavailable, Sample
-from attnctl.metrics.clip_embedder import ClipEmbedder, l2_normalize
+from harmonpaint_recipe.metrics.base import Metric, MetricResult, MetricUnavailable, Sample
+from harmonpaint_recipe.metrics.clip_embedder import ClipEmbedder, l2_normalize
 
 
 class AestheticHead(nn.Module):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnctl.metrics.base import Metric, MetricResult, MetricUnavailable, Sample
+from harmonpaint_recipe.metrics.base import Metric, MetricResult, MetricUnavailable, Sample
 
 PSNR_CAP_DB = 100.0
 BRUSHBENCH_SIZE = 512

@@ -47,15 +47,9 @@ def _build_tiny(name: str):
         f"note: model.pretrained={name} is a tiny random-weight model for smoke runs; its output is noise",
         file=sys.stderr,
     )
-    if name == "tiny":
-        from attnctl.tiny import build_tiny_inpaint_pipeline
+    from attnctl.testing import build_tiny_inpaint_pipeline
 
-        pipe = build_tiny_inpaint_pipeline(seed=0)
-    else:
-        from attnctl.tiny_sdxl import build_tiny_sdxl_inpaint_pipeline
-
-        pipe = build_tiny_sdxl_inpaint_pipeline(seed=0)
-    return pipe
+    return build_tiny_inpaint_pipeline(seed=0, kind="sdxl" if name == "tiny-sdxl" else "sd")
 
 
 def _is_sdxl(pretrained: str) -> bool:

@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):
     """Folder holding a tiny random inpainting pipeline (safetensors)."""
-    from attnctl.tiny import save_tiny_inpaint_pipeline
+    from attnctl.testing import save_tiny_inpaint_pipeline
 
     return save_tiny_inpaint_pipeline(tmp_path_factory.mktemp("tiny-pipe"))
 

@@ -32,3 +32,16 @@ def test_make_tiny_model_writes_a_loadable_pipeline(tmp_path, capsys):
     # a non-empty folder is not overwritten
     assert main(["make-tiny-model", str(target)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_make_tiny_model_sdxl_writes_an_sdxl_pipeline(tmp_path, capsys):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from attnctl import describe_sites
+
+    target = tmp_path / "tiny-sdxl"
+    assert main(["make-tiny-model", str(target), "--sdxl"]) == 0
+    assert "StableDiffusionXLInpaintPipeline.from_pretrained" in capsys.readouterr().out
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(target))
+    sites = describe_sites(pipe.unet)
+    assert sum(s.kind == "self" for s in sites) == 70 and sum(s.kind == "cross" for s in sites) == 70

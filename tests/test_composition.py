@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 import attnctl
 from attnctl import BatchLayout, StrategyManager
-from attnctl.tiny import build_tiny_inpaint_pipeline
+from attnctl.testing import build_tiny_inpaint_pipeline
 from example_plugin import load_region_boost
 from reference_attention import single_thread
 from reference_composition import NaiveComposer, NaiveRun

@@ -16,7 +16,7 @@ from attnctl.attention import AttentionCall
 from attnctl.errors import ConfigError, InputError
 from attnctl.guidance import GuidanceContext, UNetCall
 from attnctl.sites import Site
-from attnctl.tiny import build_tiny_inpaint_pipeline
+from attnctl.testing import build_tiny_inpaint_pipeline
 from strategies import guidance_losses, latent_guidance, timestep_gate
 from strategies.latent_guidance import LatentGuidanceParams, SteerLatent, _PassMaps, step_size_at
 import reference_guidance as ref

@@ -112,6 +112,6 @@ def test_autoload_env_var_keeps_only_builtin_entry_points(tmp_path):
 
 def _sites():
     from attnctl.sites import describe_sites
-    from attnctl.unet_configs import build_unet
+    from attnctl.testing import build_unet
 
     return describe_sites(build_unet("sd15-inpaint", device="meta"))

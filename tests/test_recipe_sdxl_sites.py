@@ -13,7 +13,7 @@ from harmonpaint_recipe.loading import load_recipe, resolved
 def sdxl_sites():
     from diffusers import UNet2DConditionModel
 
-    from attnctl.tiny_sdxl import TINY_SDXL_UNET_CONFIG
+    from attnctl.testing import TINY_SDXL_UNET_CONFIG
 
     return describe_sites(UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG))
 

@@ -8,7 +8,7 @@ import torch
 import attnctl
 from attnctl import ActiveOps, BatchLayout, ConfigError, Site, StrategyManager, describe_sites
 from attnctl.sites import grid_at
-from attnctl.tiny import build_tiny_inpaint_pipeline
+from attnctl.testing import build_tiny_inpaint_pipeline
 from reference_attention import (
     random_case,
     make_call,

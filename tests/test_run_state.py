@@ -9,7 +9,7 @@ from attnctl import BatchLayout
 from attnctl.plan import Plan
 from attnctl.run_state import RunState
 from attnctl.sites import describe_sites
-from attnctl.unet_configs import build_unet
+from attnctl.testing import build_unet
 
 
 def test_layout_with_cfg_and_several_images_per_prompt():

@@ -67,7 +67,7 @@ def test_harmonpaint_changes_the_output(tiny_pipe, image_and_mask):
 def test_four_channel_unet_through_latent_blending(tiny_pipe, image_and_mask):
     from diffusers import UNet2DConditionModel
 
-    from attnctl.tiny import TINY_UNET_CONFIG
+    from attnctl.testing import TINY_UNET_CONFIG
 
     torch.manual_seed(0)
     tiny_pipe.unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "in_channels": 4})

@@ -12,9 +12,9 @@ from harmonpaint_recipe.runner import Runner
 
 @pytest.fixture(scope="module")
 def sdxl_pipe():
-    from attnctl.tiny_sdxl import build_tiny_sdxl_inpaint_pipeline
+    from attnctl.testing import build_tiny_inpaint_pipeline
 
-    pipe = build_tiny_sdxl_inpaint_pipeline(seed=0)
+    pipe = build_tiny_inpaint_pipeline(seed=0, kind="sdxl")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -7,7 +7,7 @@ import pytest
 from attnctl.errors import SelectorError
 from attnctl.selectors import select_sites
 from attnctl.sites import describe_sites
-from attnctl.unet_configs import build_unet
+from attnctl.testing import build_unet
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from attnctl.errors import UnsupportedModelError
 from attnctl.sites import describe_sites, grid_at
-from attnctl.unet_configs import UNET_CONFIGS, build_unet
+from attnctl.testing import UNET_CONFIGS, build_unet
 
 SNAPSHOTS = Path(__file__).parent / "data" / "sites"
 LATENT = {"sd15-inpaint": (64, 64), "sd2-inpaint": (96, 96), "sdxl-inpaint": (128, 128)}

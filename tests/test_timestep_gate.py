@@ -13,7 +13,7 @@ from PIL import Image
 import attnctl
 from attnctl import BatchLayout, ConfigError, ReweightOp, StrategySpec, describe_sites
 from attnctl.run_state import RunState
-from attnctl.tiny import SD_DDIM_SCHEDULER_CONFIG, build_tiny_inpaint_pipeline
+from attnctl.testing import SD_DDIM_SCHEDULER_CONFIG, build_tiny_inpaint_pipeline
 from strategies import timestep_gate
 
 

@@ -6,7 +6,7 @@ import argparse
 
 from attnctl.errors import InputError
 from attnctl.sites import describe_sites
-from attnctl.unet_configs import UNET_CONFIGS, build_unet
+from attnctl.testing import UNET_CONFIGS, build_unet
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,29 +1,24 @@
 """Benchmark architectures: inpainting pipelines with random weights, built from configs.
 
 Nothing is downloaded. The full-size architectures use the published component configs
-(UNet: ``attnctl.unet_configs``; text encoder(s) and VAE: below) of the models they are
-named after; only the tokenizer is
-attnctl's byte-level stand-in (``attnctl.tiny``), which changes the token ids but not the
+(UNet: ``attnctl.testing.load_unet_config``; text encoder(s) and VAE: below) of the models
+they are named after, built by ``attnctl.testing.build_inpaint_pipeline``; only the
+tokenizer is attnctl's byte-level stand-in, which changes the token ids but not the
 77-token sequence the text encoder and cross-attention see. ``mid`` is a reduced
 SD1.5-shaped pipeline (the same 16 self + 16 cross sites over 4 levels) sized so a
-10-step run takes seconds on two CPU cores; ``tiny`` is ``attnctl.tiny``.
+10-step run takes seconds on two CPU cores; ``tiny`` is ``attnctl.testing.TINY_SD``.
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from attnctl.errors import ConfigError, did_you_mean
-from attnctl.unet_configs import load_unet_config
-from attnctl.tiny import SD_DDIM_SCHEDULER_CONFIG, TINY_VAE_CONFIG
+from attnctl.testing import TINY_SD, TINY_VAE_CONFIG, PipelineSpec, build_inpaint_pipeline, load_unet_config
 
 # --- UNets -----------------------------------------------------------------------------
-# The full-size UNet configs ship with attnctl (attnctl/configs/*.json, one source of truth).
+# The full-size UNet configs ship with attnctl (attnctl/testing/configs/*.json, one source of truth).
 
 
 def _mid_unet() -> dict[str, Any]:
@@ -77,91 +72,29 @@ class Architecture:
     full_size: bool = True
 
 
-def _text_encoder(kwargs: dict, vocab_size: int, with_projection: bool = False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    # bos/eos/pad follow attnctl's byte tokenizer (its last two ids), so pooling finds the eos
-    config = CLIPTextConfig(vocab_size=max(vocab_size, 49408), max_position_embeddings=77,
-                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                            pad_token_id=vocab_size - 1, **kwargs)
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+def _spec(unet: dict, text: dict, vae: dict, text_2: dict | None = None) -> PipelineSpec:
+    # the published vocabulary size, so the embedding tables have their real size
+    return PipelineSpec(unet=unet, vae=vae, text={"vocab_size": 49408, **text},
+                        text_2=None if text_2 is None else {"vocab_size": 49408, **text_2})
 
 
-def _tokenizer():
-    from transformers import CLIPTokenizer
-
-    from attnctl.tiny import _byte_vocab, write_tiny_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    return tokenizer, len(_byte_vocab())
-
-
-def _seeded(seed: int, make: Callable[[], Any]) -> Any:
-    """Run ``make`` under ``seed`` without disturbing the global RNG."""
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return make()
-    finally:
-        torch.random.set_rng_state(state)
-
-
-def _build_sd(unet_config: Callable[[], dict], text_config: dict, vae_config: dict) -> Callable[[int], Any]:
-    def build(seed: int):
-        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-
-        tokenizer, vocab = _tokenizer()
-
-        def make():
-            return (UNet2DConditionModel(**unet_config()), AutoencoderKL(**vae_config), _text_encoder(text_config, vocab))
-
-        unet, vae, text_encoder = _seeded(seed, make)
-        return StableDiffusionInpaintPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=DDIMScheduler(**SD_DDIM_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
-
-    return build
-
-
-def _build_sdxl(seed: int):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
-
-    tokenizer, vocab = _tokenizer()
-
-    def make():
-        return (UNet2DConditionModel(**load_unet_config("sdxl-inpaint")), AutoencoderKL(**_SDXL_VAE), _text_encoder(_CLIP_L, vocab),
-                _text_encoder(_OPENCLIP_BIGG, vocab, with_projection=True))
-
-    unet, vae, text_encoder, text_encoder_2 = _seeded(seed, make)
-    return StableDiffusionXLInpaintPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD_DDIM_SCHEDULER_CONFIG),
-        requires_aesthetics_score=False, force_zeros_for_empty_prompt=True,
-    )
-
-
-def _build_tiny(seed: int):
-    from attnctl.tiny import build_tiny_inpaint_pipeline
-
-    return build_tiny_inpaint_pipeline(seed=seed)
+def _builder(spec: Callable[[], PipelineSpec]) -> Callable[[int], Any]:
+    return lambda seed: build_inpaint_pipeline(spec(), seed=seed)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
         Architecture("sd15-inpaint", "SD 1.5 inpainting (UNet 860M, CLIP ViT-L, SD VAE)", 512,
-                     _build_sd(lambda: load_unet_config("sd15-inpaint"), _CLIP_L, _SD_VAE)),
+                     _builder(lambda: _spec(load_unet_config("sd15-inpaint"), _CLIP_L, _SD_VAE))),
         Architecture("sd2-inpaint", "SD 2 inpainting (UNet 865M, OpenCLIP ViT-H, SD VAE)", 512,
-                     _build_sd(lambda: load_unet_config("sd2-inpaint"), _OPENCLIP_H, _SD_VAE)),
+                     _builder(lambda: _spec(load_unet_config("sd2-inpaint"), _OPENCLIP_H, _SD_VAE))),
         Architecture("sdxl-inpaint", "SDXL 1.0 inpainting (UNet 2.6B, CLIP ViT-L + OpenCLIP bigG, SDXL VAE)", 1024,
-                     _build_sdxl),
+                     _builder(lambda: _spec(load_unet_config("sdxl-inpaint"), _CLIP_L, _SDXL_VAE, _OPENCLIP_BIGG))),
         Architecture("mid", "SD1.5 layout and head sizes at 1/4 width, 1/4 heads (UNet 54M), small CLIP and VAE", 256,
-                     _build_sd(_mid_unet, _CLIP_MID, _MID_VAE), full_size=False),
-        Architecture("tiny", "attnctl.tiny (test-sized SD1.5 layout)", 64, _build_tiny, full_size=False),
+                     _builder(lambda: _spec(_mid_unet(), _CLIP_MID, _MID_VAE)), full_size=False),
+        Architecture("tiny", "attnctl.testing's tiny SD (test-sized SD1.5 layout)", 64,
+                     _builder(lambda: TINY_SD), full_size=False),
     )
 }
 

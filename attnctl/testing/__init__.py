@@ -1,0 +1,36 @@
+"""Random-weight models for tests, smoke runs and measurements: nothing here is downloaded.
+
+- ``build_tiny_inpaint_pipeline(seed, kind="sd"|"sdxl")`` / ``save_tiny_inpaint_pipeline``:
+  test-sized pipelines with SD 1.5's or SDXL's attention-site layout (their images are noise);
+- ``build_inpaint_pipeline(PipelineSpec(...), seed)``: the one builder behind them, for any
+  component configs (benchmarks build full-size architectures with it);
+- ``build_unet(arch, device="meta")`` / ``load_unet_config(arch)``: the full-size UNets of
+  SD 1.5, SD 2 and SDXL inpainting, from configs shipped with the package.
+"""
+
+from attnctl.testing.architectures import UNET_CONFIGS, build_unet, load_unet_config
+from attnctl.testing.pipelines import (
+    SD_DDIM_SCHEDULER_CONFIG,
+    PipelineSpec,
+    build_inpaint_pipeline,
+    byte_vocab,
+    save_inpaint_pipeline,
+    seeded,
+    write_byte_tokenizer,
+)
+from attnctl.testing.tiny import (
+    TINY_SD,
+    TINY_SDXL,
+    TINY_SDXL_UNET_CONFIG,
+    TINY_UNET_CONFIG,
+    TINY_VAE_CONFIG,
+    build_tiny_inpaint_pipeline,
+    save_tiny_inpaint_pipeline,
+)
+
+__all__ = [
+    "SD_DDIM_SCHEDULER_CONFIG", "TINY_SD", "TINY_SDXL", "TINY_SDXL_UNET_CONFIG", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG",
+    "UNET_CONFIGS", "PipelineSpec", "build_inpaint_pipeline", "build_tiny_inpaint_pipeline", "build_unet",
+    "byte_vocab", "load_unet_config", "save_inpaint_pipeline", "save_tiny_inpaint_pipeline", "seeded",
+    "write_byte_tokenizer",
+]

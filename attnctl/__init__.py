@@ -4,14 +4,19 @@ Quick use::
 
     import attnctl
     with attnctl.attach(pipe, {"strategies": {...}}) as ctl:
-        layout = attnctl.BatchLayout.for_pipeline(num_prompts=1, cfg=True)
+        layout = attnctl.BatchLayout.for_call(pipe, prompt="a cat", guidance_scale=7.5)
         with ctl.run(layout, mask=mask):
-            image = pipe(...).images[0]
+            image = pipe(prompt="a cat", ...).images[0]
+
+Names are imported on first use, so ``import attnctl`` (and the command line's help and
+listings) stay fast: torch and diffusers load only when an attach or a run needs them.
 """
 
-from attnctl.adapters import MIRROR, AdapterRegistry, CoreCall, ProcessorAdapter, SdpaAdapter
-from attnctl.attention import AttentionCall
-from attnctl.controller import Controller, attach
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from attnctl.errors import (
     AttnctlError,
     ConfigError,
@@ -22,21 +27,54 @@ from attnctl.errors import (
     UnsupportedModelError,
     UnsupportedProcessorError,
 )
-from attnctl.guidance import GuidanceContext
-from attnctl.ops import ActiveOps, GateOp, KeyValueOp, LatentOp, ObserveOp, ReweightOp, SiteOp
-from attnctl.params import StrategySpec
-from attnctl.plan import Plan, compile_plan
-from attnctl.plugins import StrategyManager, hookimpl
-from attnctl.run_state import BatchLayout, RunState
-from attnctl.selectors import select_sites
-from attnctl.sites import Site, SiteTable, describe_sites
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MIRROR", "ActiveOps", "AdapterRegistry", "AttentionCall", "AttnctlError", "BatchLayout", "ConfigError",
-    "Controller", "CoreCall", "GateOp", "GuidanceContext", "InputError", "KeyValueOp", "LatentOp", "ObserveOp",
-    "Plan", "ProcessorAdapter", "ProcessorReplacedError", "ReweightOp", "RunState", "RunWarning", "SdpaAdapter",
-    "SelectorError", "Site", "SiteOp", "SiteTable", "StrategyManager", "StrategySpec", "UnsupportedModelError",
-    "UnsupportedProcessorError", "attach", "compile_plan", "describe_sites", "hookimpl", "select_sites",
-]
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("ActiveOps", "GateOp", "KeyValueOp", "LatentOp", "ObserveOp", "ReweightOp", "SiteOp"), "attnctl.ops"),
+    **dict.fromkeys(("MIRROR", "AdapterRegistry", "CoreCall", "ProcessorAdapter", "SdpaAdapter"), "attnctl.adapters"),
+    **dict.fromkeys(("Controller", "attach"), "attnctl.controller"),
+    **dict.fromkeys(("StrategyManager", "hookimpl"), "attnctl.plugins"),
+    **dict.fromkeys(("Site", "SiteTable", "describe_sites"), "attnctl.sites"),
+    "AttentionCall": "attnctl.call",
+    "BatchLayout": "attnctl.layout",
+    "GuidanceContext": "attnctl.guidance",
+    "Plan": "attnctl.plan",
+    "RunState": "attnctl.run_state",
+    "StrategySpec": "attnctl.params",
+    "compile_plan": "attnctl.planning",
+    "select_sites": "attnctl.selectors",
+}
+
+__all__ = sorted([*_EXPORTS, "AttnctlError", "ConfigError", "InputError", "ProcessorReplacedError", "RunWarning",
+                  "SelectorError", "UnsupportedModelError", "UnsupportedProcessorError"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attnctl' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from attnctl.adapters import MIRROR, AdapterRegistry, CoreCall, ProcessorAdapter, SdpaAdapter
+    from attnctl.call import AttentionCall
+    from attnctl.controller import Controller, attach
+    from attnctl.guidance import GuidanceContext
+    from attnctl.layout import BatchLayout
+    from attnctl.ops import ActiveOps, GateOp, KeyValueOp, LatentOp, ObserveOp, ReweightOp, SiteOp
+    from attnctl.params import StrategySpec
+    from attnctl.plan import Plan
+    from attnctl.planning import compile_plan
+    from attnctl.plugins import StrategyManager, hookimpl
+    from attnctl.run_state import RunState
+    from attnctl.selectors import select_sites
+    from attnctl.sites import Site, SiteTable, describe_sites

@@ -32,13 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from attnctl.attention import AttentionCall, finish_attention, project_attention
+from attnctl.attention import compute, finish_attention, project_attention
+from attnctl.call import AttentionCall
 from attnctl.errors import UnsupportedProcessorError
 from attnctl.ops import ActiveOps
 from attnctl.sites import Site
 
 if TYPE_CHECKING:
-    from attnctl.run_state import RunState
+    from attnctl.interfaces import RunView
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,13 @@ class CoreCall:
     """What an adapter gets from the controlled processor: where, in which run, with which ops."""
 
     site: Site
-    state: RunState
+    state: RunView
     ops: ActiveOps
 
     def compute(self, query, key, value, bias, scale: float | None = None, rows=None) -> torch.Tensor:
         """The site's attention [B, h, Nq, d_v] with the ops applied (``rows``: default the state's)."""
         scale = query.shape[-1] ** -0.5 if scale is None else scale
-        return AttentionCall(self.site, self.state, query, key, value, bias, scale, rows=rows).compute(self.ops)
+        return compute(AttentionCall(self.site, self.state, query, key, value, bias, scale, rows=rows), self.ops)
 
 
 class ProcessorAdapter(Protocol):

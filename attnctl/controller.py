@@ -18,11 +18,13 @@ import torch
 from attnctl.adapters import AdapterRegistry, ProcessorAdapter
 from attnctl.errors import ConfigError, ProcessorReplacedError, UnsupportedModelError
 from attnctl.guidance import GuidanceContext, UNetCall
-from attnctl.plan import Plan, compile_plan
+from attnctl.plan import Plan
+from attnctl.planning import compile_plan
 from attnctl.plugins import StrategyManager
-from attnctl.processor import ControlledProcessor, innermost, make_processor
+from attnctl.processor import ControlledProcessor, RunSlot, innermost, make_processor
 from attnctl.run_report import idle_instances, warn_idle_instances, warn_sites_not_run
-from attnctl.run_state import BatchLayout, RunState
+from attnctl.layout import BatchLayout
+from attnctl.run_state import RunState
 from attnctl.sites import SiteTable, describe_sites
 
 
@@ -40,20 +42,32 @@ class Controller:
         self.manager = manager
         self.scheduler = scheduler
         self.adapters = adapters or AdapterRegistry()
-        self.state: RunState | None = None
+        self.slot = RunSlot()
         self._modules = {s.name: unet.get_submodule(s.name) for s in self.sites}
         self.processors: dict[str, ControlledProcessor] = {}
-        self.attached = True
         wrappers = {}
         for site in self.sites:
             current = self._modules[site.name].processor
-            if isinstance(current, ControlledProcessor) and current.controller.attached:
+            if isinstance(current, ControlledProcessor) and current.slot.attached:
                 raise ConfigError("this UNet already has an attnctl controller attached; detach it first")
             # wrappers of a detached controller can come back (e.g. unfuse_qkv_projections restores them)
             wrappers[site.name] = self._wrap(site, innermost(current))
         for name, wrapper in wrappers.items():
             self._install(name, wrapper)
         self._hook = unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+
+    @property
+    def state(self) -> RunState | None:
+        """The run in progress, or None."""
+        return self.slot.state
+
+    @state.setter
+    def state(self, value: RunState | None) -> None:
+        self.slot.state = value
+
+    @property
+    def attached(self) -> bool:
+        return self.slot.attached
 
     # ------------------------------------------------------------------ processors
     @property
@@ -66,7 +80,7 @@ class Controller:
         if adapter is None and site.name in self.plan.site_ops:
             instances = sorted({op.strategy for op in self.plan.site_ops[site.name]})
             raise self.adapters.refusal(site, original, instances)
-        return make_processor(self, site, original, adapter)
+        return make_processor(self.slot, site, original, adapter)
 
     def _install(self, name: str, wrapper: ControlledProcessor) -> None:
         self._modules[name].set_processor(wrapper)
@@ -86,10 +100,10 @@ class Controller:
             if current is self.processors[name]:
                 continue
             if isinstance(current, ControlledProcessor):
-                if current.controller is self:  # one of ours, put back (e.g. by PAG at the end of its call)
+                if current.slot is self.slot:  # one of ours, put back (e.g. by PAG at the end of its call)
                     self.processors[name] = current
                     continue
-                if current.controller.attached:
+                if current.slot.attached:
                     raise ConfigError(f"{name}: a second attnctl controller was attached over this one; detach it")
             self._install(name, self._wrap(self.sites.by_name(name), innermost(current)))
 
@@ -108,10 +122,10 @@ class Controller:
         self._hook.remove()
         for name, module in self._modules.items():
             current = module.processor
-            if isinstance(current, ControlledProcessor) and current.controller is self:
+            if isinstance(current, ControlledProcessor) and current.slot is self.slot:
                 module.set_processor(current.original)
-        self.attached = False
-        self.state = None
+        self.slot.attached = False
+        self.slot.state = None
 
     def __enter__(self) -> Controller:
         return self
@@ -302,7 +316,7 @@ def attach(
     sites = describe_sites(unet)
     for site in sites:
         current = unet.get_submodule(site.name).processor
-        if isinstance(current, ControlledProcessor) and current.controller.attached:
+        if isinstance(current, ControlledProcessor) and current.slot.attached:
             raise ConfigError("this UNet already has an attnctl controller attached; detach it first")
     manager = manager or StrategyManager()
     plan = compile_plan(config or {}, sites, manager)

@@ -25,16 +25,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ClassVar
 
-import torch
-
 from attnctl.sites import Site
 
 if TYPE_CHECKING:
-    from attnctl.attention import AttentionCall
-    from attnctl.guidance import GuidanceContext
-    from attnctl.run_state import RunState
+    import torch
 
-Gate = Callable[["RunState"], bool]
+    from attnctl.call import AttentionCall
+    from attnctl.interfaces import GuidanceView, RunView
+
+Gate = Callable[["RunView"], bool]
 MAIN = "main"
 GUIDANCE = "guidance"
 
@@ -49,7 +48,7 @@ class Op:
 
     stage: ClassVar[int] = 0
 
-    def is_active(self, state: RunState) -> bool:
+    def is_active(self, state: RunView) -> bool:
         """Whether this op acts in the state's current step and pass."""
         return state.pass_kind in self.passes and all(g(state) for g in self.gates)
 
@@ -124,7 +123,7 @@ class LatentOp(Op):
 
     passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
 
-    def guide(self, z: torch.Tensor, ctx: GuidanceContext) -> torch.Tensor:  # pragma: no cover
+    def guide(self, z: torch.Tensor, ctx: GuidanceView) -> torch.Tensor:  # pragma: no cover
         """Return the updated latent (same shape as ``z``, one row per image)."""
         raise NotImplementedError
 

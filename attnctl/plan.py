@@ -1,16 +1,19 @@
-"""Compile a config into a static plan: per-site op lists, latent ops and gates."""
+"""The compiled plan of one attach: static per-site op lists, latent ops and the gates on them.
+
+``attnctl.planning.compile_plan`` builds it from a config by asking the strategy plugins.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from attnctl.errors import ConfigError, did_you_mean
-from attnctl.ops import ActiveOps, GateOp, KeyValueOp, LatentOp, ObserveOp, Op, ReweightOp, SiteOp
-from attnctl.params import StrategySpec, build_params
-from attnctl.plugins import StrategyManager, strategies_config
+from attnctl.ops import ActiveOps, GateOp, KeyValueOp, LatentOp, ObserveOp, ReweightOp, SiteOp
+from attnctl.params import StrategySpec
 from attnctl.sites import SiteTable
+
+if TYPE_CHECKING:
+    from attnctl.interfaces import RunView
 
 
 @dataclass
@@ -36,7 +39,7 @@ class Plan:
         """True when no op was planned: attached processors only pass through."""
         return not self.site_ops and not self.latent_ops
 
-    def active_site_ops(self, state) -> dict[str, ActiveOps]:
+    def active_site_ops(self, state: RunView) -> dict[str, ActiveOps]:
         """Ops active in ``state``'s current step and pass, per site (sites without any omitted)."""
         active: dict[str, ActiveOps] = {}
         for name, ops in self.site_ops.items():
@@ -49,7 +52,7 @@ class Plan:
                 )
         return active
 
-    def active_latent_ops(self, state) -> tuple[LatentOp, ...]:
+    def active_latent_ops(self, state: RunView) -> tuple[LatentOp, ...]:
         """Latent ops active in ``state``'s current step."""
         return tuple(op for op in self.latent_ops if op.is_active(state))
 
@@ -59,76 +62,3 @@ class Plan:
                  for n, ops in self.site_ops.items()]
         lines += [f"latent     {type(o).__name__}({o.strategy})" for o in self.latent_ops]
         return "\n".join(lines) or "(idle: no strategy active)"
-
-
-def _sort_key(op: Op) -> tuple:
-    return (type(op).stage, op.strategy)
-
-
-def compile_plan(config: Any, sites: SiteTable, manager: StrategyManager) -> Plan:
-    """Validate ``config`` and ask every plugin to plan its enabled instances.
-
-    ``config['strategies']`` maps instance name -> settings; ``strategy`` (default: the
-    instance name) picks the strategy type, ``enabled`` (default true) switches it.
-    The result does not depend on the order plugins were registered in.
-    """
-    instances: dict[str, tuple[StrategySpec, Any]] = {}
-    for instance, settings in strategies_config(config).items():
-        settings = dict(settings or {})
-        where = f"strategies.{instance}"
-        enabled = settings.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise ConfigError(f"{where}.enabled: expected true or false, got {enabled!r}")
-        spec = manager.spec(str(settings.get("strategy", instance)), where)
-        params = build_params(spec, settings, where)
-        if enabled:
-            instances[instance] = (spec, params)
-    manager.hook.attnctl_validate(instances=instances, sites=sites)
-
-    planned: list[Op] = []
-    for instance, (spec, params) in sorted(instances.items()):
-        answers = [a for a in manager.hook.attnctl_plan(instance=instance, spec=spec, params=params, sites=sites)
-                   if a is not None]
-        if len(answers) != 1:
-            raise ConfigError(
-                f"strategy '{spec.name}' (strategies.{instance}) was planned by {len(answers)} plugins; "
-                "exactly one plugin must answer attnctl_plan for it"
-            )
-        for op in answers[0]:
-            if op.strategy != instance:
-                op = replace(op, strategy=instance)
-            planned.append(op)
-
-    gates: dict[str, list] = defaultdict(list)
-    gated_by: dict[str, list[GateOp]] = defaultdict(list)
-    for op in planned:
-        if isinstance(op, GateOp):
-            for target in op.targets:
-                if target not in instances:
-                    if target in strategies_config(config):
-                        continue  # gating a disabled instance: nothing to gate
-                    raise ConfigError(
-                        f"strategies.{op.strategy} gates unknown strategy instance '{target}'"
-                        f"{did_you_mean(target, instances)}; instances: {', '.join(instances) or '(none)'}"
-                    )
-                gates[target].append(op.gate)
-                gated_by[target].append(op)
-
-    plan = Plan(sites=sites, instances=instances, gated_by={k: tuple(v) for k, v in gated_by.items()})
-    per_site: dict[str, list[SiteOp]] = defaultdict(list)
-    latent: list[LatentOp] = []
-    for op in planned:
-        if isinstance(op, GateOp):
-            continue
-        if gates.get(op.strategy):
-            op = replace(op, gates=op.gates + tuple(gates[op.strategy]))
-        if isinstance(op, SiteOp):
-            per_site[op.site.name].append(op)
-        elif isinstance(op, LatentOp):
-            latent.append(op)
-        else:
-            raise ConfigError(f"strategies.{op.strategy} planned an op of unknown type {type(op).__name__}")
-    # canonical order: sites in table order, ops by (stage, instance name)
-    plan.site_ops = {s.name: tuple(sorted(per_site[s.name], key=_sort_key)) for s in sites if s.name in per_site}
-    plan.latent_ops = tuple(sorted(latent, key=_sort_key))
-    return plan

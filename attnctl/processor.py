@@ -11,8 +11,22 @@ from attnctl.adapters import MIRROR, CoreCall, ProcessorAdapter
 from attnctl.ops import NO_OPS
 
 if TYPE_CHECKING:
-    from attnctl.controller import Controller
+    from attnctl.run_state import RunState
     from attnctl.sites import Site
+
+
+class RunSlot:
+    """Where a controller publishes its current run state to its processors.
+
+    ``state`` is the run in progress (None between runs); ``attached`` turns False on detach,
+    so wrappers that outlive their controller (diffusers can put them back) are known stale.
+    """
+
+    __slots__ = ("state", "attached")
+
+    def __init__(self) -> None:
+        self.state: RunState | None = None
+        self.attached = True
 
 
 class ControlledProcessor:
@@ -36,8 +50,8 @@ class ControlledProcessor:
             return AttnProcessor2_0()
         return super().__new__(cls)
 
-    def __init__(self, controller: Controller, site: Site, original: Any, adapter: ProcessorAdapter | None):
-        self.controller = controller
+    def __init__(self, slot: RunSlot, site: Site, original: Any, adapter: ProcessorAdapter | None):
+        self.slot = slot
         self.site = site
         self.original = original
         self.adapter = adapter
@@ -46,7 +60,7 @@ class ControlledProcessor:
         _present_signature(self, original)
 
     def __call__(self, attn, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        state = self.controller.state
+        state = self.slot.state
         if state is not None:
             ops = state.active.get(self.site.name)
             if ops is not None:
@@ -68,9 +82,9 @@ class ControlledModuleProcessor(torch.nn.Module, ControlledProcessor):
     ``state_dict()`` still see its weights (under ``processor.original.``).
     """
 
-    def __init__(self, controller: Controller, site: Site, original: torch.nn.Module, adapter):
+    def __init__(self, slot: RunSlot, site: Site, original: torch.nn.Module, adapter):
         torch.nn.Module.__init__(self)
-        ControlledProcessor.__init__(self, controller, site, original, adapter)
+        ControlledProcessor.__init__(self, slot, site, original, adapter)
 
     def forward(self, attn, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return ControlledProcessor.__call__(self, attn, hidden_states, *args, **kwargs)
@@ -99,11 +113,11 @@ def _present_signature(wrapper: ControlledProcessor, original: Any) -> None:
     object.__setattr__(wrapper, "__call__", presented)
 
 
-def make_processor(controller: Controller, site: Site, original: Any, adapter: ProcessorAdapter | None) -> ControlledProcessor:
+def make_processor(slot: RunSlot, site: Site, original: Any, adapter: ProcessorAdapter | None) -> ControlledProcessor:
     """The right wrapper class for ``original``."""
     if isinstance(original, torch.nn.Module):
-        return ControlledModuleProcessor(controller, site, original, adapter)
-    return ControlledProcessor(controller, site, original, adapter)
+        return ControlledModuleProcessor(slot, site, original, adapter)
+    return ControlledProcessor(slot, site, original, adapter)
 
 
 def innermost(processor: Any) -> Any:

@@ -16,7 +16,8 @@ from attnctl.errors import RunWarning
 
 if TYPE_CHECKING:
     from attnctl.plan import Plan
-    from attnctl.run_state import BatchLayout, RunState
+    from attnctl.layout import BatchLayout
+    from attnctl.run_state import RunState
 
 
 def planned_instances(plan: Plan) -> list[str]:

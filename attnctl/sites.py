@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 from attnctl.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    import torch
 
 SiteKind = Literal["self", "cross"]
 Stage = Literal["down", "mid", "up"]

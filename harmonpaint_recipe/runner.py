@@ -19,7 +19,7 @@ from PIL import Image
 
 import attnctl
 from attnctl.errors import ConfigError
-from attnctl.run_state import BatchLayout
+from attnctl.layout import BatchLayout
 from harmonpaint_recipe.inputs import PreparedInputs
 from harmonpaint_recipe.loading import resolved
 from harmonpaint_recipe.model import check_pipeline

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from attnctl.attention import AttentionCall
+from attnctl.call import AttentionCall
 from attnctl.errors import ConfigError
 from attnctl.selectors import select_sites
 from attnctl.sites import Site, SiteTable

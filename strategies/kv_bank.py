@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple
 import torch
 
 import attnctl
-from attnctl.attention import AttentionCall
+from attnctl.call import AttentionCall
 from attnctl.errors import ConfigError, InputError, did_you_mean
 from attnctl.ops import KeyValueOp
 from attnctl.params import StrategySpec

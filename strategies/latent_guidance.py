@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 import attnctl
-from attnctl.attention import AttentionCall
+from attnctl.call import AttentionCall
 from attnctl.errors import ConfigError, InputError
 from attnctl.guidance import GuidanceContext
 from attnctl.ops import LatentOp, ObserveOp, Op

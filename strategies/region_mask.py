@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 import attnctl
-from attnctl.attention import AttentionCall
+from attnctl.call import AttentionCall
 from attnctl.errors import ConfigError
 from attnctl.ops import ReweightOp
 from attnctl.params import StrategySpec

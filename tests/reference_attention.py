@@ -119,7 +119,7 @@ def random_case(layout: BatchLayout, hw: tuple[int, int], boxes, heads=2, d=16, 
 
 def make_call(site, mask: torch.Tensor, latent_hw: tuple[int, int], layout, q, k, v, scale: float):
     """A RunState in a step with ``mask`` (pixel/latent masks, see RunState) and an AttentionCall at ``site``."""
-    from attnctl.attention import AttentionCall
+    from attnctl.call import AttentionCall
     from attnctl.plan import Plan
     from attnctl.run_state import RunState
     from attnctl.sites import SiteTable

@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 import attnctl
+from attnctl.attention import compute
 from attnctl import BatchLayout, StrategyManager
 from attnctl.testing import build_tiny_inpaint_pipeline
 from example_plugin import load_region_boost
@@ -141,7 +142,7 @@ def test_appended_keys_keep_weight_one_under_any_reweighting(case_inputs):
     _, call = make_call(site, mask, hw, layout, q, k, v, 16**-0.5)
     ops = ActiveOps(key_value=(kv_bank.KvBankOp("kv", site=site, scale=1.4),),
                     reweight=(plugin.RegionBoostOp("boost", site=site, gain=3.0, renormalize=True),))
-    out = call.compute(ops)
+    out = compute(call, ops)
     rows = F.interpolate(mask, size=hw).flatten(1)[list(layout.images)].double()
     n = hw[0] * hw[1]
     keys, values = call.key.double(), call.value.double()  # own + appended, after the call

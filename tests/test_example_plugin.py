@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 import attnctl
+from attnctl.attention import compute
 from attnctl import ActiveOps, BatchLayout, StrategyManager
 from example_plugin import load_region_boost as _load_plugin
 from reference_attention import make_call, random_case, softmax_attention
@@ -19,7 +20,7 @@ def test_example_plugin_matches_its_equation():
     mask, q, k, v = random_case(layout, hw, [(1, 2, 4, 6), (0, 0, 3, 8)])
     site = attnctl.Site("up_blocks.1.attentions.0.transformer_blocks.0.attn1", "self", "up", 7, 0)
     state, call = make_call(site, mask, hw, layout, q, k, v, 16**-0.5)
-    out = call.compute(ActiveOps(reweight=(plugin.RegionBoostOp("boost", site=site, gain=3.0, renormalize=True),)))
+    out = compute(call, ActiveOps(reweight=(plugin.RegionBoostOp("boost", site=site, gain=3.0, renormalize=True),)))
     rows = mask[list(layout.images)].flatten(1).double()  # grid == latent here
     a = softmax_attention(q, k, 16**-0.5) * (1 + 2.0 * rows)[:, None, None, :]
     ref = (a / a.sum(-1, keepdim=True)) @ v.double()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import attnctl
+from attnctl.attention import compute
 from attnctl import ActiveOps, BatchLayout, Site, StrategyManager
 from reference_attention import make_call, naive_makvs, naive_sams, site_masks
 from strategies.kv_bank import KvBankOp
@@ -41,7 +42,7 @@ def _case(dtype, hw=(32, 48), heads=8, d=40, seed=0):
 def test_sams_fp16_on_cuda_matches_reference(dtype):
     layout, mask, (q, k, v), cuda, rows, hw = _case(dtype)
     _, call = make_call(SITE, mask.cuda(), hw, layout, *cuda, 40**-0.5)
-    out = call.compute(ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1),)))
+    out = compute(call, ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1),)))
     ref = naive_sams(q, k, v, rows, 0.1, 40**-0.5)
     assert out.dtype == dtype
     assert (out.double().cpu() - ref).abs().max().item() < (2e-3 if dtype == torch.float16 else 2e-2)
@@ -51,7 +52,7 @@ def test_sams_fp16_on_cuda_matches_reference(dtype):
 def test_makvs_fp16_on_cuda_matches_reference(dtype):
     layout, mask, (q, k, v), cuda, rows, hw = _case(dtype)
     _, call = make_call(SITE, mask.cuda(), hw, layout, *cuda, 40**-0.5)
-    out = call.compute(ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=1.4),)))
+    out = compute(call, ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=1.4),)))
     ref = naive_makvs(q, k, v, rows, 1.4, 40**-0.5)
     assert out.dtype == dtype
     assert (out.double().cpu() - ref).abs().max().item() < (3e-3 if dtype == torch.float16 else 3e-2)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import attnctl
+from attnctl.attention import compute
 from attnctl import ActiveOps, BatchLayout, ConfigError, InputError, Site, StrategyManager, describe_sites
 from attnctl.sites import grid_at
 from attnctl.testing import build_tiny_inpaint_pipeline
@@ -51,7 +52,7 @@ def test_masked_mean_matches_naive_reference_on_random_tensors(case, lam):
     _, call = make_call(SITE, mask, hw, layout, q, k, v, SCALE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = call.compute(ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=lam),)))
+        out = compute(call, ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=lam),)))
     rows = site_masks(mask, hw, hw, list(layout.images))
     ref = naive_makvs(q, k, v, rows, lam, SCALE)
     err = (out.double() - ref).abs().max().item()
@@ -74,7 +75,7 @@ def test_static_shape_path_for_torch_compile_matches_reference(case, monkeypatch
     mask, q, k, v = random_case(layout, hw, boxes)
     _, call = make_call(SITE, mask, hw, layout, q, k, v, SCALE)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    out = call.compute(ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=1.4),)))
+    out = compute(call, ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=1.4),)))
     ref = naive_makvs(q, k, v, site_masks(mask, hw, hw, list(layout.images)), 1.4, SCALE)
     assert call.key.shape[-2] == 2 * hw[0] * hw[1] + 1
     assert (out.double() - ref).abs().max().item() <= TOL
@@ -88,9 +89,9 @@ def test_compiled_style_phase_has_no_graph_breaks():
     ops = ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=1.4),))
 
     def attention(q, k, v):
-        from attnctl.attention import AttentionCall
+        from attnctl.call import AttentionCall
 
-        return AttentionCall(SITE, state, q, k, v, None, SCALE).compute(ops)
+        return compute(AttentionCall(SITE, state, q, k, v, None, SCALE), ops)
 
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(attention)(q, k, v)
@@ -105,7 +106,7 @@ def test_row_source_matches_naive_reference(cfg):
     layout = BatchLayout.for_pipeline(1, 3, cfg=cfg)
     mask, q, k, v = random_case(layout, (6, 8), [(1, 1, 4, 4)])
     _, call = make_call(SITE, mask, (6, 8), layout, q, k, v, SCALE)
-    out = call.compute(ActiveOps(key_value=(KvBankOp("style", site=SITE, scale=1.2, source="row", source_image=1),)))
+    out = compute(call, ActiveOps(key_value=(KvBankOp("style", site=SITE, scale=1.2, source="row", source_image=1),)))
     refs = [next(j for j in range(len(layout)) if layout.images[j] == 1 and layout.branches[j] == layout.branches[r])
             for r in range(len(layout))]
     ref = naive_row_bank(q, k, v, refs, 1.2, SCALE)
@@ -138,7 +139,7 @@ def test_masked_outputs_move_toward_the_unmasked_mean_as_lambda_grows():
     distances, bank_mass = [], []
     for lam in [0.5, 1.0, 1.4, 2.0, 4.0]:
         _, call = make_call(SITE, mask, hw, layout, q, k, v, SCALE)
-        out = call.compute(ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=lam),)))
+        out = compute(call, ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=lam),)))
         assert (out.double() - naive_makvs(q, k, v, mask.flatten(1), lam, SCALE)).abs().max() <= TOL
         distances.append((out[0, 0][m] - v_bar).norm(dim=-1).mean().item())
         # mass of masked queries on the bank half of the explicit 2*HW-key map
@@ -159,13 +160,13 @@ def test_full_mask_skips_injection_and_warns_once_per_run():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         state, call = make_call(SITE, mask, hw, layout, q, k, v, SCALE)
-        outs = [call.compute(ActiveOps(key_value=(op,)))]
+        outs = [compute(call, ActiveOps(key_value=(op,)))]
         for _ in range(3):  # more calls in the same run: no new warning
             call = attnctl.AttentionCall(SITE, state, q, k, v, None, SCALE)
-            outs.append(call.compute(ActiveOps(key_value=(op,))))
+            outs.append(compute(call, ActiveOps(key_value=(op,))))
         assert len(caught) == 1 and "covers every token" in str(caught[0].message)
         assert call.key.shape[-2] == 48  # nothing appended
-        make_call(SITE, mask, hw, layout, q, k, v, SCALE)[1].compute(ActiveOps(key_value=(op,)))
+        compute(make_call(SITE, mask, hw, layout, q, k, v, SCALE)[1], ActiveOps(key_value=(op,)))
         assert len(caught) == 2  # a new run warns again
     assert all((o.double() - plain).abs().max() <= TOL for o in outs)
 
@@ -176,7 +177,7 @@ def test_half_precision_stays_close_to_the_reference(dtype, tol):
     mask, q, k, v = random_case(layout, hw, boxes)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     _, call = make_call(SITE, mask, hw, layout, q, k, v, SCALE)
-    out = call.compute(ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=1.4),)))
+    out = compute(call, ActiveOps(key_value=(KvBankOp("makvs", site=SITE, scale=1.4),)))
     ref = naive_makvs(q, k, v, site_masks(mask, hw, hw, list(layout.images)), 1.4, SCALE)
     err = (out.double() - ref).abs().max().item()
     print(f"kv_bank {dtype}: max abs err {err:.2e}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import attnctl
-from attnctl.attention import AttentionCall
+from attnctl import attention
 from attnctl.errors import ConfigError, InputError
 from attnctl.guidance import GuidanceContext, UNetCall
 from attnctl.sites import Site
@@ -190,11 +190,11 @@ def unet_case():
     layout = attnctl.BatchLayout.for_pipeline(2, 1, cfg=True)  # rows: uncond 0, 1; cond 2, 3
     z = sample[2:, :4].clone()
     calls: list[tuple] = []
-    real_probs = AttentionCall.probabilities
+    real_probs = attention.probabilities
 
-    def counting(self):
-        probs = real_probs(self)
-        calls.append((self.site.key, tuple(probs.shape)))
+    def counting(call):
+        probs = real_probs(call)
+        calls.append((call.site.key, tuple(probs.shape)))
         return probs
 
     out = {}
@@ -202,11 +202,11 @@ def unet_case():
         state.begin_step(t, LATENT)
         ctx = GuidanceContext(state, UNetCall(pipe.unet, (), {"sample": sample, "timestep": t, "encoder_hidden_states": emb}), lambda x: x, 4)
         op = ctl.plan.latent_ops[0]
-        AttentionCall.probabilities = counting
+        attention.probabilities = counting
         try:
             out["loss"], out["grad"] = op.loss_and_grad(z, ctx)
         finally:
-            AttentionCall.probabilities = real_probs
+            attention.probabilities = real_probs
         full = dataclasses.replace(op, params=dataclasses.replace(op.params, stop_early=False))
         out["loss_full"], out["grad_full"] = full.loss_and_grad(z, ctx)
         out["alpha"] = step_size_at(op.params, state)

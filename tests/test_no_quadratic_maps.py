@@ -21,8 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import attnctl
+from attnctl.attention import compute
 from attnctl import ActiveOps, BatchLayout, Site, StrategyManager
-from attnctl.attention import AttentionCall
 from example_plugin import load_region_boost
 from reference_attention import make_call, naive_makvs, naive_sams, single_thread, tiny_inputs
 from strategies.kv_bank import KvBankOp
@@ -138,29 +138,27 @@ def test_fast_paths_create_no_hw_by_hw_tensor(name, dtype):
     _, call = make_call(SITE, mask, HW, layout, q, k, v, 0.25)
     ops = OPS[name]()
     with NoQuadraticMaps(N) as guard:
-        out = call.compute(ops)
+        out = compute(call, ops)
     assert out.shape == (len(layout), 2, N, 16) and out.dtype == dtype
     assert any("scaled_dot_product" in op for op in guard.ops)  # the fused kernel, not the math decomposition
     assert not any("softmax" in op for op in guard.ops)
 
 
 def test_tiny_unet_forward_creates_no_map_at_large_sites(tiny_pipe, monkeypatch):
-    """Every AttentionCall.compute of a tiny UNet forward (64x96 -> 8x12 latent) runs under the guard
+    """Every attention computation of a tiny UNet forward (64x96 -> 8x12 latent) runs under the guard
     for its own site's HW, where HW (96) exceeds every channel width; both strategies on all sites."""
     config = {"strategies": {"sams": {"strategy": "region_mask", "sites": "self[0:16]"},
                              "makvs": {"strategy": "kv_bank", "sites": "self[0:16]"}}}
     checked: list[str] = []
-    compute = AttentionCall.compute
-
-    def guarded(self, ops):
-        h, w = self.state.grid(self.site)
+    def guarded(call, ops):
+        h, w = call.state.grid(call.site)
         if h * w < 64:  # small grids: token counts overlap channel widths, the shape test is meaningless
-            return compute(self, ops)
-        checked.append(self.site.key)
+            return compute(call, ops)
+        checked.append(call.site.key)
         with NoQuadraticMaps(h * w):
-            return compute(self, ops)
+            return compute(call, ops)
 
-    monkeypatch.setattr(AttentionCall, "compute", guarded)
+    monkeypatch.setattr("attnctl.adapters.compute", guarded)
     _, _, mask = tiny_inputs(64, 96, [(16, 20, 48, 44)])
     g = torch.Generator().manual_seed(0)
     sample, text = torch.randn(2, 9, 8, 12, generator=g), torch.randn(2, 77, 32, generator=g)

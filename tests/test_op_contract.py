@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from attnctl.attention import compute
 from attnctl import ActiveOps, BatchLayout, ObserveOp, ReweightOp, Site
 from attnctl.errors import ConfigError
 from example_plugin import load_region_boost
@@ -43,7 +44,7 @@ def test_factors_over_all_keys_are_refused_with_the_rule():
     _, call = _call()
     ops = ActiveOps(key_value=(KvBankOp("kv", site=SITE),), reweight=(WrongWidth("bad", site=SITE),))
     with pytest.raises(ConfigError, match=r"strategies\.bad at self\[7\].*own keys.*weight 1"):
-        call.compute(ops)
+        compute(call, ops)
 
 
 def test_memo_is_keyed_by_rows_and_level():
@@ -52,7 +53,7 @@ def test_memo_is_keyed_by_rows_and_level():
     assert call.memo("k", lambda: "recomputed") == "main rows"  # cached for the same rows
     with state.guidance_pass(state.layout.cond_rows):
         _, q, k, v = random_case(state.layout.subset(state.layout.cond_rows), HW, [(0, 0, 1, 1)])
-        from attnctl.attention import AttentionCall
+        from attnctl.call import AttentionCall
 
         cond = AttentionCall(SITE, state, q, k, v, None, 0.25)
         assert cond.rows == state.layout.cond_rows
@@ -64,7 +65,7 @@ def test_low_precision_inputs_with_fp32_factors_give_the_value_dtype():
     plugin = load_region_boost()
     for dtype in (torch.float16, torch.bfloat16):
         _, call = _call(dtype)
-        out = call.compute(ActiveOps(reweight=(plugin.RegionBoostOp("b", site=SITE, gain=2.0, renormalize=True),)))
+        out = compute(call, ActiveOps(reweight=(plugin.RegionBoostOp("b", site=SITE, gain=2.0, renormalize=True),)))
         assert out.dtype == dtype and torch.isfinite(out).all()
 
 
@@ -73,7 +74,7 @@ def test_observers_see_the_effective_weights_over_all_keys():
     _, call = _call()
     record = Record("obs", site=SITE)
     boost = plugin.RegionBoostOp("b", site=SITE, gain=3.0, renormalize=True)
-    out = call.compute(ActiveOps(key_value=(KvBankOp("kv", site=SITE),), reweight=(boost,), observe=(record,)))
+    out = compute(call, ActiveOps(key_value=(KvBankOp("kv", site=SITE),), reweight=(boost,), observe=(record,)))
     (probs,) = record.seen
     assert probs.dtype == torch.float32 and probs.shape[-1] == call.key.shape[-2] > N  # own + appended keys
     assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-6)  # renormalized
@@ -86,9 +87,9 @@ def test_boolean_module_masks_become_additive_biases():
     keep = torch.ones(1, 1, N, N, dtype=torch.bool)
     keep[..., : N // 2] = False  # the first half of the keys is masked out
     state, call = make_call(SITE, torch.zeros(1, 1, *HW), HW, layout, q, k, v, 0.25)
-    from attnctl.attention import AttentionCall
+    from attnctl.call import AttentionCall
 
     call = AttentionCall(SITE, state, q, k, v, keep, 0.25)
-    out = call.compute(ActiveOps())
+    out = compute(call, ActiveOps())
     ref = softmax_attention(q[..., :, :], k[..., N // 2 :, :], 0.25) @ v[..., N // 2 :, :].double()
     assert call.bias.dtype == q.dtype and (out.double() - ref).abs().max() < 1e-6

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attnctl
+from attnctl.attention import compute
 from attnctl import ActiveOps, BatchLayout, ConfigError, Site, StrategyManager, describe_sites
 from attnctl.sites import grid_at
 from attnctl.testing import build_tiny_inpaint_pipeline
@@ -44,7 +45,7 @@ def test_fast_path_matches_naive_reference_on_random_tensors(case, renormalize):
     layout, hw, boxes = CASES[case]
     mask, q, k, v = random_case(layout, hw, boxes)
     _, call = make_call(SITE, mask, hw, layout, q, k, v, 16**-0.5)
-    out = call.compute(ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1, renormalize=renormalize),)))
+    out = compute(call, ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1, renormalize=renormalize),)))
     rows = site_masks(mask, hw, hw, list(layout.images))
     ref = naive_sams(q, k, v, rows, 0.1, 16**-0.5, renormalize)
     err = (out.double() - ref).abs().max().item()
@@ -61,7 +62,7 @@ def test_empty_mask_at_coarse_grid_scales_attention_uniformly():
     layout, hw, boxes = CASES["empty-mask"]
     mask, q, k, v = random_case(layout, hw, boxes)
     _, call = make_call(SITE, mask, hw, layout, q, k, v, 16**-0.5)
-    out = call.compute(ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1),)))
+    out = compute(call, ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1),)))
     e = 0.1 / 60
     plain = softmax_attention(q, k, 16**-0.5) @ v.double()
     assert (out.double() - (e**2 + (1 - e) ** 2) * plain).abs().max() <= TOL
@@ -91,7 +92,7 @@ def test_masked_queries_lose_background_mass_by_the_analytic_factor():
     # fast path: values = background indicator, so the output is each query's background mass
     indicator = (1 - m)[:, None, :, None].expand(1, 1, n, 16).contiguous()
     _, call = make_call(SITE, mask, hw, layout, q, k, indicator, 16**-0.5)
-    mass = call.compute(ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=tau),)))[0, 0, :, 0]
+    mass = compute(call, ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=tau),)))[0, 0, :, 0]
     before = a[:, bg].sum(-1)
     fast_ratio = mass[obj].double() / before[obj]
     print(f"SAMS fast path background mass ratio {fast_ratio.mean():.6f}")
@@ -106,7 +107,7 @@ def test_appended_keys_are_left_unweighted():
     extra_k, extra_v = torch.randn(2, 2, 5, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g)
     _, call = make_call(SITE, mask, hw, layout, q, k, v, 16**-0.5)
     call.append_keys(extra_k, extra_v)
-    out = call.compute(ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1),)))
+    out = compute(call, ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1),)))
     rows = site_masks(mask, hw, hw, list(layout.images))
     w = torch.cat([sams_weights(rows, 0.1), torch.ones(2, 1, 64, 5, dtype=torch.float64)], dim=-1)
     a = softmax_attention(q, torch.cat([k, extra_k], 2), 16**-0.5)
@@ -120,7 +121,7 @@ def test_half_precision_stays_close_to_the_reference(dtype, tol):
     mask, q, k, v = random_case(layout, hw, boxes)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     _, call = make_call(SITE, mask, hw, layout, q, k, v, 16**-0.5)
-    out = call.compute(ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1),)))
+    out = compute(call, ActiveOps(reweight=(RegionMaskOp("sams", site=SITE, tau=0.1),)))
     ref = naive_sams(q, k, v, site_masks(mask, hw, hw, list(layout.images)), 0.1, 16**-0.5)
     err = (out.double() - ref).abs().max().item()
     print(f"region_mask {dtype}: max abs err {err:.2e}")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from attnctl.errors import ConfigError
-from attnctl.run_state import BatchLayout
+from attnctl.layout import BatchLayout
 from harmonpaint_recipe.bench.archs import get_architecture
 from harmonpaint_recipe.bench.compiling import dynamo_counts
 from harmonpaint_recipe.bench.memory import PeakMemory, pin_mmap_threshold

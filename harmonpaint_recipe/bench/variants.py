@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from attnctl.errors import ConfigError, did_you_mean
-from attnctl.run_state import BatchLayout
+from attnctl.layout import BatchLayout
 
 
 @dataclass

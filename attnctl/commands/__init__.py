@@ -1,0 +1,1 @@
+"""The engine's own sub-commands (registered under the ``attnctl.commands`` entry points)."""

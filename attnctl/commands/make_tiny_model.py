@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from attnctl.cli import Command
 from attnctl.errors import InputError
 
 
@@ -22,12 +23,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "make-tiny-model", help="write a tiny random SD-inpainting pipeline (noise output; for tests and offline runs)"
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", help="folder to create")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--sdxl", action="store_true", help="an SDXL-shaped pipeline (70 + 70 sites) instead of SD 1.5's layout")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
-    p.set_defaults(func=run)
+
+
+COMMAND = Command(help="write a tiny random SD-inpainting pipeline (noise output; for tests and offline runs)",
+                  add_arguments=add_arguments, run=run)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from attnctl.cli import Command
 from attnctl.errors import InputError
-from attnctl.sites import describe_sites
-from attnctl.testing import UNET_CONFIGS, build_unet
+from attnctl.testing.architectures import UNET_CONFIGS
 
 
 def run(args: argparse.Namespace) -> int:
+    from attnctl.sites import describe_sites
+    from attnctl.testing import build_unet
+
     if args.model in UNET_CONFIGS:
         unet = build_unet(args.model, device="meta")
     else:
@@ -28,9 +31,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("sites", help="print the attention sites of a model, in execution order")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=f"architecture ({', '.join(UNET_CONFIGS)}) or a local pipeline folder")
     p.add_argument("--height", type=int, default=512, help="image height in pixels (default 512)")
     p.add_argument("--width", type=int, default=512, help="image width in pixels (default 512)")
-    p.set_defaults(func=run)
+
+
+COMMAND = Command(help="print the attention sites of a model, in execution order", add_arguments=add_arguments,
+                  run=run)

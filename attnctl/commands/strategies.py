@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from attnctl.plugins import StrategyManager
+from attnctl.cli import Command
 
 
 def run(args: argparse.Namespace) -> int:
+    from attnctl.plugins import StrategyManager
+
     manager = StrategyManager()
     specs = manager.strategies()
     if not specs:
@@ -22,6 +24,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("strategies", help="list strategies with their parameters and defaults")
-    p.set_defaults(func=run)
+COMMAND = Command(help="list strategies with their parameters and defaults", run=run)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from attnctl.cli import Command
+
 
 def _bench(args: argparse.Namespace) -> int:
     from harmonpaint_recipe.bench import BenchConfig, run_benchmark, write_reports
@@ -23,17 +25,9 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``bench``."""
+def _arguments(parser: argparse.ArgumentParser) -> None:
     from harmonpaint_recipe.bench.archs import ARCHITECTURES
 
-    parser = subparsers.add_parser(
-        "bench",
-        help="time and peak memory of stock / idle / sams+makvs / harmonpaint / naive on a random-weight model",
-        description="Run the variants interleaved (round robin, warm-up first) on one random-weight "
-        "pipeline with the same inputs and seed; report seconds per image, it/s and peak memory, "
-        "each as a ratio to stock, as bench.json, bench.md and bench.png in --out.",
-    )
     parser.add_argument("--arch", default="mid", choices=list(ARCHITECTURES), help="architecture [mid]")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels [the arch's: 512, 1024 for sdxl, 256 mid, 64 tiny]")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps [10]")
@@ -48,5 +42,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--seed", type=int, default=0, help="weights, inputs and noise seed [0]")
     parser.add_argument("--recipe", default=None, help="HarmonPaint recipe [harmonpaint; harmonpaint-sdxl for sdxl]")
     parser.add_argument("--out", default="bench-out", help="output folder [bench-out]")
-    parser.set_defaults(func=_bench)
-    return parser
+
+
+COMMAND = Command(
+    help="time and peak memory of stock / idle / sams+makvs / harmonpaint / naive on a random-weight model",
+    description="Run the variants interleaved (round robin, warm-up first) on one random-weight "
+    "pipeline with the same inputs and seed; report seconds per image, it/s and peak memory, "
+    "each as a ratio to stock, as bench.json, bench.md and bench.png in --out.",
+    add_arguments=_arguments,
+    run=_bench,
+)

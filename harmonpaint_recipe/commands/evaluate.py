@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from attnctl.cli import Command
+
 
 def _run(args: argparse.Namespace) -> int:
     from attnctl.errors import InputError
@@ -22,19 +24,20 @@ def _run(args: argparse.Namespace) -> int:
     return run_from_args(args, methods, "Evaluation")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``eval`` sub-command."""
+def _arguments(parser: argparse.ArgumentParser) -> None:
     from harmonpaint_recipe.evaluation.cli_options import add_common_options
 
-    p = subparsers.add_parser(
-        "eval", help="inpaint a manifest with recipes and compute CS, CMMD, AS, IR, preservation",
-        description="Runs each recipe over the items (reusing outputs already produced), computes metrics and "
-        "writes per_item.jsonl, summary.csv, summary.md and grids/. Under `accelerate launch -m attnctl eval` "
-        "items are sharded across processes.",
-    )
-    p.add_argument("--recipes", help="comma list of recipe names or YAML paths, e.g. harmonpaint,sdi")
-    p.add_argument("--external", action="append", default=[], metavar="NAME=DIR",
-                   help="also score precomputed outputs DIR/<id>.png as method NAME (repeatable)")
-    add_common_options(p)
-    p.set_defaults(func=_run)
-    return p
+    parser.add_argument("--recipes", help="comma list of recipe names or YAML paths, e.g. harmonpaint,sdi")
+    parser.add_argument("--external", action="append", default=[], metavar="NAME=DIR",
+                        help="also score precomputed outputs DIR/<id>.png as method NAME (repeatable)")
+    add_common_options(parser)
+
+
+COMMAND = Command(
+    help="inpaint a manifest with recipes and compute CS, CMMD, AS, IR, preservation",
+    description="Runs each recipe over the items (reusing outputs already produced), computes metrics and "
+    "writes per_item.jsonl, summary.csv, summary.md and grids/. Under `accelerate launch -m attnctl eval` "
+    "items are sharded across processes.",
+    add_arguments=_arguments,
+    run=_run,
+)

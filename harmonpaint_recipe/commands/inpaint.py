@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+
+from attnctl.cli import Command
 import sys
 import warnings
 from contextlib import contextmanager
@@ -138,26 +140,26 @@ def _run(args: argparse.Namespace) -> int:
         return _single(args, overrides)
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``inpaint``."""
-    p = subparsers.add_parser(
-        "inpaint",
-        help="inpaint images with a recipe (writes image + sidecar JSON)",
-        description="Inpaint the white region of a mask. Every output gets a sidecar JSON next to it "
-        "from which `attnctl inpaint --from OUT.json` remakes the same image.",
-    )
-    p.add_argument("--recipe", default="harmonpaint", help="shipped recipe name or YAML path [harmonpaint]")
-    p.add_argument("--image", help="input image (sides multiples of 8)")
-    p.add_argument("--mask", help="mask image, white = region to inpaint (binarized at 0.5)")
-    p.add_argument("--prompt", help="text prompt for the inpainted region")
-    p.add_argument("--out", help="output image path (.png/.jpg/.webp); its folder is created")
-    p.add_argument("--seed", type=int, default=None, help="noise seed [random, recorded in the sidecar]")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides model.device")
-    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), help="overrides model.dtype")
-    p.add_argument("--resize-mask", action="store_true", help="resize a mask of another size to the image (nearest)")
-    p.add_argument("--manifest", help="JSONL with image, mask, prompt[, seed, name] per line (batch mode)")
-    p.add_argument("--out-dir", help="output folder of batch mode; items already written are skipped")
-    p.add_argument("--from", dest="from_", metavar="SIDECAR", help="reproduce the image a sidecar JSON describes")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. strategies.makvs.enabled=false")
-    p.set_defaults(func=_run)
-    return p
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="harmonpaint", help="shipped recipe name or YAML path [harmonpaint]")
+    parser.add_argument("--image", help="input image (sides multiples of 8)")
+    parser.add_argument("--mask", help="mask image, white = region to inpaint (binarized at 0.5)")
+    parser.add_argument("--prompt", help="text prompt for the inpainted region")
+    parser.add_argument("--out", help="output image path (.png/.jpg/.webp); its folder is created")
+    parser.add_argument("--seed", type=int, default=None, help="noise seed [random, recorded in the sidecar]")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides model.device")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), help="overrides model.dtype")
+    parser.add_argument("--resize-mask", action="store_true", help="resize a mask of another size to the image (nearest)")
+    parser.add_argument("--manifest", help="JSONL with image, mask, prompt[, seed, name] per line (batch mode)")
+    parser.add_argument("--out-dir", help="output folder of batch mode; items already written are skipped")
+    parser.add_argument("--from", dest="from_", metavar="SIDECAR", help="reproduce the image a sidecar JSON describes")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. strategies.makvs.enabled=false")
+
+
+COMMAND = Command(
+    help="inpaint images with a recipe (writes image + sidecar JSON)",
+    description="Inpaint the white region of a mask. Every output gets a sidecar JSON next to it from which "
+    "`attnctl inpaint --from OUT.json` remakes the same image.",
+    add_arguments=_arguments,
+    run=_run,
+)

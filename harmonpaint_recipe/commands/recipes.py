@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from attnctl.cli import Command
+
 
 def _list(args: argparse.Namespace) -> int:
     from harmonpaint_recipe.loading import describe, recipe_names
@@ -23,15 +25,14 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``recipes`` (list) and ``recipe show`` (print one, resolved)."""
-    listing = subparsers.add_parser("recipes", help="list the shipped recipes")
-    listing.set_defaults(func=_list)
+def _show_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="shipped recipe name or path of a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. strategies.makvs.scale=0.8")
 
-    recipe = subparsers.add_parser("recipe", help="inspect a recipe")
-    actions = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
-    show = actions.add_parser("show", help="print a recipe as fully resolved YAML (after overrides)")
-    show.add_argument("name", help="shipped recipe name or path of a YAML file")
-    show.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. strategies.makvs.scale=0.8")
-    show.set_defaults(func=_show)
-    return listing
+
+RECIPES = Command(help="list the shipped recipes", run=_list)
+RECIPE = Command(
+    help="inspect a recipe",
+    actions={"show": Command(help="print a recipe as fully resolved YAML (after overrides)",
+                             add_arguments=_show_arguments, run=_show)},
+)

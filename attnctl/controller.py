@@ -318,7 +318,7 @@ def attach(
         current = unet.get_submodule(site.name).processor
         if isinstance(current, ControlledProcessor) and current.slot.attached:
             raise ConfigError("this UNet already has an attnctl controller attached; detach it first")
-    manager = manager or StrategyManager()
+    manager = manager or StrategyManager.default()
     plan = compile_plan(config or {}, sites, manager)
     registry = AdapterRegistry(*manager.processor_adapters(), adapters or {})
     return Controller(unet, plan, manager, scheduler, registry)

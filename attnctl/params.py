@@ -49,7 +49,7 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
-def _check_type(value: Any, tp: Any, where: str) -> Any:
+def check_type(value: Any, tp: Any, where: str) -> Any:
     """Return ``value`` converted to ``tp`` where that is lossless; raise ConfigError otherwise."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -61,7 +61,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _check_type(value, arg, where)
+                return check_type(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
@@ -86,7 +86,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     elif origin in (list, tuple) or tp in (list, tuple):
         if isinstance(value, (list, tuple)):
             (item_tp, *_) = typing.get_args(tp) or (Any,)
-            return tuple(_check_type(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+            return tuple(check_type(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
     elif origin is dict or tp is dict:
         if isinstance(value, Mapping):
             return dict(value)
@@ -113,7 +113,7 @@ def build_params(spec: StrategySpec, config: Mapping[str, Any], where: str) -> A
                 f"unknown parameter '{where}.{key}' for strategy '{spec.name}'"
                 f"{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}"
             )
-        kwargs[key] = _check_type(value, hints[key], f"{where}.{key}")
+        kwargs[key] = check_type(value, hints[key], f"{where}.{key}")
     try:
         params = spec.params(**kwargs)
     except (TypeError, ValueError) as exc:

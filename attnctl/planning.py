@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
 
 from attnctl.errors import ConfigError, did_you_mean
 from attnctl.ops import GateOp, LatentOp, Op, SiteOp
@@ -18,24 +18,47 @@ def _sort_key(op: Op) -> tuple:
     return (type(op).stage, op.strategy)
 
 
-def compile_plan(config: Any, sites: SiteTable, manager: StrategyManager) -> Plan:
-    """Validate ``config`` and ask every plugin to plan its enabled instances.
+@dataclass(frozen=True)
+class Instance:
+    """One configured strategy instance, validated against its plugin's parameter dataclass."""
 
-    ``config['strategies']`` maps instance name -> settings; ``strategy`` (default: the
-    instance name) picks the strategy type, ``enabled`` (default true) switches it.
-    The result does not depend on the order plugins were registered in.
+    name: str
+    spec: StrategySpec
+    params: Any
+    enabled: bool
+
+
+def resolve_instances(config: Any, manager: StrategyManager) -> list[Instance]:
+    """Validate every instance of ``config['strategies']`` (enabled or not), in config order.
+
+    Each maps instance name -> settings; ``strategy`` (default: the instance name) picks the
+    strategy type, ``enabled`` (default true) switches it, the rest are its parameters.
+
+    Raises:
+        ConfigError: settings that are not a mapping, a non-boolean ``enabled``, an unknown
+            strategy, or a parameter its dataclass refuses (each naming the key).
     """
-    instances: dict[str, tuple[StrategySpec, Any]] = {}
-    for instance, settings in strategies_config(config).items():
-        settings = dict(settings or {})
-        where = f"strategies.{instance}"
+    instances = []
+    for name, settings in strategies_config(config).items():
+        where = f"strategies.{name}"
+        if settings is None:
+            settings = {}
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with 'strategy' and its parameters, got {settings!r}")
         enabled = settings.get("enabled", True)
         if not isinstance(enabled, bool):
             raise ConfigError(f"{where}.enabled: expected true or false, got {enabled!r}")
-        spec = manager.spec(str(settings.get("strategy", instance)), where)
-        params = build_params(spec, settings, where)
-        if enabled:
-            instances[instance] = (spec, params)
+        spec = manager.spec(str(settings.get("strategy", name)), where)
+        instances.append(Instance(name, spec, build_params(spec, settings, where), enabled))
+    return instances
+
+
+def compile_plan(config: Any, sites: SiteTable, manager: StrategyManager) -> Plan:
+    """Validate ``config`` and ask every plugin to plan its enabled instances.
+
+    The result does not depend on the order plugins were registered in.
+    """
+    instances = {i.name: (i.spec, i.params) for i in resolve_instances(config, manager) if i.enabled}
     manager.hook.attnctl_validate(instances=instances, sites=sites)
 
     planned: list[Op] = []

@@ -18,6 +18,7 @@ DISABLE_AUTOLOAD_ENV = "ATTNCTL_DISABLE_PLUGIN_AUTOLOAD"
 OWN_DISTRIBUTION = "attnctl"
 
 hookimpl = pluggy.HookimplMarker("attnctl")
+_DEFAULT_MANAGERS: dict[tuple, "StrategyManager"] = {}
 
 
 class StrategyManager:
@@ -29,6 +30,20 @@ class StrategyManager:
             ``ATTNCTL_DISABLE_PLUGIN_AUTOLOAD``: when it is set, only attnctl's own entry
             points (the built-in strategies) are loaded. ``False`` loads none.
     """
+
+    @classmethod
+    def default(cls) -> StrategyManager:
+        """The manager of the installed plugins, shared by every caller that passes none.
+
+        Loading recipes, attaching and listing strategies reuse one manager as long as the
+        installed entry points (and ``ATTNCTL_DISABLE_PLUGIN_AUTOLOAD``) stay the same.
+        """
+        key = (os.environ.get(DISABLE_AUTOLOAD_ENV, ""),
+               tuple(sorted((ep.name, ep.value) for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))))
+        if key not in _DEFAULT_MANAGERS:
+            _DEFAULT_MANAGERS.clear()
+            _DEFAULT_MANAGERS[key] = cls()
+        return _DEFAULT_MANAGERS[key]
 
     def __init__(self, plugins: Iterable[Any] = (), autoload: bool | None = None):
         self.pm = pluggy.PluginManager("attnctl")

@@ -119,7 +119,7 @@ def validate_recipe(cfg: DictConfig, manager: Any = None) -> DictConfig:
     if manager is None:
         from attnctl.plugins import StrategyManager
 
-        manager = StrategyManager()
+        manager = StrategyManager.default()
     check_strategies(resolved.get("strategies") or {}, manager)
     out = OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg)
     # a plain (non-structured) config: users and tools may add keys while experimenting

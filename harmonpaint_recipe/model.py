@@ -9,39 +9,13 @@ from typing import Any, Mapping
 import torch
 
 from attnctl.errors import ConfigError, UnsupportedModelError
+from harmonpaint_recipe.devices import dtype_name, resolve_device, resolve_dtype
 
 TINY_MODELS = ("tiny", "tiny-sdxl")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _LOCAL_HINT = {
     False: "model.pretrained=/path/to/stable-diffusion-inpainting",
     True: "model.pretrained=/path/to/stable-diffusion-xl-1.0-inpainting-0.1",
 }
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("model.device=cuda, but no CUDA device is available; use --device cpu (or auto)")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"model.device: expected auto, cpu or cuda, got {device!r}")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> fp16 on CUDA, fp32 on CPU."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ConfigError(f"model.dtype: expected auto, fp32, fp16 or bf16, got {dtype!r}")
-    return _DTYPES[dtype]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPES.items()}.get(dtype, str(dtype))
-
-
 def _build_tiny(name: str):
     print(
         f"note: model.pretrained={name} is a tiny random-weight model for smoke runs; its output is noise",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
 from attnctl.errors import ConfigError, did_you_mean
-from attnctl.params import _check_type
+from attnctl.params import check_type
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -98,24 +98,14 @@ def check_section(tree: Any, schema: type, where: str) -> None:
                 kind = "a list" if isinstance(value, (list, tuple)) else type(value).__name__
                 raise ConfigError(f"{path}: expected a mapping of instance name -> settings, got {kind}")
             continue
-        _check_type(value, tp, path)
+        check_type(value, tp, path)
         choices = fields[key].metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
 
 
 def check_strategies(strategies: Mapping[str, Any], manager: Any) -> None:
-    """Validate every strategy instance against its plugin's params dataclass."""
-    from attnctl.params import build_params
+    """Validate every strategy instance against its plugin's params dataclass (the engine's own check)."""
+    from attnctl.planning import resolve_instances
 
-    for instance, settings in strategies.items():
-        where = f"strategies.{instance}"
-        if settings is None:
-            settings = {}
-        if not isinstance(settings, Mapping):
-            raise ConfigError(f"{where}: expected a mapping with 'strategy' and its parameters, got {settings!r}")
-        enabled = settings.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise ConfigError(f"{where}.enabled: expected true or false, got {enabled!r}")
-        spec = manager.spec(str(settings.get("strategy", instance)), where)
-        build_params(spec, settings, where)
+    resolve_instances({"strategies": strategies}, manager)

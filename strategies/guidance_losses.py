@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from attnctl.errors import ConfigError, did_you_mean
+from attnctl.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -48,29 +48,19 @@ class GridMaps:
     eps: float
 
 
-LossFn = Callable[[GridMaps], torch.Tensor]
-LOSSES: dict[str, LossFn] = {}
+LossFn = Callable[[GridMaps], "torch.Tensor"]
+#: guidance losses by name (``loss: steer`` in a recipe)
+LOSSES: Registry[LossFn] = Registry("guidance loss")
 
 
 def register_loss(name: str) -> Callable[[LossFn], LossFn]:
     """Register ``fn`` as the guidance loss ``name`` (usable as ``loss: name``)."""
-
-    def add(fn: LossFn) -> LossFn:
-        if name in LOSSES:
-            raise ConfigError(f"a guidance loss named '{name}' is already registered; pick another name")
-        LOSSES[name] = fn
-        return fn
-
-    return add
+    return LOSSES.register(name)
 
 
 def get_loss(name: str) -> LossFn:
     """The loss registered as ``name``; ``ConfigError`` listing the known ones otherwise."""
-    if name not in LOSSES:
-        raise ConfigError(
-            f"unknown guidance loss '{name}'{did_you_mean(name, LOSSES)}; available: {', '.join(sorted(LOSSES))}"
-        )
-    return LOSSES[name]
+    return LOSSES.get(name, "loss")
 
 
 def renormalize_tokens(probs: torch.Tensor, token_scale: float) -> torch.Tensor:

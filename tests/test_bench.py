@@ -74,7 +74,7 @@ def test_bad_options_fail_with_a_message(tmp_path, capsys):
 def test_naive_reference_makes_the_same_image_as_the_library(tiny_pipe):
     """The benchmark compares like with like: naive and harmonpaint agree, idle equals stock."""
     from harmonpaint_recipe.bench.harness import make_inputs
-    from harmonpaint_recipe.bench.variants import BenchInputs, make_variants
+    from harmonpaint_recipe.bench.variants import VARIANTS, BenchInputs
 
     image, mask_image, mask = make_inputs(64, 0)
 
@@ -85,7 +85,7 @@ def test_naive_reference_makes_the_same_image_as_the_library(tiny_pipe):
 
     inputs = BenchInputs(pipe=tiny_pipe, call_kwargs=call_kwargs, mask=mask, prompt="a red fox in the snow")
     images = {}
-    for name, factory in make_variants().items():
+    for name, factory in VARIANTS.items():
         variant = factory()
         variant.setup(inputs)
         try:

@@ -10,7 +10,7 @@ from attnctl.cli import Command
 def run(args: argparse.Namespace) -> int:
     from attnctl.plugins import StrategyManager
 
-    manager = StrategyManager()
+    manager = StrategyManager.default()
     specs = manager.strategies()
     if not specs:
         print("no strategies found (is attnctl installed? `pip install -e .`)")

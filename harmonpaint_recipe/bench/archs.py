@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from attnctl.errors import ConfigError, did_you_mean
+from attnctl.registry import Registry
 from attnctl.testing import TINY_SD, TINY_VAE_CONFIG, PipelineSpec, build_inpaint_pipeline, load_unet_config
 
 # --- UNets -----------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def _builder(spec: Callable[[], PipelineSpec]) -> Callable[[int], Any]:
     return lambda seed: build_inpaint_pipeline(spec(), seed=seed)
 
 
-ARCHITECTURES: dict[str, Architecture] = {
+ARCHITECTURES: Registry[Architecture] = Registry("architecture", {
     a.name: a
     for a in (
         Architecture("sd15-inpaint", "SD 1.5 inpainting (UNet 860M, CLIP ViT-L, SD VAE)", 512,
@@ -96,14 +96,4 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("tiny", "attnctl.testing's tiny SD (test-sized SD1.5 layout)", 64,
                      _builder(lambda: TINY_SD), full_size=False),
     )
-}
-
-
-def get_architecture(name: str) -> Architecture:
-    """The architecture called ``name``; ``ConfigError`` listing the known ones otherwise."""
-    if name not in ARCHITECTURES:
-        raise ConfigError(
-            f"--arch: unknown architecture '{name}'{did_you_mean(name, ARCHITECTURES)}; "
-            f"choose one of {', '.join(ARCHITECTURES)}"
-        )
-    return ARCHITECTURES[name]
+})

@@ -32,14 +32,14 @@ import torch
 
 from attnctl.errors import ConfigError
 from attnctl.layout import BatchLayout
-from harmonpaint_recipe.bench.archs import get_architecture
+from harmonpaint_recipe.bench.archs import ARCHITECTURES
 from harmonpaint_recipe.bench.compiling import dynamo_counts
 from harmonpaint_recipe.bench.memory import PeakMemory, pin_mmap_threshold
 from harmonpaint_recipe.bench.targets import check_targets
-from harmonpaint_recipe.bench.variants import BenchInputs, make_variants, parse_variants
+from harmonpaint_recipe.bench.variants import VARIANTS, BenchInputs, parse_variants
+from harmonpaint_recipe.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 
 PROMPT = "a watercolor painting of a small red fox sitting in tall grass"
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -70,28 +70,8 @@ class BenchConfig:
             raise ConfigError(f"--warmup must be 0 or more, got {self.warmup}")
         if self.size is not None and (self.size < 8 or self.size % 8):
             raise ConfigError(f"--size must be a positive multiple of 8 (VAE factor), got {self.size}")
-        if self.dtype not in ("auto", *_DTYPES):
-            raise ConfigError(f"--dtype must be one of auto, {', '.join(_DTYPES)}; got '{self.dtype}'")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``ConfigError`` for an unusable device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device: '{name}' is not a torch device ({exc}); use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> fp16 on CUDA, fp32 elsewhere."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+        if self.dtype not in ("auto", *DTYPE_NAMES):
+            raise ConfigError(f"--dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got '{self.dtype}'")
 
 
 def device_name(device: torch.device) -> str:
@@ -142,9 +122,9 @@ def _summary(values: list[float]) -> dict[str, float]:
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark and return the result record (what ``bench.json`` holds)."""
     cfg.check()
-    arch = get_architecture(cfg.arch)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    arch = ARCHITECTURES.get(cfg.arch, "--arch")
+    device = resolve_device(cfg.device, option="--device")
+    dtype = resolve_dtype(cfg.dtype, device, option="--dtype")
     size = cfg.size or arch.default_size
     names = parse_variants(",".join(cfg.variants))
     if device.type == "cpu":
@@ -170,8 +150,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     # diffusers runs CFG (rows [uncond, cond]) iff guidance_scale > 1
     layout = BatchLayout.for_pipeline(num_prompts=1, cfg=cfg.guidance_scale > 1.0)
     inputs = BenchInputs(pipe=pipe, call_kwargs=call_kwargs, mask=mask, prompt=PROMPT, recipe=recipe, layout=layout)
-    factories = make_variants()
-    variants = {n: factories[n]() for n in names}
+    variants = {n: VARIANTS.get(n)() for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     peaks: dict[str, list[int]] = {n: [] for n in names}
     hwms: dict[str, list[int]] = {n: [] for n in names}

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from attnctl.errors import ConfigError, did_you_mean
+from attnctl.registry import Registry
 from attnctl.layout import BatchLayout
 
 
@@ -106,32 +106,21 @@ class NaiveVariant(Variant):
         self.naive.remove()
 
 
-def make_variants() -> dict[str, Callable[[], Variant]]:
-    """Variant name -> factory, in report order."""
-    return {
-        "stock": Variant,
-        "idle": lambda: RecipeVariant("idle", "attached, no active strategy (recipe sdi)", "sdi"),
-        "sams+makvs": lambda: RecipeVariant(
-            "sams+makvs", "HarmonPaint without the steer loss", None, ("strategies.steer.enabled=false",)
-        ),
-        "harmonpaint": lambda: RecipeVariant("harmonpaint", "full HarmonPaint recipe", None),
-        "naive": NaiveVariant,
-    }
-
-
-VARIANT_NAMES: tuple[str, ...] = tuple(make_variants())
+#: variant name -> factory, in report order
+VARIANTS: Registry[Callable[[], Variant]] = Registry("variant", {
+    "stock": Variant,
+    "idle": lambda: RecipeVariant("idle", "attached, no active strategy (recipe sdi)", "sdi"),
+    "sams+makvs": lambda: RecipeVariant(
+        "sams+makvs", "HarmonPaint without the steer loss", None, ("strategies.steer.enabled=false",)
+    ),
+    "harmonpaint": lambda: RecipeVariant("harmonpaint", "full HarmonPaint recipe", None),
+    "naive": NaiveVariant,
+})
 
 
 def parse_variants(text: str | None) -> list[str]:
-    """``"stock,idle"`` -> names; ``stock`` is always included (every ratio is to it)."""
+    """``"stock,idle"`` -> names in report order; ``stock`` is always included (every ratio is to it)."""
     if not text or text == "all":
-        return list(VARIANT_NAMES)
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    for n in names:
-        if n not in VARIANT_NAMES:
-            raise ConfigError(
-                f"--variants: unknown variant '{n}'{did_you_mean(n, VARIANT_NAMES)}; choose from {', '.join(VARIANT_NAMES)}"
-            )
-    if "stock" not in names:
-        names.insert(0, "stock")
-    return [n for n in VARIANT_NAMES if n in names]
+        return VARIANTS.names()
+    names = {"stock", *VARIANTS.parse_list(text, "--variants")}
+    return [n for n in VARIANTS if n in names]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from attnctl.errors import InputError, did_you_mean
+from attnctl.errors import InputError
+from attnctl.registry import Registry
 from harmonpaint_recipe.metrics.aesthetic import AestheticScore
 from harmonpaint_recipe.metrics.base import Metric
 from harmonpaint_recipe.metrics.clip_embedder import ClipEmbedder
@@ -14,13 +15,13 @@ from harmonpaint_recipe.metrics.cmmd import DEFAULT_CMMD_MODEL, Cmmd
 from harmonpaint_recipe.metrics.image_reward import DEFAULT_IR_MODEL, ImageRewardMetric
 from harmonpaint_recipe.metrics.preservation import Preservation
 
-METRICS: dict[str, type[Metric]] = {
+METRICS: Registry[type[Metric]] = Registry("metric", {
     "cs": ClipScore,
     "cmmd": Cmmd,
     "as": AestheticScore,
     "ir": ImageRewardMetric,
     "preserve": Preservation,
-}
+}, error=InputError)
 DEFAULT_METRICS = ("cs", "cmmd", "as", "ir", "preserve")
 
 
@@ -39,15 +40,7 @@ class MetricOptions:
 
 def parse_metric_names(text: str | Iterable[str]) -> list[str]:
     """``"cs,cmmd"`` -> ``["cs", "cmmd"]``; unknown names raise :class:`InputError`."""
-    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    for n in names:
-        if n not in METRICS:
-            raise InputError(
-                f"--metrics: unknown metric '{n}'{did_you_mean(n, METRICS)}; choose from {', '.join(METRICS)}"
-            )
-    if not names:
-        raise InputError("--metrics is empty; choose from " + ", ".join(METRICS))
-    return list(dict.fromkeys(names))
+    return METRICS.parse_list(text, "--metrics")
 
 
 def build_metrics(names: Iterable[str], options: MetricOptions | None = None) -> dict[str, Metric]:

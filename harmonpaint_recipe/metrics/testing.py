@@ -8,24 +8,9 @@ nothing; they only exercise the code.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-
-
-def _byte_alphabet() -> list[str]:
-    # the reversible byte -> printable-unicode table of byte-level BPE (GPT-2 / CLIP)
-    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
-    extra = 0
-    chars = []
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
+from attnctl.testing import byte_vocab, seeded, write_byte_tokenizer
 
 
 def save_tiny_clip(
@@ -41,13 +26,8 @@ def save_tiny_clip(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    chars = _byte_alphabet()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    write_byte_tokenizer(directory)  # attnctl's byte-level CLIP tokenizer (no merges)
+    vocab = byte_vocab()
     tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
 
     eos, bos = vocab["<|endoftext|>"], vocab["<|startoftext|>"]
@@ -59,8 +39,9 @@ def save_tiny_clip(
         vision_config=dict(image_size=image_size, patch_size=max(image_size // 4, 1), **layer),
         projection_dim=projection_dim,
     )
-    torch.manual_seed(seed)
-    CLIPModel(config).eval().save_pretrained(directory)
+    with seeded(seed):  # the caller's random state is left alone
+        model = CLIPModel(config)
+    model.eval().save_pretrained(directory)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )

@@ -55,10 +55,3 @@ class Plan:
     def active_latent_ops(self, state: RunView) -> tuple[LatentOp, ...]:
         """Latent ops active in ``state``'s current step."""
         return tuple(op for op in self.latent_ops if op.is_active(state))
-
-    def describe(self) -> str:
-        """One line per site with ops, for logs and ``attnctl sites --recipe``."""
-        lines = [f"{self.sites.by_name(n).key:<10} " + ", ".join(f"{type(o).__name__}({o.strategy})" for o in ops)
-                 for n, ops in self.site_ops.items()]
-        lines += [f"latent     {type(o).__name__}({o.strategy})" for o in self.latent_ops]
-        return "\n".join(lines) or "(idle: no strategy active)"

@@ -1,7 +1,11 @@
-"""Atomic file writing (temp file in the same folder + ``os.replace``) and JSONL helpers."""
+"""Output files: atomic writing (temp file in the same folder + ``os.replace``), hashing, JSONL reading.
+
+Every file attnctl writes goes through here, so no reader ever sees a half-written output.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -53,10 +57,13 @@ def atomic_save_image(path: str | Path, image: Image.Image) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file (blank lines skipped)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def iter_jsonl_objects(path: Path, where: Callable[[int], str]) -> Iterator[tuple[int, str, dict]]:

@@ -1,34 +1,27 @@
 """What ``attnctl inpaint`` does: one image, a manifest of images, or a reproduction.
 
-Each output image gets a sidecar JSON next to it (see ``sidecar.py``). Outputs are
-written atomically, inputs are never overwritten, and the output folder is created.
+Each output image gets a sidecar JSON next to it (``sidecar.py`` owns the record,
+``files.py`` writes atomically). Inputs are never overwritten; the output folder is created.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
 from attnctl.errors import InputError
+from harmonpaint_recipe.files import atomic_save_image, sha256_of
 from harmonpaint_recipe.inputs import PreparedInputs, prepare_inputs
-from harmonpaint_recipe.loading import load_recipe, resolved
-from harmonpaint_recipe.model import dtype_name, load_pipeline
-from harmonpaint_recipe.runner import Runner, RunResult
-from harmonpaint_recipe.sidecar import (
-    package_versions,
-    save_image_atomic,
-    sha256_of,
-    sidecar_path,
-    write_sidecar,
-)
+from harmonpaint_recipe.loading import load_recipe
+from harmonpaint_recipe.model import load_pipeline
+from harmonpaint_recipe.runner import Runner
+from harmonpaint_recipe.sidecar import sidecar_path, sidecar_record, write_sidecar
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-SIDECAR_FORMAT = "attnctl-inpaint/1"
 
 
 @dataclass
@@ -57,44 +50,6 @@ def check_output(out: Path, inputs: Sequence[Path]) -> Path:
             )
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def sidecar_record(
-    job: Job,
-    recipe: DictConfig,
-    recipe_name: str,
-    overrides: Sequence[str],
-    pipe: Any,
-    result: RunResult,
-    inputs: PreparedInputs,
-    resize_mask: bool,
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    """Everything needed to reproduce ``job``'s image."""
-    return {
-        "format": SIDECAR_FORMAT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "output": {"path": str(job.out.resolve()), "sha256": sha256_of(job.out)},
-        "prompt": job.prompt,
-        "seed": result.seed,
-        "recipe_name": recipe_name,
-        "overrides": list(overrides),
-        "recipe": resolved(recipe),
-        "model": {
-            "id": getattr(pipe, "_attnctl_model_id", None) or str(recipe.model.pretrained),
-            "pipeline": type(pipe).__name__,
-            "device": str(pipe.device),
-            "dtype": dtype_name(pipe.unet.dtype),
-        },
-        "inputs": {
-            "image": {"path": str(job.image.resolve()), "sha256": sha256_of(job.image)},
-            "mask": {"path": str(job.mask.resolve()), "sha256": sha256_of(job.mask)},
-            "resize_mask": resize_mask,
-            "notes": inputs.notes,
-        },
-        "versions": package_versions(),
-        "timings": {**timings, **result.timings},
-    }
 
 
 class JobRunner:
@@ -130,10 +85,11 @@ class JobRunner:
         inputs = inputs or self.prepare(job)
         runner = self.runner()
         result = runner(inputs, job.prompt, job.seed)
-        save_image_atomic(result.image, job.out)
+        atomic_save_image(job.out, result.image)
         record = sidecar_record(
-            job, self.recipe, self.recipe_name, self.overrides, runner.pipe, result, inputs,
-            self.resize_mask, {"load_s": self.load_s},
+            out=job.out, image=job.image, mask=job.mask, prompt=job.prompt, seed=result.seed, recipe=self.recipe,
+            recipe_name=self.recipe_name, overrides=self.overrides, pipe=runner.pipe, notes=inputs.notes,
+            resize_mask=self.resize_mask, timings={"load_s": self.load_s, **result.timings},
         )
         write_sidecar(sidecar_path(job.out), record)
         return record

@@ -1,30 +1,19 @@
-"""Sidecar JSON written next to every output image: everything needed to reproduce it."""
+"""The sidecar record written next to every output image: everything needed to reproduce it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-from PIL import Image
+from typing import Any, Sequence
 
 from attnctl.errors import InputError
-from harmonpaint_recipe.files import atomic_save_image, atomic_write_bytes
+from harmonpaint_recipe.files import atomic_write_bytes, sha256_of
 
-SIDECAR_VERSION = 1
+SIDECAR_FORMAT = "attnctl-inpaint/1"
 _PACKAGES = ("attnctl", "torch", "diffusers", "transformers", "omegaconf", "pillow", "numpy")
-
-
-def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -43,9 +32,49 @@ def sidecar_path(image_path: str | Path) -> Path:
     return Path(image_path).with_suffix(".json")
 
 
-def save_image_atomic(image: Image.Image, path: Path) -> None:
-    """Save ``image`` to ``path`` atomically (format from the suffix)."""
-    atomic_save_image(path, image)
+def sidecar_record(
+    *,
+    out: Path,
+    image: Path,
+    mask: Path,
+    prompt: str,
+    seed: int,
+    recipe: Any,
+    recipe_name: str,
+    overrides: Sequence[str],
+    pipe: Any,
+    notes: Sequence[str],
+    resize_mask: bool,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Everything needed to reproduce the image at ``out`` (written already: its hash is recorded)."""
+    from harmonpaint_recipe.devices import dtype_name
+    from harmonpaint_recipe.loading import resolved
+
+    return {
+        "format": SIDECAR_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "output": {"path": str(out.resolve()), "sha256": sha256_of(out)},
+        "prompt": prompt,
+        "seed": seed,
+        "recipe_name": recipe_name,
+        "overrides": list(overrides),
+        "recipe": resolved(recipe),
+        "model": {
+            "id": getattr(pipe, "_attnctl_model_id", None) or str(recipe.model.pretrained),
+            "pipeline": type(pipe).__name__,
+            "device": str(pipe.device),
+            "dtype": dtype_name(pipe.unet.dtype),
+        },
+        "inputs": {
+            "image": {"path": str(image.resolve()), "sha256": sha256_of(image)},
+            "mask": {"path": str(mask.resolve()), "sha256": sha256_of(mask)},
+            "resize_mask": resize_mask,
+            "notes": list(notes),
+        },
+        "versions": package_versions(),
+        "timings": dict(timings),
+    }
 
 
 def write_sidecar(path: Path, record: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from attnctl.cli import main
-from harmonpaint_recipe.sidecar import sha256_of
+from harmonpaint_recipe.files import sha256_of
 
 TINY = ["model.pretrained=tiny", "sampler.steps=3"]
 

@@ -22,6 +22,7 @@ from attnctl.errors import (
     ConfigError,
     InputError,
     ProcessorReplacedError,
+    RunError,
     RunWarning,
     SelectorError,
     UnsupportedModelError,
@@ -47,7 +48,8 @@ _EXPORTS: dict[str, str] = {
     "select_sites": "attnctl.selectors",
 }
 
-__all__ = sorted([*_EXPORTS, "AttnctlError", "ConfigError", "InputError", "ProcessorReplacedError", "RunWarning",
+__all__ = sorted([*_EXPORTS, "AttnctlError", "ConfigError", "InputError", "ProcessorReplacedError", "RunError",
+                  "RunWarning",
                   "SelectorError", "UnsupportedModelError", "UnsupportedProcessorError"])
 
 

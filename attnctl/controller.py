@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from attnctl.adapters import AdapterRegistry, ProcessorAdapter
-from attnctl.errors import ConfigError, ProcessorReplacedError, UnsupportedModelError
+from attnctl.errors import ConfigError, ProcessorReplacedError, RunError, UnsupportedModelError
 from attnctl.guidance import GuidanceContext, UNetCall
 from attnctl.plan import Plan
 from attnctl.planning import compile_plan
@@ -152,7 +152,7 @@ class Controller:
         """
         self.sync_processors()
         if self.state is not None:
-            raise RuntimeError("a run is already active on this controller; runs cannot be nested")
+            raise RunError("a run is already active on this controller; runs cannot be nested")
         if self.plan.latent_ops and self.scheduler is None:
             raise ConfigError(
                 "latent guidance needs the pipeline's scheduler; attach to the pipeline "
@@ -195,7 +195,10 @@ class Controller:
             pending, state.pending_latents = state.pending_latents, None
             if pending is not None:
                 if sample is None or pending.shape != sample.shape:
-                    raise RuntimeError("guided latents do not match the scheduler's sample; unsupported pipeline")
+                    raise UnsupportedModelError(
+                        "the guided latents do not match the sample the scheduler steps from; this pipeline "
+                        "steps latents of another shape than it gives the UNet, which latent guidance does not support"
+                    )
                 sample = pending.to(sample.dtype)
             return step(model_output, timestep, sample, *a, **kw)
 

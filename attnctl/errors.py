@@ -30,6 +30,11 @@ class InputError(AttnctlError, ValueError):
     """A user input (image, mask, path, prompt) is invalid."""
 
 
+class RunError(AttnctlError, RuntimeError):
+    """A run cannot go on as planned (a run nested in a run, a step the schedule does not know,
+    a site that got other tokens than its grid)."""
+
+
 class UnsupportedProcessorError(ConfigError):
     """A strategy acts at a site whose attention processor attnctl has no adapter for."""
 

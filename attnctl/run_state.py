@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from attnctl.errors import InputError
+from attnctl.errors import InputError, RunError
 from attnctl.layout import BatchLayout
 from attnctl.ops import GUIDANCE, MAIN, ActiveOps, LatentOp
 from attnctl.sites import Site, grid_at
@@ -135,7 +135,7 @@ class RunState:
     def grid(self, site: Site) -> tuple[int, int]:
         """Token grid (H, W) of ``site`` in this run."""
         if self.latent_hw is None:
-            raise RuntimeError("the run has not seen a UNet call yet, so the latent size is unknown")
+            raise RunError("the run has not seen a UNet call yet, so the latent size is unknown")
         return grid_at(site.level, self.latent_hw)
 
     def mask(self, level: int) -> torch.Tensor:
@@ -145,7 +145,7 @@ class RunState:
             if self._mask_input is None:
                 raise InputError("a strategy needs the inpainting mask, but the run was started without one")
             if self.latent_hw is None:
-                raise RuntimeError("the latent size is not known yet")
+                raise RunError("the latent size is not known yet")
             latent = F.interpolate(self._mask_input, size=self.latent_hw, mode="nearest")
             grid = grid_at(level, self.latent_hw)
             m = latent if grid == self.latent_hw else F.interpolate(latent, size=grid, mode="nearest")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from attnctl.call import AttentionCall
-from attnctl.errors import ConfigError
+from typing import TYPE_CHECKING
+
+from attnctl.errors import ConfigError, RunError
 from attnctl.selectors import select_sites
 from attnctl.sites import Site, SiteTable
+
+if TYPE_CHECKING:
+    from attnctl.call import AttentionCall
 
 
 def self_attention_sites(selector: str, sites: SiteTable, where: str) -> list[Site]:
@@ -24,7 +28,7 @@ def grid_tokens(call: AttentionCall) -> int:
     """H*W of the call's site; checks that the module's own keys are exactly those tokens."""
     h, w = call.state.grid(call.site)
     if call.num_own_keys != h * w or call.query.shape[-2] != h * w:
-        raise RuntimeError(
+        raise RunError(
             f"{call.site.key}: expected {h}x{w}={h * w} image tokens for queries and own keys, got "
             f"{call.query.shape[-2]} queries and {call.num_own_keys} keys; is this a self-attention site?"
         )

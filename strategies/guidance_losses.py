@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Callable
 
 from attnctl.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the losses: validating a recipe (``loss: steer``) needs no torch
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ def renormalize_tokens(probs: torch.Tensor, token_scale: float) -> torch.Tensor:
 
     Returns [B, HW, L-1]; **column c is text position c + 1**.
     """
+    import torch
+
     return torch.softmax(probs[..., 1:].float() * token_scale, dim=-1)
 
 
@@ -80,6 +84,8 @@ def _log_one_minus(a: torch.Tensor, eps: float) -> torch.Tensor:
     sum of the other entries, which has no cancellation. Both are the same function of
     the logits, so values and gradients are those of the literal formula.
     """
+    import torch
+
     top = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, a.argmax(dim=-1, keepdim=True), True)
     rest = a.masked_fill(top, 0.0).sum(dim=-1, keepdim=True)  # = 1 - A_top
     return torch.where(top, torch.log(rest + eps), torch.log1p(eps - a))
@@ -97,6 +103,8 @@ def steer_loss(g: GridMaps) -> torch.Tensor:
     region, where the literal formula gives inf/NaN; the floor caps L_i at -log(eps) there.
     An image whose mask has no token at this grid contributes 0 (and zero gradient).
     """
+    import torch
+
     a = renormalize_tokens(g.probs, g.token_scale)  # [B, HW, L-1]
     h, w = g.grid
     s = (g.mask[..., None] * _log_one_minus(a, g.eps)).sum(dim=1) / (h * w)  # [B, L-1]
@@ -113,6 +121,8 @@ def _ae_kernel(device: torch.device, sigma: float = 0.5) -> torch.Tensor:
     Their GaussianSmoothing weighs an offset d by exp(-(d / (2 sigma))^2) (so the effective
     standard deviation is sigma * sqrt(2)), product over both axes, normalized to sum 1.
     """
+    import torch
+
     d = torch.tensor([-1.0, 0.0, 1.0], device=device)
     k1 = torch.exp(-((d / (2 * sigma)) ** 2)) / (sigma * math.sqrt(2 * math.pi))
     k2 = k1[:, None] * k1[None, :]
@@ -128,6 +138,9 @@ def attend_excite_loss(g: GridMaps) -> torch.Tensor:
     inpainting the maximum is taken over the masked patches only. Images without masked
     patches at this grid, or without selected tokens, contribute 0.
     """
+    import torch
+    import torch.nn.functional as F
+
     a = renormalize_tokens(g.probs, g.token_scale)  # [B, HW, L-1]
     b, _, n = a.shape
     h, w = g.grid

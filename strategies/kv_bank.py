@@ -30,17 +30,22 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import attnctl
-from attnctl.call import AttentionCall
 from attnctl.errors import ConfigError, InputError, did_you_mean
 from attnctl.ops import KeyValueOp
 from attnctl.params import StrategySpec
 from attnctl.sites import SiteTable
 from strategies._attention_sites import grid_tokens, self_attention_sites
+
+if TYPE_CHECKING:
+    import torch
+
+    from attnctl.call import AttentionCall
+
+# torch is imported inside the functions that compute: discovering and validating strategies
+# (``attnctl strategies``, recipe checks) then runs without loading it
 
 NAME = "kv_bank"
 
@@ -64,6 +69,8 @@ class _MaskedMeanPlan(NamedTuple):
 
 
 def _masked_mean_plan(masked: torch.Tensor) -> _MaskedMeanPlan:
+    import torch
+
     hw = masked.shape[-1]
     n_keep = hw - masked.sum(-1)  # unmasked tokens per row
     any_empty, all_empty = bool((n_keep == 0).any()), bool((n_keep == 0).all())
@@ -86,6 +93,8 @@ def _static_masked_mean_bank(key: torch.Tensor, value: torch.Tensor, masked: tor
     mean key with bias log(n_masked): HW + 1 bank keys, the same attention as the compact
     form. A row without unmasked tokens gets -inf on its whole bank (no injection).
     """
+    import torch
+
     hw = masked.shape[-1]
     n_keep = hw - masked.sum(-1)
     weights = ((1.0 - masked) / n_keep.clamp(min=1)[:, None])[:, None, None, :]
@@ -99,6 +108,8 @@ def _static_masked_mean_bank(key: torch.Tensor, value: torch.Tensor, masked: tor
 
 def masked_mean_bank(call: AttentionCall, op: KvBankOp) -> Bank | None:
     """Eq. 10 in compact form: gathered unmasked keys plus one mean key with bias log(n_masked)."""
+    import torch
+
     hw = grid_tokens(call)
     if torch.compiler.is_compiling():  # data-dependent shapes would break the graph
         return _static_masked_mean_bank(call.key[..., :hw, :], call.value[..., :hw, :], call.mask())
@@ -122,6 +133,8 @@ def masked_mean_bank(call: AttentionCall, op: KvBankOp) -> Bank | None:
 
 def reference_row_bank(call: AttentionCall, op: KvBankOp) -> Bank:
     """The own keys/values of image ``source_image`` in the same CFG branch as each row."""
+    import torch
+
     hw = grid_tokens(call)
     layout = call.layout
     refs = []

@@ -26,20 +26,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 import attnctl
-from attnctl.call import AttentionCall
-from attnctl.errors import ConfigError, InputError
-from attnctl.guidance import GuidanceContext
+from attnctl.errors import ConfigError, InputError, RunError
 from attnctl.ops import LatentOp, ObserveOp, Op
 from attnctl.params import StrategySpec
-from attnctl.run_state import RunState
 from attnctl.selectors import select_sites
 from attnctl.sites import Site, SiteTable
 from strategies.guidance_losses import GridMaps, get_loss
+
+if TYPE_CHECKING:
+    import torch
+
+    from attnctl.call import AttentionCall
+    from attnctl.interfaces import GuidanceView, RunView
+
+# torch is imported inside the functions that compute: discovering and validating strategies
+# (``attnctl strategies``, recipe checks) then runs without loading it
 
 NAME = "latent_guidance"
 SCHEDULES = ("sqrt_linspace", "constant")
@@ -84,13 +88,15 @@ class LatentGuidanceParams:
             raise ConfigError(f"tokens: positions start at 1 (0 is the start token, which is dropped), got {list(self.tokens)}")
 
 
-def step_size_at(params: LatentGuidanceParams, state: RunState) -> float:
+def step_size_at(params: LatentGuidanceParams, state: RunView) -> float:
     """alpha_k for the run state's current step."""
+    import torch
+
     if params.schedule == "constant":
         return params.step_size
     n, k = state.num_inference_steps, state.step_index
     if n is None or k is None:
-        raise RuntimeError(
+        raise RunError(
             f"latent_guidance: timestep {state.timestep} is not one of the scheduler's timesteps, so the "
             "step index of the sqrt_linspace schedule is unknown; use schedule: constant for this sampler"
         )
@@ -111,7 +117,7 @@ class _PassMaps:
         state, level = call.state, call.site.level
         grid = state.grid(call.site)
         if probs.shape[2] != grid[0] * grid[1]:
-            raise RuntimeError(f"{call.site.key}: {probs.shape[2]} queries for a {grid[0]}x{grid[1]} grid")
+            raise RunError(f"{call.site.key}: {probs.shape[2]} queries for a {grid[0]}x{grid[1]} grid")
         heads_mean = probs.float().mean(dim=1)  # [B, HW, L]
         self.sums[level] = heads_mean if level not in self.sums else self.sums[level] + heads_mean
         self.counts[level] = self.counts.get(level, 0) + 1
@@ -142,7 +148,7 @@ class SteerLatent(LatentOp):
         """The read site that runs last (read sites are cross sites: index = execution order)."""
         return max(self.read_sites, key=lambda s: s.index)
 
-    def guide(self, z: torch.Tensor, ctx: GuidanceContext) -> torch.Tensor:
+    def guide(self, z: torch.Tensor, ctx: GuidanceView) -> torch.Tensor:
         alpha = step_size_at(self.params, ctx.state)
         history = ctx.state.scratch_for(self.strategy).setdefault("history", [])
         for it in range(self.params.iterations):
@@ -151,8 +157,10 @@ class SteerLatent(LatentOp):
             history.append({"step": ctx.state.step_index, "iteration": it, "alpha": alpha, "loss": float(loss)})
         return z
 
-    def loss_and_grad(self, z: torch.Tensor, ctx: GuidanceContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_and_grad(self, z: torch.Tensor, ctx: GuidanceView) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss at ``z`` (fp32 scalar, detached) and its gradient wrt ``z``."""
+        import torch
+
         z = z.detach().requires_grad_(True)
         scratch = ctx.state.scratch_for(self.strategy)
         scratch["pass"] = maps = _PassMaps()
@@ -166,10 +174,12 @@ class SteerLatent(LatentOp):
         grad = torch.autograd.grad(loss, z, allow_unused=True)[0] if loss.requires_grad else None
         return loss.detach(), (torch.zeros_like(z) if grad is None else grad)
 
-    def loss_from(self, maps: _PassMaps, state: RunState) -> torch.Tensor:
+    def loss_from(self, maps: _PassMaps, state: RunView) -> torch.Tensor:
         """L = sum over images of mean over grids of the loss of that grid (fp32)."""
+        import torch
+
         if not maps.sums:
-            raise RuntimeError(
+            raise RunError(
                 f"strategies.{self.strategy}: the guidance pass recorded no cross-attention map; "
                 "are the read sites' processors replaced or their ops gated differently?"
             )
@@ -182,8 +192,10 @@ class SteerLatent(LatentOp):
             per_grid.append(loss_fn(grid).float())
         return torch.stack(per_grid).mean(dim=0).sum()
 
-    def token_mask(self, state: RunState, prompts: tuple[int, ...], length: int, device: Any) -> torch.Tensor:
+    def token_mask(self, state: RunView, prompts: tuple[int, ...], length: int, device: Any) -> torch.Tensor:
         """[B, L] bool: the text positions the loss sums over, per row."""
+        import torch
+
         mask = torch.zeros(len(prompts), length, dtype=torch.bool)
         for row, prompt in enumerate(prompts):
             if self.params.tokens == "prompt":

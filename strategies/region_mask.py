@@ -22,16 +22,19 @@ them weight 1 (the reweight-op contract): SAMS leaves them unweighted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 import attnctl
-from attnctl.call import AttentionCall
 from attnctl.errors import ConfigError
 from attnctl.ops import ReweightOp
 from attnctl.params import StrategySpec
 from attnctl.sites import SiteTable
 from strategies._attention_sites import grid_tokens, self_attention_sites
+
+if TYPE_CHECKING:  # tensors arrive through the call; listing strategies needs no torch
+    import torch
+
+    from attnctl.call import AttentionCall
 
 NAME = "region_mask"
 

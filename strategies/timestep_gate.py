@@ -17,14 +17,16 @@ rules naming an instance that is not in the config are an error (raised by the c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import attnctl
 from attnctl.errors import ConfigError
 from attnctl.ops import GateOp
 from attnctl.params import StrategySpec
-from attnctl.run_state import RunState
 from attnctl.sites import SiteTable
+
+if TYPE_CHECKING:
+    from attnctl.interfaces import RunView
 
 NAME = "timestep_gate"
 _BOUNDS = ("min", "max")
@@ -71,7 +73,7 @@ class TimeWindow:
     min: float | None = None
     max: float | None = None
 
-    def __call__(self, state: RunState) -> bool:
+    def __call__(self, state: RunView) -> bool:
         t = state.t_norm
         if t is None:  # no step entered yet
             return False

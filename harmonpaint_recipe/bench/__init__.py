@@ -3,10 +3,23 @@
 ``run_benchmark(BenchConfig(...))`` runs the variants (``stock``, ``idle``,
 ``sams+makvs``, ``harmonpaint``, ``naive``) interleaved on one random-weight pipeline
 and returns a result record; ``write_reports(result, out)`` writes JSON, Markdown and a
-PNG chart. See ``docs/benchmarks.md`` for the method and the recorded numbers.
+PNG chart. See ``docs/benchmarks.md`` for the method and the recorded numbers. Names load
+on first use, so the command's help does not import torch.
 """
 
-from harmonpaint_recipe.bench.harness import BenchConfig, run_benchmark
-from harmonpaint_recipe.bench.report import write_reports
+from __future__ import annotations
 
-__all__ = ["BenchConfig", "run_benchmark", "write_reports"]
+import importlib
+from typing import Any
+
+_EXPORTS = {"BenchConfig": "harmonpaint_recipe.bench.harness", "run_benchmark": "harmonpaint_recipe.bench.harness",
+            "write_reports": "harmonpaint_recipe.bench.report"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'harmonpaint_recipe.bench' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -5,16 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from attnctl.errors import InputError
-from harmonpaint_recipe.metrics import MetricOptions, parse_metric_names
-from harmonpaint_recipe.metrics.clip_score import DEFAULT_CLIP_MODEL
-from harmonpaint_recipe.metrics.cmmd import DEFAULT_CMMD_MODEL
-from harmonpaint_recipe.metrics.image_reward import DEFAULT_IR_MODEL
-from harmonpaint_recipe.metrics.registry import DEFAULT_METRICS
-from harmonpaint_recipe.evaluation.items import load_items
-from harmonpaint_recipe.evaluation.methods import Method
-from harmonpaint_recipe.evaluation.runner import EvalConfig, run_evaluation
-from harmonpaint_recipe.evaluation.sharding import current_shard
+from harmonpaint_recipe.metrics.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CMMD_MODEL, DEFAULT_IR_MODEL, DEFAULT_METRICS
+
+if TYPE_CHECKING:
+    from harmonpaint_recipe.evaluation.methods import Method
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
@@ -46,6 +43,11 @@ def check_overrides(overrides: list[str]) -> list[str]:
 
 def run_from_args(args: argparse.Namespace, methods: list[Method], title: str) -> int:
     """Build the config from parsed options, run, and print where the results are."""
+    from harmonpaint_recipe.evaluation.items import load_items
+    from harmonpaint_recipe.evaluation.runner import EvalConfig, run_evaluation
+    from harmonpaint_recipe.evaluation.sharding import current_shard
+    from harmonpaint_recipe.metrics import MetricOptions, parse_metric_names
+
     shard = current_shard()
     device = shard.device if args.device == "auto" else args.device
     options = MetricOptions(

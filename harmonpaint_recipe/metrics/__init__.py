@@ -3,19 +3,26 @@
 Each metric is a small class with injectable models; :mod:`harmonpaint_recipe.metrics.registry` maps the
 command-line names (``cs``, ``cmmd``, ``as``, ``ir``, ``preserve``) to them. A metric that
 cannot run (missing package, weights not available offline) reports ``None`` together with
-an ``unavailable_reason``; it never makes a number up.
+an ``unavailable_reason``; it never makes a number up. Names load on first use (the
+command line's help needs only ``metrics.defaults``).
 """
 
-from harmonpaint_recipe.metrics.base import Metric, MetricResult, MetricUnavailable, Sample
-from harmonpaint_recipe.metrics.registry import METRICS, MetricOptions, build_metrics, parse_metric_names
+from __future__ import annotations
 
-__all__ = [
-    "METRICS",
-    "Metric",
-    "MetricOptions",
-    "MetricResult",
-    "MetricUnavailable",
-    "Sample",
-    "build_metrics",
-    "parse_metric_names",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    **dict.fromkeys(("Metric", "MetricResult", "MetricUnavailable", "Sample"), "harmonpaint_recipe.metrics.base"),
+    **dict.fromkeys(("METRICS", "MetricOptions", "build_metrics", "parse_metric_names"),
+                    "harmonpaint_recipe.metrics.registry"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'harmonpaint_recipe.metrics' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -11,7 +11,6 @@ from typing import ClassVar
 from harmonpaint_recipe.metrics.base import Metric, MetricResult, MetricUnavailable, Sample
 from harmonpaint_recipe.metrics.clip_embedder import ClipEmbedder, l2_normalize
 
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 
 
 class ClipScore(Metric):

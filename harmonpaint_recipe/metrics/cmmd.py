@@ -21,7 +21,6 @@ from PIL import Image
 from harmonpaint_recipe.metrics.base import Metric
 from harmonpaint_recipe.metrics.clip_embedder import ClipEmbedder, l2_normalize
 
-DEFAULT_CMMD_MODEL = "openai/clip-vit-large-patch14-336"
 SIGMA = 10.0
 SCALE = 1000.0
 

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from harmonpaint_recipe.metrics.base import Metric, MetricResult, MetricUnavailable, Sample
 
-DEFAULT_IR_MODEL = "ImageReward-v1.0"
+from harmonpaint_recipe.metrics.defaults import DEFAULT_IR_MODEL
 
 
 class ImageRewardMetric(Metric):

@@ -10,9 +10,10 @@ from attnctl.registry import Registry
 from harmonpaint_recipe.metrics.aesthetic import AestheticScore
 from harmonpaint_recipe.metrics.base import Metric
 from harmonpaint_recipe.metrics.clip_embedder import ClipEmbedder
-from harmonpaint_recipe.metrics.clip_score import DEFAULT_CLIP_MODEL, ClipScore
-from harmonpaint_recipe.metrics.cmmd import DEFAULT_CMMD_MODEL, Cmmd
-from harmonpaint_recipe.metrics.image_reward import DEFAULT_IR_MODEL, ImageRewardMetric
+from harmonpaint_recipe.metrics.clip_score import ClipScore
+from harmonpaint_recipe.metrics.cmmd import Cmmd
+from harmonpaint_recipe.metrics.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CMMD_MODEL, DEFAULT_IR_MODEL
+from harmonpaint_recipe.metrics.image_reward import ImageRewardMetric
 from harmonpaint_recipe.metrics.preservation import Preservation
 
 METRICS: Registry[type[Metric]] = Registry("metric", {
@@ -22,7 +23,6 @@ METRICS: Registry[type[Metric]] = Registry("metric", {
     "ir": ImageRewardMetric,
     "preserve": Preservation,
 }, error=InputError)
-DEFAULT_METRICS = ("cs", "cmmd", "as", "ir", "preserve")
 
 
 @dataclass

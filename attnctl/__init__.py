@@ -14,8 +14,7 @@ listings) stay fast: torch and diffusers load only when an attach or a run needs
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from attnctl.errors import (
     AttnctlError,
@@ -28,6 +27,7 @@ from attnctl.errors import (
     UnsupportedModelError,
     UnsupportedProcessorError,
 )
+from attnctl.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -53,17 +53,7 @@ __all__ = sorted([*_EXPORTS, "AttnctlError", "ConfigError", "InputError", "Proce
                   "SelectorError", "UnsupportedModelError", "UnsupportedProcessorError"])
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'attnctl' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs

@@ -10,27 +10,14 @@ Quick use::
 
 from __future__ import annotations
 
-from typing import Any
+from attnctl.lazy import lazy_exports
 
-__all__ = ["inpaint", "load_pipeline", "load_recipe", "recipe_names"]
-
-
-def __getattr__(name: str) -> Any:
-    # lazy: importing the package (e.g. for the dataset tools) must not import diffusers
-    if name == "load_recipe":
-        from harmonpaint_recipe.loading import load_recipe
-
-        return load_recipe
-    if name == "recipe_names":
-        from harmonpaint_recipe.loading import recipe_names
-
-        return recipe_names
-    if name == "load_pipeline":
-        from harmonpaint_recipe.model import load_pipeline
-
-        return load_pipeline
-    if name == "inpaint":
-        from harmonpaint_recipe.api import inpaint
-
-        return inpaint
-    raise AttributeError(f"module 'harmonpaint_recipe' has no attribute {name!r}")
+_EXPORTS = {
+    "load_recipe": "harmonpaint_recipe.loading",
+    "recipe_names": "harmonpaint_recipe.loading",
+    "load_pipeline": "harmonpaint_recipe.model",
+    "inpaint": "harmonpaint_recipe.api",
+}
+__all__ = sorted(_EXPORTS)
+# lazy: importing the package (e.g. for the dataset tools) must not import diffusers
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

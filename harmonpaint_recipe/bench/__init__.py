@@ -9,17 +9,11 @@ on first use, so the command's help does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from attnctl.lazy import lazy_exports
 
 _EXPORTS = {"BenchConfig": "harmonpaint_recipe.bench.harness", "run_benchmark": "harmonpaint_recipe.bench.harness",
             "write_reports": "harmonpaint_recipe.bench.report"}
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'harmonpaint_recipe.bench' has no attribute '{name}'")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -9,8 +9,7 @@ command line's help needs only ``metrics.defaults``).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from attnctl.lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(("Metric", "MetricResult", "MetricUnavailable", "Sample"), "harmonpaint_recipe.metrics.base"),
@@ -20,9 +19,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'harmonpaint_recipe.metrics' has no attribute '{name}'")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import attnctl
@@ -24,6 +25,7 @@ from compat_helpers import (
     probed,
     running,
     strategies_config,
+    write_tiny_ip_adapter,
 )
 
 
@@ -90,7 +92,7 @@ def test_ip_adapter_loaded_after_attach(pipe, inputs, ip_adapter_weights):
     assert_effect_kept(out, hp_without, stock, stock_without)
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "attnctl/processor.py ControlledProcessor.__new__: diffusers rebuilds every processor as "
     "type(current)() in load_ip_adapter/unload_ip_adapter; for a wrapper that gives AttnProcessor2_0 "
     "instead of the user's class, so a custom processor at another site is silently dropped"))
@@ -109,7 +111,7 @@ def test_loading_ip_adapter_after_attach_keeps_other_sites_processors(pipe, inpu
     assert_identical(idle_out, stock)
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "diffusers' set_ip_adapter_scale only sets processors that are isinstance(IPAdapterAttnProcessor2_0); "
     "attnctl's wrapper (attnctl/processor.py ControlledModuleProcessor) is not, so while attached the call "
     "silently does nothing"))
@@ -124,3 +126,20 @@ def test_ip_adapter_scale_set_while_attached_is_used(pipe, inputs, ip_adapter_we
         with running(ctl, pipe, inputs) as call:
             idle_out = plain(pipe, inputs, **call, **embeds)
     assert_identical(idle_out, stock)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "attnctl/guidance.py _take_rows cuts every tensor whose first dimension equals the UNet batch to the "
+    "conditional rows, also inside cross_attention_kwargs: IP-Adapter masks given as one tensor "
+    "[num_ip_adapters, 1, H, W] (diffusers' accepted form) are cut from 2 to 1 adapters in the guidance pass "
+    "when 2 IP-Adapters run with CFG (batch 2), and IPAdapterAttnProcessor2_0 raises"))
+def test_two_ip_adapters_with_masks_as_one_tensor(pipe, inputs, ip_adapter_weights, tmp_path):
+    second = write_tiny_ip_adapter(pipe.unet, tmp_path, seed=1, name="second.safetensors")
+    load_tiny_ip_adapter(pipe, ip_adapter_weights, second)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[0, ..., :32], masks[1, ..., 32:] = 1.0, 1.0
+    kwargs = {"ip_adapter_image_embeds": ip_image_embeds(1) + ip_image_embeds(2),
+              "cross_attention_kwargs": {"ip_adapter_masks": masks}}
+    stock = plain(pipe, inputs, **kwargs)
+    assert_identical(idle(pipe, inputs, **kwargs), stock)
+    assert_harmonpaint_ran(harmonpaint(pipe, inputs, **kwargs), stock[0])

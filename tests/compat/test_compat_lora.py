@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
+from peft import LoraConfig
 
 import attnctl
 from compat_helpers import (
@@ -18,13 +18,11 @@ from compat_helpers import (
     strategies_config,
 )
 
-peft = pytest.importorskip("peft")
-
 
 def add_lora(pipe, seed: int = 11) -> None:
     """A rank-4 LoRA on every attention projection; random A and B, so it changes the output."""
-    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                             init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                        init_lora_weights=False)
     with seeded_rng(seed):
         pipe.unet.add_adapter(config)
 

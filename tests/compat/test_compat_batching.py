@@ -3,7 +3,6 @@ with ``BatchLayout.for_call``."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -45,10 +44,10 @@ def test_images_of_a_batch_are_independent(pipe, inputs, batch):
     result of its own prompt: rows are told apart by the layout, not mixed by it."""
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     prompts = [batch["prompt"]] * 2 if isinstance(batch["prompt"], str) else batch["prompt"]
-    singles = [harmonpaint_attached(pipe, inputs, prompt=p, latents=latent)[0] for p in dict.fromkeys(prompts)]
+    alone = {p: harmonpaint_attached(pipe, inputs, prompt=p, latents=latent)[0] for p in set(prompts)}
     out = harmonpaint_attached(pipe, inputs, latents=latent.repeat(2, 1, 1, 1), **batch)
     for image, prompt in zip(out, prompts):
-        assert_same(image, singles[list(dict.fromkeys(prompts)).index(prompt)], tol=1e-4)
+        assert_same(image, alone[prompt], tol=1e-4)  # batched kernels round differently (~3e-6)
     if prompts[0] != prompts[1]:
         assert mean_diff(out[0], out[1]) > 1e-3  # the prompts' own effect
 

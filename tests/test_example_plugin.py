@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
 import attnctl
 from attnctl import ActiveOps, BatchLayout, StrategyManager
+from example_plugin import load_region_boost as _load_plugin
 from reference_attention import make_call, random_case, softmax_attention
 from toy_strategies import run_pipe
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "region_boost_plugin.py"
-
-
-def _load_plugin():
-    spec = importlib.util.spec_from_file_location("region_boost_plugin", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_example_plugin_matches_its_equation():

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves
 import attnctl
 from attnctl import ActiveOps, BatchLayout, Site, StrategyManager
 from attnctl.attention import AttentionCall
+from example_plugin import load_region_boost
 from reference_attention import make_call, naive_makvs, naive_sams, single_thread, tiny_inputs
 from strategies.kv_bank import KvBankOp
 from strategies.region_mask import RegionMaskOp
@@ -120,6 +121,12 @@ OPS = {
     "kv_bank-row": lambda: ActiveOps(key_value=(KvBankOp("style", site=SITE, source="row", source_image=1),)),
     "both": lambda: ActiveOps(key_value=(KvBankOp("makvs", site=SITE),),
                               reweight=(RegionMaskOp("sams", site=SITE, tau=0.1),)),
+    # the example plugin's renormalized rank-1 reweighting next to both built-ins, at one site
+    "all-with-region_boost": lambda: ActiveOps(
+        key_value=(KvBankOp("makvs", site=SITE),),
+        reweight=(load_region_boost().RegionBoostOp("boost", site=SITE, gain=2.0, renormalize=True),
+                  RegionMaskOp("sams", site=SITE, tau=0.1)),
+    ),
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from attnctl.adapters import AdapterRegistry, ProcessorAdapter
-from attnctl.errors import ConfigError, ProcessorReplacedError, RunError, UnsupportedModelError
+from attnctl.errors import AttnctlError, ConfigError, ProcessorReplacedError, RunError, UnsupportedModelError
 from attnctl.guidance import GuidanceContext, UNetCall
 from attnctl.plan import Plan
 from attnctl.planning import compile_plan
@@ -129,6 +129,13 @@ class Controller:
 
     def __enter__(self) -> Controller:
         return self
+
+    def __deepcopy__(self, memo: dict) -> Controller:
+        # reached when a UNet is copied with this controller's hook on it
+        raise AttnctlError(
+            "cannot copy a model while attnctl is attached to it; call controller.detach() first, copy, "
+            "then attach to each copy"
+        )
 
     def __exit__(self, *exc) -> None:
         self.detach()
@@ -262,16 +269,25 @@ class Controller:
                 "latent guidance could not find this step's latents (the pipeline did not call "
                 "scheduler.scale_model_input on the UNet's batch before the UNet); this pipeline is not supported"
             )
+        if torch.is_inference_mode_enabled():
+            raise RunError(
+                "latent guidance needs gradients, but the pipeline runs under torch.inference_mode(); "
+                "call it under torch.no_grad() (what diffusers' pipelines use) or outside any grad mode"
+            )
         channels = recorded.shape[1]
         layout = state.layout
         cond = torch.tensor(layout.cond_rows, device=recorded.device)
         z = recorded.index_select(0, cond).detach()
-        ctx = GuidanceContext(state, call, lambda x: scale(x, t), channels)
+        # ops work in UNet-input space x = c * z (c = 1 for DDIM, 1/sqrt(sigma^2+1) for Euler-type
+        # schedulers), so a step size means the same whatever the scheduler
+        c = scale(torch.ones_like(z[:1]), t)
+        x = scale(z, t)
+        ctx = GuidanceContext(state, call, channels)
         for op in state.active_latent_ops:
-            z = op.guide(z, ctx).detach()
-        state.pending_latents = z
-        images = torch.tensor(layout.images, device=z.device)
-        x = scale(z.index_select(0, images), t).to(sample.dtype)
+            x = op.guide(x, ctx).detach()
+        state.pending_latents = x / c  # back to the scheduler's sample space for scheduler.step
+        images = torch.tensor(layout.images, device=x.device)
+        x = x.index_select(0, images).to(sample.dtype)
         new_sample = torch.cat([x, sample[:, channels:]], dim=1) if sample.shape[1] > channels else x
         own["scale_inputs"] = {}
         return call.with_sample(new_sample)

@@ -11,8 +11,9 @@ The updated latent replaces the UNet input of this step and, through
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,13 +23,22 @@ if TYPE_CHECKING:
     from attnctl.run_state import RunState
 
 
-def _take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
-    """Index the batch dimension of every tensor with one, wherever it sits.
+#: arguments of ``UNet2DConditionModel.forward`` that carry one entry per batch row
+BATCH_ARGUMENTS = frozenset({
+    "sample", "timestep", "encoder_hidden_states", "class_labels", "timestep_cond", "attention_mask",
+    "encoder_attention_mask", "added_cond_kwargs", "down_block_additional_residuals",
+    "mid_block_additional_residual", "down_intrablock_additional_residuals",
+})
 
-    Tensors whose first dimension is the UNet's batch size are cut to ``rows``, inside
-    dicts, tuples and lists too: SDXL's ``added_cond_kwargs``, ControlNet's
-    ``down_block_additional_residuals`` (a tuple) and ``mid_block_additional_residual``,
-    IP-Adapter's ``image_embeds`` (a list in a dict), T2I-Adapter residuals.
+
+def _take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """Index the batch dimension of every tensor with one, wherever it sits in ``value``.
+
+    Applied to the batch-carrying UNet arguments only (``BATCH_ARGUMENTS``): inside them,
+    tensors whose first dimension is the UNet's batch size are cut to ``rows``, in dicts,
+    tuples and lists too (SDXL's ``added_cond_kwargs``, ControlNet's residual tuple,
+    IP-Adapter's ``image_embeds`` list). ``cross_attention_kwargs`` pass unchanged: what they
+    hold is the processors' business (IP-Adapter masks are per adapter, not per row).
     """
     if isinstance(value, torch.Tensor):
         if value.ndim > 0 and value.shape[0] == batch:
@@ -68,8 +78,10 @@ class UNetCall:
     def subset(self, rows: torch.Tensor, sample: torch.Tensor) -> tuple[tuple, dict]:
         """Arguments for a call on ``rows`` of the batch with ``sample`` as input."""
         batch = self.get("sample").shape[0]
-        args = tuple(_take_rows(a, rows, batch) for a in self.args)
-        kwargs = {k: _take_rows(v, rows, batch) for k, v in self.kwargs.items()}
+        names = _positional_names(self.unet)
+        args = tuple(_take_rows(a, rows, batch) if i < len(names) and names[i] in BATCH_ARGUMENTS else a
+                     for i, a in enumerate(self.args))
+        kwargs = {k: _take_rows(v, rows, batch) if k in BATCH_ARGUMENTS else v for k, v in self.kwargs.items()}
         if args:
             args = (sample, *args[1:])
         else:
@@ -77,23 +89,35 @@ class UNetCall:
         return args, kwargs
 
 
+def _positional_names(unet: torch.nn.Module) -> tuple[str, ...]:
+    """Parameter names of ``unet.forward`` in positional order (to know what positional arguments are)."""
+    try:
+        return tuple(inspect.signature(unet.forward).parameters)
+    except (TypeError, ValueError):
+        return ("sample", "timestep", "encoder_hidden_states")
+
+
 class GuidanceContext:
-    """What a latent op gets besides z: the run state and a conditional denoiser.
+    """What a latent op gets besides the latent: the run state and a conditional denoiser.
+
+    Latent ops work on the step's **UNet input** latent ``x`` (what the scheduler's
+    ``scale_model_input`` made of its sample ``z``; the two are equal for DDIM, and
+    ``x = z / sqrt(sigma^2 + 1)`` for sigma-parametrized schedulers such as Euler), so one
+    step size means the same for every scheduler.
 
     Attributes:
         state: the run state (``state.step_index``, ``state.timestep``, scratch, masks).
         timestep: the current timestep value.
     """
 
-    def __init__(self, state: RunState, call: UNetCall, scale: Callable[[torch.Tensor], torch.Tensor], latent_channels: int):
+    def __init__(self, state: RunState, call: UNetCall, latent_channels: int):
         self.state = state
         self.timestep = state.timestep
         self._call = call
-        self._scale = scale
         self._channels = latent_channels
 
     def denoise_cond(self, z: torch.Tensor, stop_after: Site | None = None) -> torch.Tensor | None:
-        """Run the UNet on the conditional rows with input latent ``z`` [N, C, h, w], with grad.
+        """Run the UNet on the conditional rows with input latent ``z`` [N, C, h, w] (UNet input space), with grad.
 
         Returns the noise prediction of those rows. Sites read by observe ops record
         what they see into the run state while this runs. With ``stop_after``, the pass
@@ -104,7 +128,7 @@ class GuidanceContext:
         rows = state.layout.cond_rows
         idx = torch.tensor(rows, device=z.device)
         sample = self._call.get("sample")
-        x = self._scale(z)
+        x = z
         extra = sample.index_select(0, idx)[:, self._channels :]
         if extra.shape[1]:
             x = torch.cat([x, extra.to(x.dtype)], dim=1)

@@ -124,7 +124,13 @@ class LatentOp(Op):
     passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
 
     def guide(self, z: torch.Tensor, ctx: GuidanceView) -> torch.Tensor:  # pragma: no cover
-        """Return the updated latent (same shape as ``z``, one row per image)."""
+        """Return the updated latent (same shape as ``z``, one row per image).
+
+        ``z`` is the step's UNet-input latent: what the scheduler's ``scale_model_input``
+        makes of its sample (the sample itself for DDIM; ``sample / sqrt(sigma^2 + 1)`` for
+        Euler-type schedulers), so an update means the same for every scheduler. The core
+        maps the result back to the scheduler's sample for ``scheduler.step``.
+        """
         raise NotImplementedError
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnctl.adapters import MIRROR, CoreCall, ProcessorAdapter
+from attnctl.errors import AttnctlError
 from attnctl.ops import NO_OPS
 
 if TYPE_CHECKING:
@@ -38,17 +40,12 @@ class ControlledProcessor:
     diffusers hands a processor only the ``cross_attention_kwargs`` its signature names.
     With ops active, the site's adapter runs the original with attnctl's core inserted.
     The idle hot path is one dict lookup.
+
+    To the rest of diffusers the wrapper looks like the original: its ``__class__`` is the
+    original's (diffusers checks processors with ``isinstance`` and rebuilds them as
+    ``type(p)()``: ``set_ip_adapter_scale``, ``load_ip_adapter``, ``set_default_attn_processor``),
+    and attributes it does not own are read from and written to the original.
     """
-
-    def __new__(cls, *args, **kwargs):
-        # diffusers rebuilds processors as ``type(current)()`` (load_ip_adapter does, for the
-        # sites it leaves without image branch); without arguments, give it the default
-        # processor, which attnctl wraps again at the next run
-        if not args and not kwargs:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            return AttnProcessor2_0()
-        return super().__new__(cls)
 
     def __init__(self, slot: RunSlot, site: Site, original: Any, adapter: ProcessorAdapter | None):
         self.slot = slot
@@ -71,8 +68,48 @@ class ControlledProcessor:
                 return MIRROR.run(CoreCall(self.site, state, NO_OPS), self.original, attn, hidden_states, *args, **kwargs)
         return self.original(attn, hidden_states, *args, **kwargs)
 
+    # ------------------------------------------------------------------ transparency
+    @property
+    def __class__(self):  # noqa: D105 - the original's class, see the class docstring
+        original = _original_of(self)
+        return type(self) if original is None else type(original)
+
+    def __getattr__(self, name: str) -> Any:
+        original = _original_of(self)
+        if original is None:
+            raise AttributeError(name)
+        return getattr(original, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        original = _original_of(self)
+        if original is None or name in _OWN or name in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(original, name, value)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        if self.slot.attached:
+            raise AttnctlError(
+                f"{self.site.name}: cannot copy a model while attnctl is attached to it; call "
+                "controller.detach() first, copy, then attach to each copy"
+            )
+        return copy.deepcopy(self.original, memo)  # a stale wrapper copies as what it wraps
+
     def __repr__(self) -> str:
         return f"ControlledProcessor({self.site.key}, original={type(self.original).__name__})"
+
+
+#: attributes the wrapper keeps for itself; every other attribute is the original's
+_OWN = frozenset({"slot", "site", "original", "adapter", "_guidance_mirror", "__call__"})
+
+
+def _original_of(wrapper: ControlledProcessor) -> Any:
+    """The wrapped processor, or None while the wrapper is being built (read without attribute hooks)."""
+    state = wrapper.__dict__
+    if "original" in state:
+        return state["original"]
+    modules = state.get("_modules")
+    return modules.get("original") if modules else None
 
 
 class ControlledModuleProcessor(torch.nn.Module, ControlledProcessor):
@@ -88,6 +125,12 @@ class ControlledModuleProcessor(torch.nn.Module, ControlledProcessor):
 
     def forward(self, attn, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return ControlledProcessor.__call__(self, attn, hidden_states, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:  # parameters, buffers and submodules of the wrapper itself
+            return torch.nn.Module.__getattr__(self, name)
+        except AttributeError:
+            return ControlledProcessor.__getattr__(self, name)
 
     __call__ = torch.nn.Module.__call__
 

@@ -171,7 +171,12 @@ class SteerLatent(LatentOp):
             finally:
                 del scratch["pass"]
             loss = self.loss_from(maps, ctx.state)
-        grad = torch.autograd.grad(loss, z, allow_unused=True)[0] if loss.requires_grad else None
+        if not loss.requires_grad:
+            raise RunError(
+                f"strategies.{self.strategy}: the guidance loss has no gradient (is autograd off, e.g. "
+                "torch.inference_mode() around the pipeline?); call the pipeline under torch.no_grad() instead"
+            )
+        grad = torch.autograd.grad(loss, z, allow_unused=True)[0]
         return loss.detach(), (torch.zeros_like(z) if grad is None else grad)
 
     def loss_from(self, maps: _PassMaps, state: RunView) -> torch.Tensor:

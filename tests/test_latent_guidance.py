@@ -200,7 +200,7 @@ def unet_case():
     out = {}
     with ctl.run(layout, mask=_mask_batch(), token_indices=TOKENS) as state:
         state.begin_step(t, LATENT)
-        ctx = GuidanceContext(state, UNetCall(pipe.unet, (), {"sample": sample, "timestep": t, "encoder_hidden_states": emb}), lambda x: x, 4)
+        ctx = GuidanceContext(state, UNetCall(pipe.unet, (), {"sample": sample, "timestep": t, "encoder_hidden_states": emb}), 4)
         op = ctl.plan.latent_ops[0]
         attention.probabilities = counting
         try:
@@ -292,7 +292,7 @@ def test_bf16_model_loss_is_fp32():
     with attnctl.attach(pipe, {"strategies": {"steer": {"strategy": "latent_guidance"}}}, manager()) as ctl:
         with ctl.run(attnctl.BatchLayout.for_pipeline(1, 1, cfg=False), mask=_mask_batch()[:1], token_indices=[[1, 2]]) as st:
             st.begin_step(t, LATENT)
-            ctx = GuidanceContext(st, UNetCall(pipe.unet, (), {"sample": sample, "timestep": t, "encoder_hidden_states": emb}), lambda x: x, 4)
+            ctx = GuidanceContext(st, UNetCall(pipe.unet, (), {"sample": sample, "timestep": t, "encoder_hidden_states": emb}), 4)
             op = ctl.plan.latent_ops[0]
             loss, grad = op.loss_and_grad(sample[:, :4], ctx)
             guided = op.guide(sample[:, :4], ctx)

@@ -298,7 +298,7 @@ def build_tiny_controlnet(seed: int = 3) -> torch.nn.Module:
     """A ``ControlNetModel`` matching the tiny UNet, with random (not zero) output convolutions."""
     from diffusers import ControlNetModel
 
-    from attnctl.tiny import TINY_UNET_CONFIG
+    from attnctl.testing import TINY_UNET_CONFIG
 
     shared = ("block_out_channels", "down_block_types", "cross_attention_dim", "attention_head_dim",
               "layers_per_block", "norm_num_groups")

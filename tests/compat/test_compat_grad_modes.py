@@ -17,10 +17,6 @@ def test_no_grad_around_the_call(pipe, inputs):
         assert np.array_equal(harmonpaint(pipe, inputs), reference)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "strategies/latent_guidance.py SteerLatent.loss_and_grad: torch.enable_grad() does not leave "
-    "inference mode, so the loss has no graph and the gradient is replaced by zeros without a word: "
-    "under torch.inference_mode() HarmonPaint silently runs without its steer loss"))
 def test_inference_mode_does_not_silently_drop_latent_guidance(pipe, inputs):
     """Either the same image as outside inference mode, or an attnctl error that says why."""
     reference = harmonpaint(pipe, inputs)

@@ -92,10 +92,6 @@ def test_ip_adapter_loaded_after_attach(pipe, inputs, ip_adapter_weights):
     assert_effect_kept(out, hp_without, stock, stock_without)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "attnctl/processor.py ControlledProcessor.__new__: diffusers rebuilds every processor as "
-    "type(current)() in load_ip_adapter/unload_ip_adapter; for a wrapper that gives AttnProcessor2_0 "
-    "instead of the user's class, so a custom processor at another site is silently dropped"))
 def test_loading_ip_adapter_after_attach_keeps_other_sites_processors(pipe, inputs, ip_adapter_weights):
     embeds = {"ip_adapter_image_embeds": ip_image_embeds()}
     site = pipe.unet.get_submodule(CUSTOM_SITE)
@@ -111,10 +107,6 @@ def test_loading_ip_adapter_after_attach_keeps_other_sites_processors(pipe, inpu
     assert_identical(idle_out, stock)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "diffusers' set_ip_adapter_scale only sets processors that are isinstance(IPAdapterAttnProcessor2_0); "
-    "attnctl's wrapper (attnctl/processor.py ControlledModuleProcessor) is not, so while attached the call "
-    "silently does nothing"))
 def test_ip_adapter_scale_set_while_attached_is_used(pipe, inputs, ip_adapter_weights):
     load_tiny_ip_adapter(pipe, ip_adapter_weights)
     embeds = {"ip_adapter_image_embeds": ip_image_embeds()}
@@ -128,11 +120,6 @@ def test_ip_adapter_scale_set_while_attached_is_used(pipe, inputs, ip_adapter_we
     assert_identical(idle_out, stock)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "attnctl/guidance.py _take_rows cuts every tensor whose first dimension equals the UNet batch to the "
-    "conditional rows, also inside cross_attention_kwargs: IP-Adapter masks given as one tensor "
-    "[num_ip_adapters, 1, H, W] (diffusers' accepted form) are cut from 2 to 1 adapters in the guidance pass "
-    "when 2 IP-Adapters run with CFG (batch 2), and IPAdapterAttnProcessor2_0 raises"))
 def test_two_ip_adapters_with_masks_as_one_tensor(pipe, inputs, ip_adapter_weights, tmp_path):
     second = write_tiny_ip_adapter(pipe.unet, tmp_path, seed=1, name="second.safetensors")
     load_tiny_ip_adapter(pipe, ip_adapter_weights, second)

@@ -39,10 +39,6 @@ def test_second_controller_needs_a_detach(pipe, inputs):
             assert plain(pipe, inputs, **call).shape == (1, 64, 64, 3)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "diffusers' UNet2DConditionModel.set_default_attn_processor checks proc.__class__ against its known "
-    "processor classes; attnctl's wrapper (attnctl/processor.py ControlledProcessor) is not one, so the call "
-    "raises ValueError while attached although every original processor is a default one"))
 def test_set_default_attn_processor_while_attached(pipe, inputs):
     stock = plain(pipe, inputs)
     with attnctl.attach(pipe, {}) as ctl:
@@ -50,3 +46,15 @@ def test_set_default_attn_processor_while_attached(pipe, inputs):
         with running(ctl, pipe, inputs) as call:
             out = plain(pipe, inputs, **call)
     assert np.abs(out - stock).max() < 1e-5
+
+
+def test_copying_an_attached_unet_is_refused_with_the_fix(pipe):
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    with attnctl.attach(pipe, {}):
+        with pytest.raises(attnctl.AttnctlError, match="detach\\(\\) first, copy, then attach"):
+            copy.deepcopy(pipe.unet)
+    copied = copy.deepcopy(pipe.unet)  # detached: a plain copy
+    assert all(type(p) is AttnProcessor2_0 for p in copied.attn_processors.values())

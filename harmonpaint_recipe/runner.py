@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
@@ -46,6 +46,16 @@ def prompt_token_indices(tokenizer: Any, prompt: str) -> list[int]:
 def new_seed() -> int:
     """A fresh random seed (recorded, so the run can be reproduced)."""
     return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(time.time_ns() % 2**63)))
+
+
+def _step_reporter(on_step: Callable[[int, int], None]) -> Callable[..., dict]:
+    """A diffusers ``callback_on_step_end`` that only reports progress (it changes nothing)."""
+
+    def report(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        on_step(step + 1, int(pipe.num_timesteps))
+        return callback_kwargs
+
+    return report
 
 
 def _set_scheduler(pipe: Any, name: str) -> None:
@@ -83,8 +93,12 @@ class Runner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __call__(self, inputs: PreparedInputs, prompt: str, seed: int | None = None) -> RunResult:
-        """Inpaint ``inputs`` (from ``prepare_inputs``) with ``prompt``."""
+    def __call__(self, inputs: PreparedInputs, prompt: str, seed: int | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> RunResult:
+        """Inpaint ``inputs`` (from ``prepare_inputs``) with ``prompt``.
+
+        ``on_step(done, total)`` is called after each denoising step (for progress displays).
+        """
         sampler = self.config["sampler"]
         seed = new_seed() if seed is None else int(seed)
         guidance = float(sampler["guidance_scale"])
@@ -106,6 +120,8 @@ class Runner:
             # a CPU generator gives the same noise on every device
             generator=torch.Generator(device="cpu").manual_seed(seed),
         )
+        if on_step is not None:
+            kwargs["callback_on_step_end"] = _step_reporter(on_step)
         start = time.perf_counter()
         with self.controller.run(layout, mask=mask, token_indices=tokens):
             image = self.pipe(**kwargs).images[0]

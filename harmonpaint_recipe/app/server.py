@@ -1,0 +1,25 @@
+"""Start the page: load the model once, build the page, serve it with a queue."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+#: the queue runs one pipeline call at a time; more requests wait their turn
+CONCURRENCY = 1
+
+
+def serve(recipe: str, overrides: Sequence[str], host: str, port: int, out_dir: str | Path) -> None:
+    """Load ``recipe``'s pipeline and serve the page on ``host:port`` until interrupted."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline tool
+    from harmonpaint_recipe.app.page import PAGE_CSS, build_page
+    from harmonpaint_recipe.app.service import AppService
+
+    out = Path(out_dir)
+    service = AppService(recipe, overrides, out)
+    print(f"model {service.model_label} loaded in {service.load_s:.1f} s; outputs go to {out.resolve()}", flush=True)
+    page = build_page(service)
+    page.queue(default_concurrency_limit=CONCURRENCY)
+    page.launch(server_name=host, server_port=port, share=False, inbrowser=False, css=PAGE_CSS,
+                allowed_paths=[str(out.resolve())])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +28,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harmonpaint_recipe.app.compare import MODES
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("ATTNCTL_CHROMIUM", "/usr/bin/chromium")
@@ -37,6 +40,7 @@ CHROMIUM_ARGS = [
 TINY = ["model.pretrained=tiny", "sampler.steps=3"]
 SEED = 1234
 PROMPT = "a small owl"
+EXAMPLE_PHOTO = Path(__file__).resolve().parents[1] / "examples" / "chelsea.png"
 STARTUP_S = 180  # model build + Gradio import on 2 busy cores
 RUN_TIMEOUT_MS = 90_000
 
@@ -147,11 +151,8 @@ def page(browser, app_url):
 
 
 def _photo(path: Path) -> Path:
-    """A 128x128 test image (smooth colours plus noise, so the tiny model has texture to see)."""
-    rng = np.random.RandomState(3)
-    y, x = np.mgrid[0:128, 0:128]
-    rgb = np.stack([x * 2, y * 2, 255 - x - y // 2], -1) + rng.randint(0, 40, (128, 128, 3))
-    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(path)
+    """A copy of the example photo (256x256) to upload."""
+    shutil.copyfile(EXAMPLE_PHOTO, path)
     return path
 
 
@@ -205,7 +206,11 @@ def test_compare_run_in_the_browser_matches_the_python_api(page, api_pipe, tmp_p
     page.wait_for_selector("#output-a img[src]")
     page.wait_for_selector("#output-b img[src]")
     page.screenshot(path=tmp_path / "2-done.png", full_page=True)
-    page.screenshot(path=tmp_path / "2-done-top.png")
+    # the top of the page down to the results: the picture docs/app.md shows
+    page.evaluate("window.scrollTo(0, 0)")
+    results = page.locator("#output-b").bounding_box()
+    page.screenshot(path=tmp_path / "3-page-top.png", full_page=True,
+                    clip={"x": 0, "y": 0, "width": 1280, "height": results["y"] + results["height"] + 12})
     status = page.inner_text("#status")
     assert f"seed {SEED}: A stock, B harmonpaint (edited on the page: strategies.makvs.enabled=false)" in status
 
@@ -214,7 +219,7 @@ def test_compare_run_in_the_browser_matches_the_python_api(page, api_pipe, tmp_p
     # the page got the uploaded image unchanged, and the stroke became a mask inside it
     assert np.array_equal(np.asarray(Image.open(files["input.png"])), np.asarray(Image.open(photo)))
     mask = np.asarray(Image.open(files["mask.png"])) > 127
-    assert 0.02 < mask.mean() < 0.6 and mask[54:74, 54:74].any() and not mask[:, :8].any()
+    assert 0.02 < mask.mean() < 0.6 and mask[118:138, 118:138].any() and not mask[:, :16].any()
 
     all_off = [f"strategies.{name}.enabled=false" for name in ("sams", "steer", "makvs", "phases")]
     outputs = {}
@@ -238,3 +243,28 @@ def test_run_without_a_mask_shows_an_error_in_the_page(page, tmp_path):
     assert "no mask: paint over the region to inpaint with the brush" in error.inner_text()
     assert "Traceback" not in page.content()
     assert page.locator("#output-b img[src]").count() == 0
+
+
+def test_controls_follow_the_recipe_and_bad_values_show_an_error(page, tmp_path):
+    page.click("#recipe input")
+    page.locator("ul[role=listbox] li", has_text="harmonpaint-natural").click()
+    # the recipe's own value is loaded into the generated control, and into the command line
+    page.wait_for_function("() => document.querySelector('#ctl-strategies-makvs-scale input').value == '0.8'")
+    assert "--recipe harmonpaint-natural" in page.locator("#cli").text_content()
+    tau = page.locator("#ctl-strategies-sams-tau input")
+    tau.fill("1.5")
+    tau.blur()
+    error = page.wait_for_selector("#status .attnctl-error")
+    assert "strategies.sams: tau must be in [0, 1]" in error.inner_text()
+    page.screenshot(path=tmp_path / "out-of-range.png")
+    tau.fill("0.2")
+    tau.blur()
+    page.wait_for_function("() => document.querySelector('#cli').textContent.includes('strategies.sams.tau=0.2')")
+    assert page.locator("#status .attnctl-error").count() == 0
+    page.get_by_label(MODES["one_off"]).check()
+    page.wait_for_selector("#off-instance", state="visible")
+    assert page.locator("#off-instance input").input_value() == "sams"
+    page.click("#recipe input")
+    page.locator("ul[role=listbox] li", has_text="sdi").click()
+    page.wait_for_function("() => !document.querySelector('#ctl-strategies-sams-enabled input').checked")
+    assert page.locator("#ctl-strategies-sams-tau input").input_value() == "0.1"  # sdi's own value again

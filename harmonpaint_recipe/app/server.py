@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 #: the queue runs one pipeline call at a time; more requests wait their turn
 CONCURRENCY = 1
 
 
-def serve(recipe: str, overrides: Sequence[str], host: str, port: int, out_dir: str | Path) -> None:
-    """Load ``recipe``'s pipeline and serve the page on ``host:port`` until interrupted."""
+def serve(recipe: str, overrides: Sequence[str] = (), host: str = "127.0.0.1", port: int = 7860,
+          out_dir: str | Path = "out/app", extra_tabs: Sequence[Callable[[Any], None]] = ()) -> None:
+    """Load ``recipe``'s pipeline and serve the page on ``host:port`` until interrupted.
+
+    ``extra_tabs`` are ``page.TabBuilder`` functions: each is called inside the page's tab
+    set with the ``gr.State`` holding the last ``RunOutput``.
+    """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline tool
     from harmonpaint_recipe.app.page import PAGE_CSS, build_page
     from harmonpaint_recipe.app.service import AppService
@@ -19,7 +24,7 @@ def serve(recipe: str, overrides: Sequence[str], host: str, port: int, out_dir: 
     out = Path(out_dir)
     service = AppService(recipe, overrides, out)
     print(f"model {service.model_label} loaded in {service.load_s:.1f} s; outputs go to {out.resolve()}", flush=True)
-    page = build_page(service)
+    page = build_page(service, extra_tabs)
     page.queue(default_concurrency_limit=CONCURRENCY)
     page.launch(server_name=host, server_port=port, share=False, inbrowser=False, css=PAGE_CSS,
                 allowed_paths=[str(out.resolve())])

@@ -305,3 +305,23 @@ def test_app_command_without_gradio_names_the_extra(monkeypatch, capsys):
     assert main(["app", "model.pretrained=tiny"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("attnctl app: error: attnctl app needs Gradio") and 'pip install -e ".[app]"' in err
+
+
+def test_app_command_refuses_a_busy_port_before_loading_the_model(capsys, monkeypatch):
+    import socket
+
+    import harmonpaint_recipe.app.service as service_module
+
+    pytest.importorskip("gradio", reason='the app needs Gradio: pip install -e ".[app]"')
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded although the port is busy")
+
+    monkeypatch.setattr(service_module, "load_pipeline", no_model)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["app", "--port", str(port), "model.pretrained=tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "pick another with --port" in err

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from attnctl.errors import InputError
+
 #: the queue runs one pipeline call at a time; more requests wait their turn
 CONCURRENCY = 1
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail before the (slow) model load when ``host:port`` cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # like the server's own socket: a port left in TIME_WAIT by a previous run is usable
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InputError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); another program may use the port: "
+                "pick another with --port, or give an address of this machine with --host"
+            ) from None
 
 
 def serve(recipe: str, overrides: Sequence[str] = (), host: str = "127.0.0.1", port: int = 7860,
@@ -17,6 +35,7 @@ def serve(recipe: str, overrides: Sequence[str] = (), host: str = "127.0.0.1", p
     ``extra_tabs`` are ``page.TabBuilder`` functions: each is called inside the page's tab
     set with the ``gr.State`` holding the last ``RunOutput``.
     """
+    check_address(host, port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline tool
     from harmonpaint_recipe.app.page import PAGE_CSS, build_page
     from harmonpaint_recipe.app.service import AppService

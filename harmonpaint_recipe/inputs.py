@@ -55,7 +55,7 @@ def open_image(source: str | Path | Image.Image, what: str) -> Image.Image:
         ) from None
 
 
-def _mask_to_gray(mask: Image.Image) -> Image.Image:
+def mask_to_gray(mask: Image.Image) -> Image.Image:
     """Single-channel mask; RGBA uses alpha only when the colour channels carry nothing."""
     if mask.mode in ("L", "1"):
         return mask.convert("L")
@@ -111,7 +111,7 @@ def prepare_inputs(
         img = img.convert("RGB")
     if msk.mode not in ("L", "1"):
         notes.append(f"mask has mode {msk.mode}; converted to one channel (L)")
-    gray = np.asarray(_mask_to_gray(msk), dtype=np.float32) / 255.0
+    gray = np.asarray(mask_to_gray(msk), dtype=np.float32) / 255.0
     binary = (gray >= 0.5).astype(np.float32)
     if np.any((gray > 0) & (gray < 1)):
         notes.append("mask is not binary; binarized at 0.5 (white = inpaint)")

@@ -26,7 +26,8 @@ def _build_tiny(name: str):
     return build_tiny_inpaint_pipeline(seed=0, kind="sdxl" if name == "tiny-sdxl" else "sd")
 
 
-def _is_sdxl(pretrained: str) -> bool:
+def is_sdxl_model(pretrained: str) -> bool:
+    """Whether ``pretrained`` (hub id or local folder) names an SDXL pipeline."""
     index = Path(pretrained) / "model_index.json"
     if index.is_file():
         return "XL" in index.read_text(encoding="utf-8").split('"_class_name"', 1)[-1][:80]
@@ -46,7 +47,7 @@ def _from_pretrained(pretrained: str, model: Mapping[str, Any], dtype: torch.dty
     if looks_local and not (local / "model_index.json").is_file():
         raise ConfigError(
             f"model.pretrained='{pretrained}' is not a diffusers pipeline folder (no model_index.json); "
-            f"point it at a folder saved with save_pretrained, e.g. {_LOCAL_HINT[_is_sdxl(pretrained)]}"
+            f"point it at a folder saved with save_pretrained, e.g. {_LOCAL_HINT[is_sdxl_model(pretrained)]}"
         )
     try:
         return AutoPipelineForInpainting.from_pretrained(str(local) if looks_local else pretrained, **kwargs)
@@ -57,7 +58,7 @@ def _from_pretrained(pretrained: str, model: Mapping[str, Any], dtype: torch.dty
             "attnctl loads safetensors weights only; convert the .bin/.ckpt weights to safetensors"
             if safetensors
             else "without internet access, download the model elsewhere and point the recipe at the local "
-            f"folder, e.g. {_LOCAL_HINT[_is_sdxl(pretrained)]} on the command line"
+            f"folder, e.g. {_LOCAL_HINT[is_sdxl_model(pretrained)]} on the command line"
         )
         raise ConfigError(f"cannot load model '{pretrained}': {reason}. {fix}") from None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
@@ -49,8 +49,18 @@ def new_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(time.time_ns() % 2**63)))
 
 
+def _step_reporter(on_step: Callable[[int, int], None]) -> Callable[..., dict]:
+    """A diffusers ``callback_on_step_end`` that only reports progress (it changes nothing)."""
+
+    def report(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        on_step(step + 1, int(pipe.num_timesteps))
+        return callback_kwargs
+
+    return report
+
+
 def _recipe_scheduler(pipe: Any, name: str) -> Any:
-    """The scheduler the recipe asks for, built from the pipeline's own config (``as-is``: the pipeline's)."""
+    """The scheduler the recipe asks for, built from the pipeline's own config (``pipeline``: the pipeline's)."""
     if name == "ddim":
         from diffusers import DDIMScheduler
 
@@ -100,12 +110,14 @@ class Runner:
         self.close()
 
     def __call__(self, inputs: PreparedInputs, prompt: str, seed: int | None = None,
-                 pipeline_kwargs: dict[str, Any] | None = None) -> RunResult:
+                 pipeline_kwargs: dict[str, Any] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> RunResult:
         """Inpaint ``inputs`` (from ``prepare_inputs``) with ``prompt``.
 
         ``pipeline_kwargs`` go to the pipeline call as they are, for what the recipe does not
         set: ``control_image`` (ControlNet), ``ip_adapter_image``, ``pag_scale``,
-        ``cross_attention_kwargs``, ...
+        ``cross_attention_kwargs``, ... ``on_step(done, total)`` is called after each
+        denoising step (for progress displays).
         """
         sampler = self.config["sampler"]
         seed = new_seed() if seed is None else int(seed)
@@ -130,11 +142,13 @@ class Runner:
             # a CPU generator gives the same noise on every device
             generator=torch.Generator(device="cpu").manual_seed(seed),
         )
+        if on_step is not None:
+            kwargs["callback_on_step_end"] = _step_reporter(on_step)
         clash = sorted(set(extra) & set(kwargs))
         if clash:
             raise ConfigError(
-                f"pipeline_kwargs {', '.join(clash)} are set by the recipe and the inputs; change them there "
-                "(e.g. sampler.steps=..., sampler.guidance_scale=...), not as pipeline arguments"
+                f"pipeline_kwargs {', '.join(clash)} are set by the recipe, the inputs or on_step; change them "
+                "there (e.g. sampler.steps=..., sampler.guidance_scale=...), not as pipeline arguments"
             )
         kwargs.update(extra)
         start = time.perf_counter()

@@ -1,0 +1,51 @@
+"""``attnctl app``: serve a page to inpaint, switch strategies and compare in a browser.
+
+    attnctl app [--recipe NAME] [key=value ...] [--host 127.0.0.1] [--port 7860] [--out-dir out/app]
+
+Needs the ``app`` extra (Gradio): ``pip install -e ".[app]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from attnctl.cli import Command
+from attnctl.errors import InputError
+
+INSTALL_HINT = 'pip install -e ".[app]"'
+
+
+def _run(args: argparse.Namespace) -> int:
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise InputError(f"unexpected argument '{bad[0]}': overrides are key=value (e.g. model.pretrained=tiny)")
+    if importlib.util.find_spec("gradio") is None:
+        raise InputError(f"attnctl app needs Gradio, which is not installed; install the app extra: {INSTALL_HINT}")
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port {args.port} is not a TCP port; give 1..65535 (e.g. 7860)")
+    from harmonpaint_recipe.app.server import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: --host {args.host} makes the page reachable from other machines; it has no login")
+    serve(args.recipe, args.overrides, args.host, args.port, args.out_dir)
+    return 0
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="harmonpaint", help="recipe the page starts with (name or YAML path) [harmonpaint]")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1: this machine only]")
+    p.add_argument("--port", type=int, default=7860, help="port [7860]")
+    p.add_argument("--out-dir", default="out/app", help="folder for each run's inputs, outputs and sidecars [out/app]")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides for every recipe, e.g. model.pretrained=tiny sampler.steps=10")
+
+
+COMMAND = Command(
+    help="web page to inpaint, switch strategies and compare (needs the app extra)",
+    description="Load the recipe's pipeline once and serve a page where you upload an image, paint the "
+    "mask, type the prompt, pick a recipe, switch strategies and compare two configurations on one seed. "
+    f"Needs Gradio: {INSTALL_HINT}.",
+    add_arguments=_arguments,
+    run=_run,
+)

@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "harmonpaint_recipe.commands.recipes",
     "harmonpaint_recipe.commands.inpaint",
     "harmonpaint_recipe.commands.bench",
+    "harmonpaint_recipe.commands.gpu_check",
     "harmonpaint_recipe.commands.evaluate",
     "harmonpaint_recipe.commands.ablate",
     "harmonpaint_recipe.commands.dataset",

@@ -6,11 +6,17 @@ named after; only the tokenizer is
 attnctl's byte-level stand-in (``attnctl.tiny``), which changes the token ids but not the
 77-token sequence the text encoder and cross-attention see. ``mid`` is a reduced
 SD1.5-shaped pipeline (the same 16 self + 16 cross sites over 4 levels) sized so a
-10-step run takes seconds on two CPU cores; ``tiny`` is ``attnctl.tiny``.
+10-step run takes seconds on two CPU cores; ``tiny`` and ``tiny-sdxl`` are
+``attnctl.tiny`` and ``attnctl.tiny_sdxl``.
+
+``build_pipeline`` makes the models of the built-from-config architectures directly on
+the target device (random initialisation of billions of parameters is much faster on a
+GPU than on the host's cores) and then casts them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,15 +72,18 @@ class Architecture:
         name: CLI name.
         description: one line for reports.
         default_size: image side in pixels the model was trained at.
-        build: ``build(seed) -> pipeline`` on CPU in fp32 (the harness moves and casts it).
+        build: ``build(seed, device) -> pipeline`` in fp32, its models made on ``device``
+            (``None``: on CPU; the tiny builders ignore it).
         full_size: whether the components are the published sizes.
+        recipe: the HarmonPaint recipe written for this architecture.
     """
 
     name: str
     description: str
     default_size: int
-    build: Callable[[int], Any] = field(repr=False)
+    build: Callable[..., Any] = field(repr=False)
     full_size: bool = True
+    recipe: str = "harmonpaint"
 
 
 def _text_encoder(kwargs: dict, vocab_size: int, with_projection: bool = False):
@@ -98,18 +107,21 @@ def _tokenizer():
     return tokenizer, len(_byte_vocab())
 
 
-def _seeded(seed: int, make: Callable[[], Any]) -> Any:
-    """Run ``make`` under ``seed`` without disturbing the global RNG."""
+def _seeded(seed: int, make: Callable[[], Any], device: torch.device | str | None = None) -> Any:
+    """Run ``make`` under ``seed`` (its tensors created on ``device``) without disturbing the
+    host RNG. Only the models are made under the device context: schedulers keep their tables
+    on the host, as diffusers expects."""
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        return make()
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return make()
     finally:
         torch.random.set_rng_state(state)
 
 
 def _build_sd(unet_config: Callable[[], dict], text_config: dict, vae_config: dict) -> Callable[[int], Any]:
-    def build(seed: int):
+    def build(seed: int, device: torch.device | str | None = None):
         from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
 
         tokenizer, vocab = _tokenizer()
@@ -117,7 +129,7 @@ def _build_sd(unet_config: Callable[[], dict], text_config: dict, vae_config: di
         def make():
             return (UNet2DConditionModel(**unet_config()), AutoencoderKL(**vae_config), _text_encoder(text_config, vocab))
 
-        unet, vae, text_encoder = _seeded(seed, make)
+        unet, vae, text_encoder = _seeded(seed, make, device)
         return StableDiffusionInpaintPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
             scheduler=DDIMScheduler(**SD_DDIM_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
@@ -127,7 +139,7 @@ def _build_sd(unet_config: Callable[[], dict], text_config: dict, vae_config: di
     return build
 
 
-def _build_sdxl(seed: int):
+def _build_sdxl(seed: int, device: torch.device | str | None = None):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
 
     tokenizer, vocab = _tokenizer()
@@ -136,7 +148,7 @@ def _build_sdxl(seed: int):
         return (UNet2DConditionModel(**load_unet_config("sdxl-inpaint")), AutoencoderKL(**_SDXL_VAE), _text_encoder(_CLIP_L, vocab),
                 _text_encoder(_OPENCLIP_BIGG, vocab, with_projection=True))
 
-    unet, vae, text_encoder, text_encoder_2 = _seeded(seed, make)
+    unet, vae, text_encoder, text_encoder_2 = _seeded(seed, make, device)
     return StableDiffusionXLInpaintPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD_DDIM_SCHEDULER_CONFIG),
@@ -144,10 +156,16 @@ def _build_sdxl(seed: int):
     )
 
 
-def _build_tiny(seed: int):
+def _build_tiny(seed: int, device: torch.device | str | None = None):
     from attnctl.tiny import build_tiny_inpaint_pipeline
 
     return build_tiny_inpaint_pipeline(seed=seed)
+
+
+def _build_tiny_sdxl(seed: int, device: torch.device | str | None = None):
+    from attnctl.tiny_sdxl import build_tiny_sdxl_inpaint_pipeline
+
+    return build_tiny_sdxl_inpaint_pipeline(seed=seed)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -158,10 +176,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("sd2-inpaint", "SD 2 inpainting (UNet 865M, OpenCLIP ViT-H, SD VAE)", 512,
                      _build_sd(lambda: load_unet_config("sd2-inpaint"), _OPENCLIP_H, _SD_VAE)),
         Architecture("sdxl-inpaint", "SDXL 1.0 inpainting (UNet 2.6B, CLIP ViT-L + OpenCLIP bigG, SDXL VAE)", 1024,
-                     _build_sdxl),
+                     _build_sdxl, recipe="harmonpaint-sdxl"),
         Architecture("mid", "SD1.5 layout and head sizes at 1/4 width, 1/4 heads (UNet 54M), small CLIP and VAE", 256,
                      _build_sd(_mid_unet, _CLIP_MID, _MID_VAE), full_size=False),
         Architecture("tiny", "attnctl.tiny (test-sized SD1.5 layout)", 64, _build_tiny, full_size=False),
+        Architecture("tiny-sdxl", "attnctl.tiny_sdxl (test-sized SDXL layout)", 64, _build_tiny_sdxl, full_size=False,
+                     recipe="harmonpaint-sdxl"),
     )
 }
 
@@ -174,3 +194,13 @@ def get_architecture(name: str) -> Architecture:
             f"choose one of {', '.join(ARCHITECTURES)}"
         )
     return ARCHITECTURES[name]
+
+
+def build_pipeline(arch: Architecture, seed: int, device: torch.device, dtype: torch.dtype) -> Any:
+    """``arch``'s pipeline with weights from ``seed``, on ``device`` in ``dtype``.
+
+    On CUDA the models are initialised on the GPU (the same seed gives the same weights
+    there run after run, but not the same as on the CPU); elsewhere on the CPU.
+    """
+    build_device = device if device.type == "cuda" else None
+    return arch.build(seed, build_device).to(device=device, dtype=dtype)

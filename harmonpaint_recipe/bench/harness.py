@@ -13,7 +13,12 @@ Method (the same for every architecture and device):
 
 Reported per variant: median, min and max seconds per image, it/s (denoising steps per
 second of the median run), the median peak memory, and both as ratios to ``stock``
-(time also as the ratio of the fastest runs, the least disturbed ones on a shared CPU).
+(time also as the ratio of the fastest runs, the least disturbed ones on a shared CPU),
+and the warm-up runs' times (with ``--compile`` the first one holds the compilation).
+
+With ``stop_after`` (a wall-clock time) no timed round starts that would end after it,
+judging by the rounds so far; at least one timed round always runs, and the result says
+how many rounds were run.
 """
 
 from __future__ import annotations
@@ -32,14 +37,14 @@ import torch
 
 from attnctl.errors import ConfigError
 from attnctl.run_state import BatchLayout
-from harmonpaint_recipe.bench.archs import get_architecture
-from harmonpaint_recipe.bench.compiling import dynamo_counts
+from harmonpaint_recipe.bench.archs import build_pipeline, get_architecture
+from harmonpaint_recipe.bench.compiling import dynamo_counts, dynamo_reasons
 from harmonpaint_recipe.bench.memory import PeakMemory, pin_mmap_threshold
 from harmonpaint_recipe.bench.targets import check_targets
 from harmonpaint_recipe.bench.variants import BenchInputs, make_variants, parse_variants
 
 PROMPT = "a watercolor painting of a small red fox sitting in tall grass"
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -55,10 +60,12 @@ class BenchConfig:
     warmup: int = 1
     variants: list[str] = field(default_factory=lambda: parse_variants(None))
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend; "eager" traces with dynamo only
     guidance_scale: float = 7.5
     seed: int = 0
     recipe: str | None = None
     sample_interval: float = 0.01
+    stop_after: float | None = None  # time.time() after which no timed round may end
 
     def check(self) -> None:
         """Raise ``ConfigError`` naming the bad option."""
@@ -70,8 +77,8 @@ class BenchConfig:
             raise ConfigError(f"--warmup must be 0 or more, got {self.warmup}")
         if self.size is not None and (self.size < 8 or self.size % 8):
             raise ConfigError(f"--size must be a positive multiple of 8 (VAE factor), got {self.size}")
-        if self.dtype not in ("auto", *_DTYPES):
-            raise ConfigError(f"--dtype must be one of auto, {', '.join(_DTYPES)}; got '{self.dtype}'")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ConfigError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got '{self.dtype}'")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,7 +98,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` -> fp16 on CUDA, fp32 elsewhere."""
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 def device_name(device: torch.device) -> str:
@@ -139,6 +146,23 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _add_delta(acc: dict[str, int], before: dict[str, int], after: dict[str, int], keep_zero: bool) -> None:
+    """Add the growth of each counter from ``before`` to ``after`` into ``acc``."""
+    for k, v in after.items():
+        delta = v - before.get(k, 0)
+        if delta or keep_zero:
+            acc[k] = acc.get(k, 0) + delta
+
+
+def _past_deadline(stop_after: float | None, times: dict[str, list[float]]) -> bool:
+    """Whether one more timed round (each variant as slow as its slowest run so far) would end
+    after ``stop_after``."""
+    if stop_after is None:
+        return False
+    round_s = sum(max(ts) for ts in times.values() if ts)
+    return time.time() + round_s > stop_after
+
+
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark and return the result record (what ``bench.json`` holds)."""
     cfg.check()
@@ -151,12 +175,12 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         pin_mmap_threshold()
 
     log(f"building {arch.name} ({arch.description}) with random weights ...")
-    pipe = arch.build(cfg.seed).to(device=device, dtype=dtype)
+    pipe = build_pipeline(arch, cfg.seed, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     if cfg.compile:
         from harmonpaint_recipe.bench.compiling import compile_unet
 
-        compile_unet(pipe)
+        compile_unet(pipe, backend=cfg.compile_backend)
     image, mask_image, mask = make_inputs(size, cfg.seed)
 
     def call_kwargs() -> dict[str, Any]:
@@ -166,27 +190,34 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
             generator=torch.Generator(device="cpu").manual_seed(cfg.seed), output_type="np",
         )
 
-    recipe = cfg.recipe or ("harmonpaint-sdxl" if arch.name.startswith("sdxl") else "harmonpaint")
+    recipe = cfg.recipe or arch.recipe
     # diffusers runs CFG (rows [uncond, cond]) iff guidance_scale > 1
     layout = BatchLayout.for_pipeline(num_prompts=1, cfg=cfg.guidance_scale > 1.0)
     inputs = BenchInputs(pipe=pipe, call_kwargs=call_kwargs, mask=mask, prompt=PROMPT, recipe=recipe, layout=layout)
     factories = make_variants()
     variants = {n: factories[n]() for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
+    warmup_times: dict[str, list[float]] = {n: [] for n in names}
     peaks: dict[str, list[int]] = {n: [] for n in names}
     hwms: dict[str, list[int]] = {n: [] for n in names}
     finite: dict[str, bool] = {}
     dynamo: dict[str, dict[str, int]] = {n: {} for n in names}
+    dynamo_why: dict[str, dict[str, int]] = {n: {} for n in names}
 
     load_before = _load_average()
     rounds = cfg.warmup + cfg.repeats
+    rounds_run = 0
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         timed = r >= cfg.warmup
+        if r > cfg.warmup and _past_deadline(cfg.stop_after, times):
+            log(f"stopping after {r - cfg.warmup} timed round(s) of {cfg.repeats}: the next would end past the time limit")
+            break
+        rounds_run += 1
         for n in order:
             v = variants[n]
             v.setup(inputs)
-            dynamo_before = dynamo_counts() if cfg.compile else None
+            dynamo_before = (dynamo_counts(), dynamo_reasons()) if cfg.compile else None
             try:
                 with PeakMemory(device, cfg.sample_interval) as mem:
                     _sync(device)
@@ -198,16 +229,14 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
                 v.teardown()
             finite.setdefault(n, bool(np.isfinite(np.asarray(out)).all()))
             if dynamo_before is not None:
-                after = dynamo_counts()
-                acc = dynamo[n]
-                for k in after:
-                    acc[k] = acc.get(k, 0) + after[k] - dynamo_before[k]
+                _add_delta(dynamo[n], dynamo_before[0], dynamo_counts(), keep_zero=True)
+                _add_delta(dynamo_why[n], dynamo_before[1], dynamo_reasons(), keep_zero=False)
             del out
             res = mem.result
             log(f"round {r + 1}/{rounds}{'' if timed else ' (warm-up)'}  {n:<12} {elapsed:8.3f} s  "
                 f"peak {res.peak / 2**20:9.1f} MiB")
+            (times if timed else warmup_times)[n].append(elapsed)
             if timed:
-                times[n].append(elapsed)
                 peaks[n].append(res.peak)
                 if res.peak_hwm is not None:
                     hwms[n].append(res.peak_hwm)
@@ -219,6 +248,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         results[n] = {
             "description": variants[n].description,
             "seconds": times[n],
+            "warmup_seconds": warmup_times[n],
             "sec_per_image": t,
             "it_per_s": cfg.steps / t["median"],
             "peak_memory": {"runs_bytes": peaks[n], "median_bytes": p["median"], "min_bytes": p["min"],
@@ -227,6 +257,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         }
         if cfg.compile:
             results[n]["dynamo"] = dynamo[n]
+            results[n]["dynamo_unsupported"] = dynamo_why[n]
         if hwms[n]:
             results[n]["peak_memory"]["hwm_median_bytes"] = statistics.median(hwms[n])
     stock_t = results["stock"]["sec_per_image"]["median"]
@@ -245,6 +276,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
 
     meta = {
         "command": "attnctl " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("attnctl") else None,
+        "rounds": {"warmup": min(rounds_run, cfg.warmup), "timed": max(rounds_run - cfg.warmup, 0)},
         "config": {**asdict(cfg), "size": size, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
                    "recipe": recipe},
         "arch": {"name": arch.name, "description": arch.description, "full_size": arch.full_size,

@@ -10,8 +10,9 @@ At most eight files, each only when there is something to put in it:
 - ``bench.json``: ``{part: benchmark record}`` for ``sd15``, ``sdxl``, ``sd2``;
 - ``bench.md``: their tables (``bench.report.markdown_table``);
 - ``bench.png``: the ``sd15`` chart (``bench.report.bar_chart``);
-- ``compile.json``: the ``compile`` record plus per-variant compile time and steady-state
-  time, and the comparison with eager ``stock`` from ``sd15``.
+- ``compile.json``: ``{part: record}`` for ``compile`` and ``compile-hp``, plus
+  ``compile_report``: per variant the compile time, steady-state time, dynamo's counts and
+  the comparison with eager ``stock`` from ``sd15``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from harmonpaint_recipe.bench.gpu_check import PartRecord, SuiteOptions
 
 BENCH_PARTS: tuple[str, ...] = ("sd15", "sdxl", "sd2")
+COMPILE_PARTS: tuple[str, ...] = ("compile", "compile-hp")
 OUTPUT_FILES: tuple[str, ...] = ("summary.md", "suite.log", "gpu-tests.txt", "parity.json", "bench.json",
                                  "bench.md", "bench.png", "compile.json")
 MAX_FILE_BYTES = 16 * 2**20
@@ -62,31 +64,46 @@ def _gpu_from_nvidia_smi() -> str | None:
     return out.splitlines()[0] if out else None
 
 
-def compile_report(compiled: dict[str, Any], eager: dict[str, Any] | None) -> dict[str, Any]:
-    """Per variant: compile time (first warm-up run less the steady median), steady time,
-    dynamo counts; and compiled times against eager ``stock`` when both runs used the same settings."""
-    cfg = compiled["meta"]["config"]
-    comparable = eager is not None and all(
-        eager["meta"]["config"].get(k) == cfg.get(k) for k in ("arch", "size", "steps", "dtype", "device", "guidance_scale"))
-    eager_stock = eager["variants"]["stock"]["sec_per_image"]["median"] if comparable else None
-    rows = {}
-    for name, v in compiled["variants"].items():
-        steady = v["sec_per_image"]["median"]
-        warm = v.get("warmup_seconds") or []
-        rows[name] = {
-            "compile_s": round(warm[0] - steady, 3) if warm else None,
-            "first_run_s": warm[0] if warm else None,
-            "steady_sec_per_image": steady,
-            "vs_compiled_stock": v["time_ratio"],
-            "vs_eager_stock": steady / eager_stock if eager_stock else None,
-            "graphs": v.get("dynamo", {}).get("graphs"),
-            "graph_breaks": v.get("dynamo", {}).get("graph_breaks"),
-            "frames_left_eager": v.get("dynamo", {}).get("frames_failed"),
-            "unsupported": v.get("dynamo_unsupported", {}),
-            "finite_output": v["finite_output"],
-        }
-    return {"eager_stock_sec_per_image": eager_stock,
-            "eager_comparable": comparable, "variants": rows}
+def _results(records: dict[str, PartRecord], names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    return {n: records[n].result for n in names if n in records and records[n].result is not None}
+
+
+def compile_report(compiled: dict[str, dict[str, Any]], eager: dict[str, Any] | None) -> dict[str, Any]:
+    """One row per compiled run (part) and variant: compile time (what the warm-up runs took
+    beyond the steady median), steady time, time against the same run's compiled ``stock``
+    and, where the eager run used the same settings, against eager ``stock``; dynamo's counts."""
+    keys = ("arch", "size", "steps", "dtype", "device", "guidance_scale")
+    eager_stock = eager["variants"]["stock"]["sec_per_image"]["median"] if eager is not None else None
+    rows: list[dict[str, Any]] = []
+    comparable_all = bool(compiled)
+    for part, result in compiled.items():
+        cfg = result["meta"]["config"]
+        comparable = eager is not None and all(eager["meta"]["config"].get(k) == cfg.get(k) for k in keys)
+        comparable_all = comparable_all and comparable
+        for name, v in result["variants"].items():
+            rows.append({"part": part, "variant": name, **_compiled_row(v, eager_stock if comparable else None)})
+    backend = next(iter(compiled.values()))["meta"]["config"].get("compile_backend", "inductor") if compiled else None
+    return {"eager_stock_sec_per_image": eager_stock, "eager_comparable": comparable_all, "backend": backend,
+            "rows": rows}
+
+
+def _compiled_row(v: dict[str, Any], eager_stock: float | None) -> dict[str, Any]:
+    steady = v["sec_per_image"]["median"]
+    warm = v.get("warmup_seconds") or []
+    dynamo = v.get("dynamo", {})
+    return {
+        # recompiles can also fall in the later warm-up runs (each variant swap changes the processors)
+        "compile_s": round(sum(warm) - len(warm) * steady, 3) if warm else None,
+        "warmup_seconds": warm,
+        "steady_sec_per_image": steady,
+        "vs_compiled_stock": v["time_ratio"],
+        "vs_eager_stock": steady / eager_stock if eager_stock else None,
+        "graphs": dynamo.get("graphs"),
+        "graph_breaks": dynamo.get("graph_breaks"),
+        "frames_left_eager": dynamo.get("frames_failed"),
+        "unsupported": v.get("dynamo_unsupported", {}),
+        "finite_output": v["finite_output"],
+    }
 
 
 def _targets(records: dict[str, PartRecord]) -> list[tuple[str, str, str, bool | None]]:
@@ -100,18 +117,18 @@ def _targets(records: dict[str, PartRecord]) -> list[tuple[str, str, str, bool |
             op = "<" if t["metric"] == "peak_gb" else "<="
             rows.append((f"{part}: {t['variant']} {t['metric']} ({t['setting']})", f"{op} {t['limit']}",
                          f"{t['value']:.3f}", t["met"]))
-    comp = records.get("compile")
-    if comp is not None and comp.result is not None:
-        sd15 = records.get("sd15")
-        report = compile_report(comp.result, sd15.result if sd15 is not None else None)
-        hp = report["variants"].get("harmonpaint", {})
-        if hp.get("vs_eager_stock") is not None:
-            rows.append(("compile: compiled harmonpaint time vs eager stock (stretch)", "<= 1.0",
-                         f"{hp['vs_eager_stock']:.3f}", hp["vs_eager_stock"] <= 1.0))
-        for name, v in report["variants"].items():
-            if v.get("graph_breaks") is not None:
-                lost = v["graph_breaks"] + (v.get("frames_left_eager") or 0)
-                rows.append((f"compile: {name} graph breaks + frames left eager", "0", str(lost), lost == 0))
+    compiled = _results(records, COMPILE_PARTS)
+    if compiled:
+        report = compile_report(compiled, _results(records, ("sd15",)).get("sd15"))
+        for v in report["rows"]:
+            if v["variant"] == "harmonpaint" and v["vs_eager_stock"] is not None:
+                rows.append((f"{v['part']}: compiled harmonpaint time vs eager stock (stretch)", "<= 1.0",
+                             f"{v['vs_eager_stock']:.3f}", v["vs_eager_stock"] <= 1.0))
+        first = report["rows"][0]["part"] if report["rows"] else None
+        for v in report["rows"]:
+            if v["graph_breaks"] is not None and (v["variant"] != "stock" or v["part"] == first):  # stock once
+                lost = v["graph_breaks"] + (v["frames_left_eager"] or 0)
+                rows.append((f"{v['part']}: {v['variant']} graph breaks + frames left eager", "0", str(lost), lost == 0))
     par = records.get("parity")
     if par is not None and par.result is not None:
         for recipe, by_dtype in par.result["recipes"].items():
@@ -173,26 +190,28 @@ def _summary(records: list[PartRecord], opts: SuiteOptions, t0: float) -> str:
             lines += ["", "(Allocated tensors only: the CUDA context and the caching allocator's slack add roughly 1-2 GB "
                       "on a real card.)"]
 
-    comp = by_name.get("compile")
-    if comp is not None and comp.result is not None:
-        sd15 = by_name.get("sd15")
-        report = compile_report(comp.result, sd15.result if sd15 is not None else None)
-        backend = comp.result["meta"]["config"].get("compile_backend", "inductor")
-        lines += ["", f"## torch.compile (backend `{backend}`)", "",
-                  "| variant | compile s | steady s/image | vs compiled stock | vs eager stock | graphs | graph breaks "
-                  "| frames left eager |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, v in report["variants"].items():
-            def fmt(x: Any, spec: str = ".3f") -> str:
-                return "-" if x is None else format(x, spec)
-            lines.append(f"| {name} | {fmt(v['compile_s'], '.1f')} | {fmt(v['steady_sec_per_image'])} | "
+    compiled = _results(by_name, COMPILE_PARTS)
+    if compiled:
+        report = compile_report(compiled, _results(by_name, ("sd15",)).get("sd15"))
+        lines += ["", f"## torch.compile (backend `{report['backend']}`)", "",
+                  "| part | variant | compile s | steady s/image | vs compiled stock | vs eager stock | graphs "
+                  "| graph breaks | frames left eager |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+        def fmt(x: Any, spec: str = ".3f") -> str:
+            return "-" if x is None else format(x, spec)
+
+        for v in report["rows"]:
+            lines.append(f"| {v['part']} | {v['variant']} | {fmt(v['compile_s'], '.1f')} | {fmt(v['steady_sec_per_image'])} | "
                          f"{fmt(v['vs_compiled_stock'])} | {fmt(v['vs_eager_stock'])} | {fmt(v['graphs'], 'd')} | "
                          f"{fmt(v['graph_breaks'], 'd')} | {fmt(v['frames_left_eager'], 'd')} |")
-        lines += ["", "Compile s: the first (warm-up) run less the steady median; graphs, graph breaks and frames "
-                  "dynamo gave up on (they run eagerly): dynamo's counters over every run of the variant."]
-        for name, v in report["variants"].items():
+        lines += ["", "Compile s: what the warm-up runs took beyond the steady median; vs compiled stock: against "
+                  "`stock` of the same run (same process, interleaved); graphs, graph breaks and frames dynamo gave up "
+                  "on (they run eagerly): dynamo's counters over every run of the variant."]
+        for v in report["rows"]:
             if v["unsupported"]:
-                lines += ["", f"`{name}`: dynamo met " + "; ".join(f"\"{r}\" ({c}x)" for r, c in v["unsupported"].items())]
+                lines += ["", f"`{v['part']}` / `{v['variant']}`: dynamo met "
+                          + "; ".join(f"\"{r}\" ({c}x)" for r, c in v["unsupported"].items())]
         if not report["eager_comparable"]:
             lines.append("The eager `sd15` run is missing or used other settings: no comparison with eager stock.")
 
@@ -221,9 +240,8 @@ def write_outputs(out: Path, records: list[PartRecord], opts: SuiteOptions, t0: 
         (out / "bench.md").write_text(
             "\n".join(f"## `{p}`\n\n{markdown_table(r)}" for p, r in bench.items()), encoding="utf-8")
         bar_chart(bench.get("sd15") or next(iter(bench.values())), out / "bench.png")
-    comp = by_name.get("compile")
-    if comp is not None and comp.result is not None:
-        sd15 = bench.get("sd15")
-        _dump(out / "compile.json", {**comp.result, "compile_report": compile_report(comp.result, sd15)})
+    compiled = _results(by_name, COMPILE_PARTS)
+    if compiled:
+        _dump(out / "compile.json", {**compiled, "compile_report": compile_report(compiled, bench.get("sd15"))})
     (out / "summary.md").write_text(_summary(records, opts, t0), encoding="utf-8")
     return [out / f for f in OUTPUT_FILES if (out / f).exists()]

@@ -53,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--size", type=int, default=None, help="image side of every benchmark and parity run [each arch's]")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps of every benchmark [sd15/compile 50, sdxl/sd2 20]")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds of every benchmark [sd15/sdxl 5, compile/sd2 3]")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds of every benchmark [1]")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds of every benchmark [1; 2 for compile, compile-hp]")
     parser.add_argument("--parity-steps", type=int, default=10, help="DDIM steps of the parity runs [10]")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                         help=f"seconds the whole run may take, counted from --t0 [{DEFAULT_BUDGET_S:.0f}]")

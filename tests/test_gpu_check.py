@@ -124,8 +124,8 @@ def test_skip_and_only_pick_parts(tmp_path):
 
 def test_later_required_parts_keep_their_minimum_in_reserve():
     later = [Part("a", "", "bench", {}, 100, 40), Part("b", "", "bench", {}, 100, 30, optional=True)]
-    assert part_deadline(0.0, 500.0, later) == 460.0
-    assert part_deadline(0.0, 500.0, []) == 500.0
+    assert part_deadline(500.0, later) == 460.0
+    assert part_deadline(500.0, []) == 500.0
 
 
 def test_parts_that_cannot_fit_are_skipped_and_said_so(tmp_path):

@@ -9,7 +9,7 @@ tests       ``pytest -m gpu tests/test_gpu.py``                                 
 parity      fp16 and bf16 vs fp32 final latents, 4 recipes, 512², 10 steps        50 s
 sd15        benchmark: 5 variants, 512², 50 DDIM steps, CFG 7.5, fp16, 5 repeats  110 s
 sdxl        benchmark: stock vs harmonpaint, 1024², 20 steps, fp16, 5 repeats     75 s
-compile     sd15 benchmark, torch.compile: stock, idle, sams+makvs, 3 repeats     150 s
+compile     sd15 with torch.compile: stock, idle, sams+makvs, 3 repeats + 2 warm-up 150 s
 compile-hp  the same for stock and harmonpaint (only if time is left)             150 s
 sd2         benchmark: 4 variants, SD2 at 768², 20 steps, 3 repeats (if time left) 70 s
 =========== ===================================================================== =========
@@ -24,8 +24,8 @@ GPU was at hand when they were written); ``summary.md`` records each part's real
 time next to them. The budget (``--budget``, 480 s) counts from ``--t0`` (the shell
 script's start). Before a part starts, every later part that is not optional keeps its
 minimum time in reserve; a part is skipped when less than its own minimum is left, a
-benchmark stops adding timed rounds when the next one would not fit, and a part that
-overruns is stopped at its deadline. The outputs are rewritten after every part, so what
+benchmark drops further warm-up rounds and stops adding timed rounds when the next one
+would not fit, and a part that overruns is stopped at its deadline. The outputs are rewritten after every part, so what
 is done is on disk whatever happens later.
 """
 
@@ -166,10 +166,10 @@ def plan_parts(opts: SuiteOptions) -> list[Part]:
     return [p for p in parts if p.name in chosen]
 
 
-def part_deadline(now: float, end: float, later: list[Part]) -> float:
+def part_deadline(end: float, later: list[Part]) -> float:
     """When a part must be done: the suite's end less the minimum time of every later
     part that is not optional."""
-    return min(end, end - sum(p.min_s for p in later if not p.optional))
+    return end - sum(p.min_s for p in later if not p.optional)
 
 
 @dataclass
@@ -322,7 +322,7 @@ def run_suite(opts: SuiteOptions) -> list[PartRecord]:
             f"({time.time() - t0:.0f} s already used)" + (f"; not run: {', '.join(skipped_by_flag)}" if skipped_by_flag else ""))
         for i, (part, rec) in enumerate(zip(parts, records)):
             now = time.time()
-            deadline = part_deadline(now, end, parts[i + 1:])
+            deadline = part_deadline(end, parts[i + 1:])
             if deadline - now < part.min_s:
                 rec.status = "skipped"
                 rec.reason = f"not enough time: needs at least ~{part.min_s:.0f} s, {max(deadline - now, 0):.0f} s left for it"

@@ -154,12 +154,12 @@ def _add_delta(acc: dict[str, int], before: dict[str, int], after: dict[str, int
             acc[k] = acc.get(k, 0) + delta
 
 
-def _past_deadline(stop_after: float | None, times: dict[str, list[float]]) -> bool:
-    """Whether one more timed round (each variant as slow as its slowest run so far) would end
-    after ``stop_after``."""
+def _past_deadline(stop_after: float | None, last_round: dict[str, list[float]]) -> bool:
+    """Whether one more round, each variant as slow as in ``last_round``'s lists (their slowest
+    run), would end after ``stop_after``."""
     if stop_after is None:
         return False
-    round_s = sum(max(ts) for ts in times.values() if ts)
+    round_s = sum(max(ts) for ts in last_round.values() if ts)
     return time.time() + round_s > stop_after
 
 
@@ -206,14 +206,23 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
 
     load_before = _load_average()
     rounds = cfg.warmup + cfg.repeats
-    rounds_run = 0
-    for r in range(rounds):
+    warmups_run = timed_run = 0
+    while warmups_run < cfg.warmup or timed_run < cfg.repeats:
+        r = warmups_run + timed_run
         order = names[r % len(names):] + names[: r % len(names)]
-        timed = r >= cfg.warmup
-        if r > cfg.warmup and _past_deadline(cfg.stop_after, times):
-            log(f"stopping after {r - cfg.warmup} timed round(s) of {cfg.repeats}: the next would end past the time limit")
+        timed = warmups_run >= cfg.warmup
+        # near the time limit: no further warm-up round, and no timed round past the first
+        if timed and timed_run >= 1 and _past_deadline(cfg.stop_after, times):
+            log(f"stopping after {timed_run} timed round(s) of {cfg.repeats}: the next would end past the time limit")
             break
-        rounds_run += 1
+        if not timed and warmups_run >= 1 and _past_deadline(cfg.stop_after, warmup_times):
+            log(f"skipping warm-up rounds {warmups_run + 1}-{cfg.warmup}: the time limit is near")
+            warmups_run = cfg.warmup
+            continue
+        if timed:
+            timed_run += 1
+        else:
+            warmups_run += 1
         for n in order:
             v = variants[n]
             v.setup(inputs)
@@ -276,7 +285,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
 
     meta = {
         "command": "attnctl " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("attnctl") else None,
-        "rounds": {"warmup": min(rounds_run, cfg.warmup), "timed": max(rounds_run - cfg.warmup, 0)},
+        "rounds": {"warmup": len(warmup_times[names[0]]), "timed": timed_run},
         "config": {**asdict(cfg), "size": size, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
                    "recipe": recipe},
         "arch": {"name": arch.name, "description": arch.description, "full_size": arch.full_size,

@@ -6,7 +6,9 @@
 # On a machine without network access, carry the wheels made by scripts/gpu-wheels.sh DIR
 # and pass --wheels DIR: they are installed into $ATTNCTL_SITE (/tmp/attnctl-site) and put
 # on PYTHONPATH. Without --wheels, attnctl and its dependencies must be installed already.
-# Runs from the repository root (tests/test_gpu.py is one of the parts).
+# Runs from the repository root (tests/test_gpu.py is one of the parts), with $PYTHON
+# (python3). Exits 0 when every part that ran succeeded, 1 when one failed or was stopped,
+# 2 when attnctl cannot run at all.
 set -euo pipefail
 t0=$(date +%s.%N)
 root=$(cd "$(dirname "$0")/.." && pwd)

@@ -16,9 +16,10 @@ second of the median run), the median peak memory, and both as ratios to ``stock
 (time also as the ratio of the fastest runs, the least disturbed ones on a shared CPU),
 and the warm-up runs' times (with ``--compile`` the first one holds the compilation).
 
-With ``stop_after`` (a wall-clock time) no timed round starts that would end after it,
-judging by the rounds so far; at least one timed round always runs, and the result says
-how many rounds were run.
+With ``stop_after`` (a wall-clock time) no round starts that would end after it, judging
+by the rounds so far: the remaining warm-up rounds are dropped, then the remaining timed
+rounds; at least one warm-up round (if any was asked for) and one timed round always run,
+and the result says how many of each were run.
 """
 
 from __future__ import annotations
@@ -154,12 +155,12 @@ def _add_delta(acc: dict[str, int], before: dict[str, int], after: dict[str, int
             acc[k] = acc.get(k, 0) + delta
 
 
-def _past_deadline(stop_after: float | None, last_round: dict[str, list[float]]) -> bool:
-    """Whether one more round, each variant as slow as in ``last_round``'s lists (their slowest
-    run), would end after ``stop_after``."""
+def _past_deadline(stop_after: float | None, runs: dict[str, list[float]]) -> bool:
+    """Whether one more round, each variant as slow as its slowest run in ``runs``, would end
+    after ``stop_after``."""
     if stop_after is None:
         return False
-    round_s = sum(max(ts) for ts in last_round.values() if ts)
+    round_s = sum(max(ts) for ts in runs.values() if ts)
     return time.time() + round_s > stop_after
 
 

@@ -95,3 +95,16 @@ def test_naive_reference_makes_the_same_image_as_the_library(tiny_pipe):
     assert (images["idle"] == images["stock"]).all()
     assert abs(images["naive"] - images["harmonpaint"]).max() <= 1e-4
     assert abs(images["harmonpaint"] - images["stock"]).max() > 1e-3  # the recipe really acts
+
+
+def test_time_limit_cuts_warm_up_and_timed_rounds_but_keeps_one_of_each():
+    """With the limit already past: one warm-up round (no second), one timed round (no more)."""
+    from harmonpaint_recipe.bench.harness import BenchConfig, run_benchmark
+
+    lines: list[str] = []
+    cfg = BenchConfig(arch="tiny", steps=1, repeats=3, warmup=2, variants=["stock"], stop_after=0.0)
+    result = run_benchmark(cfg, log=lines.append)
+    assert result["meta"]["rounds"] == {"warmup": 1, "timed": 1}
+    stock = result["variants"]["stock"]
+    assert len(stock["warmup_seconds"]) == 1 and len(stock["seconds"]) == 1
+    assert any(line.startswith("skipping warm-up rounds 2-2") for line in lines)

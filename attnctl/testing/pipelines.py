@@ -98,20 +98,26 @@ def _text_encoder(kwargs: dict[str, Any], with_projection: bool):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def build_inpaint_pipeline(spec: PipelineSpec, seed: int = 0, in_channels: int | None = None):
+def build_inpaint_pipeline(spec: PipelineSpec, seed: int = 0, in_channels: int | None = None, device=None):
     """A random-weight ``StableDiffusion(XL)InpaintPipeline`` from ``spec`` (weights from ``seed``).
 
     Args:
         spec: the component configs.
-        seed: seed of the random weights (the global RNG state is left untouched).
+        seed: seed of the random weights (the global CPU RNG state is left untouched).
         in_channels: override the UNet's input channels (9: inpainting UNet; 4: a text-to-image
             UNet used through the pipeline's latent blending).
+        device: build the models there (initialising billions of parameters is much faster on
+            a GPU; the weights then come from that device's generator). Default: the CPU.
     """
+    import contextlib
+
+    import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     unet_config = spec.unet if in_channels is None else {**spec.unet, "in_channels": in_channels}
-    with seeded(seed):
+    on_device = torch.device(device) if device is not None else contextlib.nullcontext()
+    with seeded(seed), on_device:
         unet = UNet2DConditionModel(**unet_config)
         vae = AutoencoderKL(**spec.vae)
         text_encoder = _text_encoder(spec.text, with_projection=False)

@@ -6,16 +6,24 @@ they are named after, built by ``attnctl.testing.build_inpaint_pipeline``; only 
 tokenizer is attnctl's byte-level stand-in, which changes the token ids but not the
 77-token sequence the text encoder and cross-attention see. ``mid`` is a reduced
 SD1.5-shaped pipeline (the same 16 self + 16 cross sites over 4 levels) sized so a
-10-step run takes seconds on two CPU cores; ``tiny`` is ``attnctl.testing.TINY_SD``.
+10-step run takes seconds on two CPU cores; ``tiny`` and ``tiny-sdxl`` are
+``attnctl.testing``'s ``TINY_SD`` and ``TINY_SDXL``.
+
+``build_pipeline`` makes the models directly on the target device (random initialisation
+of billions of parameters is much faster on a GPU than on the host's cores) and then casts
+them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from attnctl.registry import Registry
-from attnctl.testing import TINY_SD, TINY_VAE_CONFIG, PipelineSpec, build_inpaint_pipeline, load_unet_config
+from attnctl.testing import TINY_SD, TINY_SDXL, TINY_VAE_CONFIG, PipelineSpec, build_inpaint_pipeline, load_unet_config
+
+if TYPE_CHECKING:
+    import torch
 
 # --- UNets -----------------------------------------------------------------------------
 # The full-size UNet configs ship with attnctl (attnctl/testing/configs/*.json, one source of truth).
@@ -61,15 +69,18 @@ class Architecture:
         name: CLI name.
         description: one line for reports.
         default_size: image side in pixels the model was trained at.
-        build: ``build(seed) -> pipeline`` on CPU in fp32 (the harness moves and casts it).
+        build: ``build(seed, device) -> pipeline`` in fp32, its models made on ``device``
+            (``None``: on CPU; the tiny builders ignore it).
         full_size: whether the components are the published sizes.
+        recipe: the HarmonPaint recipe written for this architecture.
     """
 
     name: str
     description: str
     default_size: int
-    build: Callable[[int], Any] = field(repr=False)
+    build: Callable[..., Any] = field(repr=False)
     full_size: bool = True
+    recipe: str = "harmonpaint"
 
 
 def _spec(unet: dict, text: dict, vae: dict, text_2: dict | None = None) -> PipelineSpec:
@@ -78,8 +89,8 @@ def _spec(unet: dict, text: dict, vae: dict, text_2: dict | None = None) -> Pipe
                         text_2=None if text_2 is None else {"vocab_size": 49408, **text_2})
 
 
-def _builder(spec: Callable[[], PipelineSpec]) -> Callable[[int], Any]:
-    return lambda seed: build_inpaint_pipeline(spec(), seed=seed)
+def _builder(spec: Callable[[], PipelineSpec]) -> Callable[..., Any]:
+    return lambda seed, device=None: build_inpaint_pipeline(spec(), seed=seed, device=device)
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("architecture", {
@@ -90,10 +101,23 @@ ARCHITECTURES: Registry[Architecture] = Registry("architecture", {
         Architecture("sd2-inpaint", "SD 2 inpainting (UNet 865M, OpenCLIP ViT-H, SD VAE)", 512,
                      _builder(lambda: _spec(load_unet_config("sd2-inpaint"), _OPENCLIP_H, _SD_VAE))),
         Architecture("sdxl-inpaint", "SDXL 1.0 inpainting (UNet 2.6B, CLIP ViT-L + OpenCLIP bigG, SDXL VAE)", 1024,
-                     _builder(lambda: _spec(load_unet_config("sdxl-inpaint"), _CLIP_L, _SDXL_VAE, _OPENCLIP_BIGG))),
+                     _builder(lambda: _spec(load_unet_config("sdxl-inpaint"), _CLIP_L, _SDXL_VAE, _OPENCLIP_BIGG)),
+                     recipe="harmonpaint-sdxl"),
         Architecture("mid", "SD1.5 layout and head sizes at 1/4 width, 1/4 heads (UNet 54M), small CLIP and VAE", 256,
                      _builder(lambda: _spec(_mid_unet(), _CLIP_MID, _MID_VAE)), full_size=False),
         Architecture("tiny", "attnctl.testing's tiny SD (test-sized SD1.5 layout)", 64,
                      _builder(lambda: TINY_SD), full_size=False),
+        Architecture("tiny-sdxl", "attnctl.testing's tiny SDXL (test-sized SDXL layout)", 64,
+                     _builder(lambda: TINY_SDXL), full_size=False, recipe="harmonpaint-sdxl"),
     )
 })
+
+
+def build_pipeline(arch: Architecture, seed: int, device: torch.device, dtype: torch.dtype) -> Any:
+    """``arch``'s pipeline with weights from ``seed``, on ``device`` in ``dtype``.
+
+    On CUDA the models are initialised on the GPU (the same seed gives the same weights
+    there run after run, but not the same as on the CPU); elsewhere on the CPU.
+    """
+    build_device = device if device.type == "cuda" else None
+    return arch.build(seed, build_device).to(device=device, dtype=dtype)

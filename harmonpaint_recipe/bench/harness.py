@@ -13,7 +13,13 @@ Method (the same for every architecture and device):
 
 Reported per variant: median, min and max seconds per image, it/s (denoising steps per
 second of the median run), the median peak memory, and both as ratios to ``stock``
-(time also as the ratio of the fastest runs, the least disturbed ones on a shared CPU).
+(time also as the ratio of the fastest runs, the least disturbed ones on a shared CPU),
+and the warm-up runs' times (with ``--compile`` the first one holds the compilation).
+
+With ``stop_after`` (a wall-clock time) no round starts that would end after it, judging
+by the rounds so far: the remaining warm-up rounds are dropped, then the remaining timed
+rounds; at least one warm-up round (if any was asked for) and one timed round always run,
+and the result says how many of each were run.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ import torch
 
 from attnctl.errors import ConfigError
 from attnctl.layout import BatchLayout
-from harmonpaint_recipe.bench.archs import ARCHITECTURES
-from harmonpaint_recipe.bench.compiling import dynamo_counts
+from harmonpaint_recipe.bench.archs import ARCHITECTURES, build_pipeline
+from harmonpaint_recipe.bench.compiling import dynamo_counts, dynamo_reasons
 from harmonpaint_recipe.bench.memory import PeakMemory, pin_mmap_threshold
 from harmonpaint_recipe.bench.targets import check_targets
 from harmonpaint_recipe.bench.variants import VARIANTS, BenchInputs, parse_variants
@@ -55,10 +61,12 @@ class BenchConfig:
     warmup: int = 1
     variants: list[str] = field(default_factory=lambda: parse_variants(None))
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend; "eager" traces with dynamo only
     guidance_scale: float = 7.5
     seed: int = 0
     recipe: str | None = None
     sample_interval: float = 0.01
+    stop_after: float | None = None  # time.time() after which no timed round may end
 
     def check(self) -> None:
         """Raise ``ConfigError`` naming the bad option."""
@@ -119,6 +127,23 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _add_delta(acc: dict[str, int], before: dict[str, int], after: dict[str, int], keep_zero: bool) -> None:
+    """Add the growth of each counter from ``before`` to ``after`` into ``acc``."""
+    for k, v in after.items():
+        delta = v - before.get(k, 0)
+        if delta or keep_zero:
+            acc[k] = acc.get(k, 0) + delta
+
+
+def _past_deadline(stop_after: float | None, runs: dict[str, list[float]]) -> bool:
+    """Whether one more round, each variant as slow as its slowest run in ``runs``, would end
+    after ``stop_after``."""
+    if stop_after is None:
+        return False
+    round_s = sum(max(ts) for ts in runs.values() if ts)
+    return time.time() + round_s > stop_after
+
+
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark and return the result record (what ``bench.json`` holds)."""
     cfg.check()
@@ -131,12 +156,12 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         pin_mmap_threshold()
 
     log(f"building {arch.name} ({arch.description}) with random weights ...")
-    pipe = arch.build(cfg.seed).to(device=device, dtype=dtype)
+    pipe = build_pipeline(arch, cfg.seed, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     if cfg.compile:
         from harmonpaint_recipe.bench.compiling import compile_unet
 
-        compile_unet(pipe)
+        compile_unet(pipe, backend=cfg.compile_backend)
     image, mask_image, mask = make_inputs(size, cfg.seed)
 
     def call_kwargs() -> dict[str, Any]:
@@ -146,26 +171,42 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
             generator=torch.Generator(device="cpu").manual_seed(cfg.seed), output_type="np",
         )
 
-    recipe = cfg.recipe or ("harmonpaint-sdxl" if arch.name.startswith("sdxl") else "harmonpaint")
+    recipe = cfg.recipe or arch.recipe
     # diffusers runs CFG (rows [uncond, cond]) iff guidance_scale > 1
     layout = BatchLayout.for_pipeline(num_prompts=1, cfg=cfg.guidance_scale > 1.0)
     inputs = BenchInputs(pipe=pipe, call_kwargs=call_kwargs, mask=mask, prompt=PROMPT, recipe=recipe, layout=layout)
     variants = {n: VARIANTS.get(n)() for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
+    warmup_times: dict[str, list[float]] = {n: [] for n in names}
     peaks: dict[str, list[int]] = {n: [] for n in names}
     hwms: dict[str, list[int]] = {n: [] for n in names}
     finite: dict[str, bool] = {}
     dynamo: dict[str, dict[str, int]] = {n: {} for n in names}
+    dynamo_why: dict[str, dict[str, int]] = {n: {} for n in names}
 
     load_before = _load_average()
     rounds = cfg.warmup + cfg.repeats
-    for r in range(rounds):
+    warmups_run = timed_run = 0
+    while warmups_run < cfg.warmup or timed_run < cfg.repeats:
+        r = warmups_run + timed_run
         order = names[r % len(names):] + names[: r % len(names)]
-        timed = r >= cfg.warmup
+        timed = warmups_run >= cfg.warmup
+        # near the time limit: no further warm-up round, and no timed round past the first
+        if timed and timed_run >= 1 and _past_deadline(cfg.stop_after, times):
+            log(f"stopping after {timed_run} timed round(s) of {cfg.repeats}: the next would end past the time limit")
+            break
+        if not timed and warmups_run >= 1 and _past_deadline(cfg.stop_after, warmup_times):
+            log(f"skipping warm-up rounds {warmups_run + 1}-{cfg.warmup}: the time limit is near")
+            warmups_run = cfg.warmup
+            continue
+        if timed:
+            timed_run += 1
+        else:
+            warmups_run += 1
         for n in order:
             v = variants[n]
             v.setup(inputs)
-            dynamo_before = dynamo_counts() if cfg.compile else None
+            dynamo_before = (dynamo_counts(), dynamo_reasons()) if cfg.compile else None
             try:
                 with PeakMemory(device, cfg.sample_interval) as mem:
                     _sync(device)
@@ -177,16 +218,14 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
                 v.teardown()
             finite.setdefault(n, bool(np.isfinite(np.asarray(out)).all()))
             if dynamo_before is not None:
-                after = dynamo_counts()
-                acc = dynamo[n]
-                for k in after:
-                    acc[k] = acc.get(k, 0) + after[k] - dynamo_before[k]
+                _add_delta(dynamo[n], dynamo_before[0], dynamo_counts(), keep_zero=True)
+                _add_delta(dynamo_why[n], dynamo_before[1], dynamo_reasons(), keep_zero=False)
             del out
             res = mem.result
             log(f"round {r + 1}/{rounds}{'' if timed else ' (warm-up)'}  {n:<12} {elapsed:8.3f} s  "
                 f"peak {res.peak / 2**20:9.1f} MiB")
+            (times if timed else warmup_times)[n].append(elapsed)
             if timed:
-                times[n].append(elapsed)
                 peaks[n].append(res.peak)
                 if res.peak_hwm is not None:
                     hwms[n].append(res.peak_hwm)
@@ -198,6 +237,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         results[n] = {
             "description": variants[n].description,
             "seconds": times[n],
+            "warmup_seconds": warmup_times[n],
             "sec_per_image": t,
             "it_per_s": cfg.steps / t["median"],
             "peak_memory": {"runs_bytes": peaks[n], "median_bytes": p["median"], "min_bytes": p["min"],
@@ -206,6 +246,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         }
         if cfg.compile:
             results[n]["dynamo"] = dynamo[n]
+            results[n]["dynamo_unsupported"] = dynamo_why[n]
         if hwms[n]:
             results[n]["peak_memory"]["hwm_median_bytes"] = statistics.median(hwms[n])
     stock_t = results["stock"]["sec_per_image"]["median"]
@@ -224,6 +265,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
 
     meta = {
         "command": "attnctl " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("attnctl") else None,
+        "rounds": {"warmup": len(warmup_times[names[0]]), "timed": timed_run},
         "config": {**asdict(cfg), "size": size, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
                    "recipe": recipe},
         "arch": {"name": arch.name, "description": arch.description, "full_size": arch.full_size,

@@ -47,9 +47,15 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(row)
     compiled = {n: v["dynamo"] for n, v in result["variants"].items() if "dynamo" in v}
     if compiled:
-        lines += ["", "| variant (torch.compile) | graphs compiled | graph breaks |", "|---|---:|---:|"]
+        lines += ["", "| variant (torch.compile) | graphs compiled | graph breaks | frames left eager | unsupported |",
+                  "|---|---:|---:|---:|---:|"]
         for n, d in compiled.items():
-            lines.append(f"| {n} | {d.get('graphs', 0)} | {d.get('graph_breaks', 0)} |")
+            lines.append(f"| {n} | {d.get('graphs', 0)} | {d.get('graph_breaks', 0)} | {d.get('frames_failed', 0)} | "
+                         f"{d.get('unsupported', 0)} |")
+        why = {n: v["dynamo_unsupported"] for n, v in result["variants"].items() if v.get("dynamo_unsupported")}
+        for n, reasons in why.items():
+            lines.append("")
+            lines.append(f"{n}, unsupported by dynamo: " + "; ".join(f"{r} (x{c})" for r, c in reasons.items()))
     if result["targets"]:
         lines += ["", "| target | limit | measured | met |", "|---|---:|---:|---|"]
         for t in result["targets"]:

@@ -30,6 +30,7 @@ TARGETS: tuple[Target, ...] = (
     Target("cuda", "sd15-inpaint", "harmonpaint", "time_ratio", 1.6, "fp16, 512x512, 50 DDIM steps, CFG 7.5"),
     Target("cuda", "sd15-inpaint", "harmonpaint", "memory_ratio", 1.5, "fp16, 512x512, 50 DDIM steps, CFG 7.5"),
     Target("cuda", "sdxl-inpaint", "harmonpaint", "peak_gb", 40.0, "fp16, 1024x1024"),
+    Target("cuda", "sdxl-inpaint", "harmonpaint", "peak_gb", 24.0, "fp16, 1024x1024; goal: a 24 GB card"),
 )
 
 

@@ -6,8 +6,8 @@ the per-grid values over grids. Everything here runs in fp32.
 
 Built-ins:
 
-- ``steer``: HarmonPaint's Attention Steer Loss (Eq. 8-9, pinned reading in
-  HARMONPAINT_SPEC.md);
+- ``steer``: HarmonPaint's Attention Steer Loss (Eq. 8-9, read as in
+  docs/harmonpaint.md);
 - ``attend_excite``: Attend-and-Excite's loss (Chefer et al. 2023), restricted to the
   inpainting mask.
 

@@ -33,7 +33,7 @@ def test_single_index_and_negative(sd15):
 
 
 def test_grid_factor_union_matches_spec_read_sites(sd15):
-    # HARMONPAINT_SPEC: the 16x16 and 32x32 grids at 512x512 are cross sites 2-5 and 7-12
+    # docs/harmonpaint.md: the 16x16 and 32x32 grids at 512x512 are cross sites 2-5 and 7-12
     picked = select_sites("cross/4,cross/2", sd15)
     assert [s.index for s in picked] == [2, 3, 4, 5, 7, 8, 9, 10, 11, 12]
 

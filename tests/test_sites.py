@@ -14,7 +14,7 @@ from attnctl.testing import UNET_CONFIGS, build_unet
 SNAPSHOTS = Path(__file__).parent / "data" / "sites"
 LATENT = {"sd15-inpaint": (64, 64), "sd2-inpaint": (96, 96), "sdxl-inpaint": (128, 128)}
 
-# HARMONPAINT_SPEC.md "Sites": index range -> (module prefix, grid at 512x512)
+# docs/harmonpaint.md "Where the strategies act": index range -> (module prefix, grid at 512x512)
 SD15_SPEC = [
     (range(0, 2), "down_blocks.0.attentions.{}", 64),
     (range(2, 4), "down_blocks.1.attentions.{}", 32),

@@ -15,7 +15,7 @@ the costs such code usually pays (it lives in the benchmark, not in the library)
   latent/4 and latent/2 grids, and a backward through the whole UNet (Eq. 8-9).
 
 The numbers and sites are read from the same recipe the ``harmonpaint`` variant runs
-(``NaiveSettings.from_recipe``; defaults as in ``HARMONPAINT_SPEC.md``: tau 0.1,
+(``NaiveSettings.from_recipe``; defaults as in docs/harmonpaint.md: tau 0.1,
 lambda 1.4, eta 0.6, step size 20 with the sqrt-linspace schedule, token scale 100,
 eps 1e-4). Like the A&E pipeline it
 updates z_t before the step's noise prediction and the scheduler step continues from the
@@ -41,7 +41,7 @@ from attnctl.sites import Site, describe_sites, grid_at
 
 @dataclass(frozen=True)
 class NaiveSettings:
-    """HarmonPaint defaults (HARMONPAINT_SPEC.md); ``from_recipe`` reads them from a recipe."""
+    """HarmonPaint defaults (docs/harmonpaint.md); ``from_recipe`` reads them from a recipe."""
 
     tau: float = 0.1
     makvs_scale: float = 1.4

@@ -20,6 +20,7 @@ from attnctl.errors import (
     AttnctlError,
     ConfigError,
     InputError,
+    PluginWarning,
     ProcessorReplacedError,
     RunError,
     RunWarning,
@@ -48,9 +49,10 @@ _EXPORTS: dict[str, str] = {
     "select_sites": "attnctl.selectors",
 }
 
-__all__ = sorted([*_EXPORTS, "AttnctlError", "ConfigError", "InputError", "ProcessorReplacedError", "RunError",
-                  "RunWarning",
-                  "SelectorError", "UnsupportedModelError", "UnsupportedProcessorError"])
+__all__ = sorted([
+    *_EXPORTS, "AttnctlError", "ConfigError", "InputError", "PluginWarning", "ProcessorReplacedError", "RunError",
+    "RunWarning", "SelectorError", "UnsupportedModelError", "UnsupportedProcessorError",
+])
 
 
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

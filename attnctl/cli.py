@@ -19,6 +19,7 @@ from importlib import metadata
 from typing import Callable, Mapping, Sequence
 
 from attnctl.errors import AttnctlError, did_you_mean
+from attnctl.notices import quiet_library_notices, warnings_as_lines
 
 ENTRY_POINT_GROUP = "attnctl.commands"
 
@@ -118,10 +119,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog, command, rest = f"{prog} {rest[0]}", command.actions[rest[0]], rest[1:]
     args = _parser(prog, command).parse_intermixed_args(rest)
     args.command = name
+    quiet_library_notices()
     try:
-        return int(command.run(args) or 0)
+        with warnings_as_lines(prog):
+            return int(command.run(args) or 0)
     except AttnctlError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user gave cannot be read or written
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}; check the path and its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -145,7 +145,7 @@ class Controller:
     def run(
         self,
         layout: BatchLayout,
-        mask: torch.Tensor | None = None,
+        mask: Any = None,
         token_indices: Sequence[Sequence[int]] = (),
         num_train_timesteps: int | None = None,
     ) -> Iterator[RunState]:
@@ -153,7 +153,8 @@ class Controller:
 
         Args:
             layout: batch layout of the pipeline's UNet calls (see ``BatchLayout.for_pipeline``).
-            mask: inpainting mask(s), 1 = region to inpaint (see ``RunState``).
+            mask: inpainting mask(s), 1 = region to inpaint: a tensor / array ``[H, W]`` (or
+                ``[K, H, W]``), a PIL image (white = inpaint), or a list, one per image (see ``RunState``).
             token_indices: per prompt, positions of the prompt's own tokens.
             num_train_timesteps: T_train; default: the scheduler's ``num_train_timesteps``.
         """

@@ -39,6 +39,10 @@ class UnsupportedProcessorError(ConfigError):
     """A strategy acts at a site whose attention processor attnctl has no adapter for."""
 
 
+class PluginWarning(UserWarning):
+    """A strategy plugin could not be loaded; the others keep working."""
+
+
 class RunWarning(UserWarning):
     """Something in a run did not happen as planned (a strategy that never acted, a site never run)."""
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from importlib import metadata
 from typing import Any, Iterable, Mapping
 
 import pluggy
 
 from attnctl import hookspecs
-from attnctl.errors import ConfigError, did_you_mean
+from attnctl.errors import ConfigError, PluginWarning, did_you_mean
 from attnctl.params import StrategySpec
 
 ENTRY_POINT_GROUP = "attnctl.strategies"
@@ -46,6 +47,8 @@ class StrategyManager:
         return _DEFAULT_MANAGERS[key]
 
     def __init__(self, plugins: Iterable[Any] = (), autoload: bool | None = None):
+        #: entry-point name -> why that plugin could not be loaded
+        self.broken: dict[str, str] = {}
         self.pm = pluggy.PluginManager("attnctl")
         self.pm.add_hookspecs(hookspecs)
         if autoload is None or autoload:
@@ -62,7 +65,23 @@ class StrategyManager:
                 continue
             if self.pm.get_plugin(ep.name) is not None or self.pm.is_blocked(ep.name):
                 continue
-            self.register(ep.load(), name=ep.name)
+            try:
+                self.register(ep.load(), name=ep.name)
+            except Exception as exc:  # a broken third-party plugin must not take the others down
+                if self.pm.get_plugin(ep.name) is not None:
+                    self.pm.unregister(name=ep.name)
+                self._report_broken(ep, exc)
+
+    def _report_broken(self, ep: metadata.EntryPoint, exc: Exception) -> None:
+        dist = ep.dist.name if ep.dist is not None else "an unknown package"
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        self.broken[ep.name] = f"plugin '{ep.name}' ({ep.value}, from {dist}) failed to load: {reason}"
+        warnings.warn(
+            f"attnctl: {self.broken[ep.name]}; its strategies are unavailable, the others work. Fix or "
+            f"uninstall {dist}, or set {DISABLE_AUTOLOAD_ENV}=1 to load only attnctl's own strategies",
+            PluginWarning,
+            stacklevel=3,
+        )
 
     def register(self, plugin: Any, name: str | None = None) -> None:
         """Register a plugin and check that every hook it implements is a known spec."""
@@ -111,9 +130,10 @@ class StrategyManager:
         """The spec of strategy ``name``; ``ConfigError`` naming ``where`` if unknown."""
         specs = self.strategies()
         if name not in specs:
+            broken = "".join(f"; note: {why}" for why in self.broken.values())
             raise ConfigError(
                 f"unknown strategy '{name}' in {where}{did_you_mean(name, specs)}; "
-                f"available strategies: {', '.join(specs) or '(none)'} (see `attnctl strategies`)"
+                f"available strategies: {', '.join(specs) or '(none)'} (see `attnctl strategies`){broken}"
             )
         return specs[name]
 

@@ -29,9 +29,11 @@ class RunState:
     Args:
         plan: the compiled plan (which ops exist, with their gates).
         layout: batch layout of the pipeline's UNet calls.
-        mask: inpainting mask(s) ``[K, 1, H, W]`` or ``[H, W]``, 1 = region to inpaint, at any
-            resolution. It is binarized at 0.5, brought to the latent size by nearest
-            interpolation (as the pipeline does) and from there to each site's grid.
+        mask: inpainting mask(s), 1 = region to inpaint, at any resolution: a tensor or array
+            ``[H, W]``, ``[K, H, W]`` or ``[K, 1, H, W]`` (float in [0, 1], uint8, bool), a PIL
+            image (white = inpaint) or a list of them. It is binarized at 0.5, brought to the
+            latent size by nearest interpolation (as the pipeline does) and from there to each
+            site's grid.
             Image ``i`` uses mask ``i % K`` (diffusers repeats masks the same way).
         token_indices: per prompt, the positions of the prompt's own tokens.
         num_train_timesteps: T_train, to normalize timesteps.
@@ -42,7 +44,7 @@ class RunState:
         self,
         plan: Plan,
         layout: BatchLayout,
-        mask: torch.Tensor | None = None,
+        mask: Any = None,
         token_indices: Sequence[Sequence[int]] = (),
         num_train_timesteps: int = 1000,
         timesteps: Sequence[float] | torch.Tensor | None = None,
@@ -181,13 +183,36 @@ class RunState:
         return self.scratch.setdefault(instance, {})
 
 
-def _as_mask_batch(mask: torch.Tensor) -> torch.Tensor:
-    """Binarize a mask and bring it to ``[K, 1, H, W]`` float32."""
-    mask = torch.as_tensor(mask).detach().float()
-    if mask.ndim == 2:
-        mask = mask[None, None]
-    elif mask.ndim == 3:
-        mask = mask[:, None]
-    if mask.ndim != 4 or mask.shape[1] != 1:
-        raise InputError(f"mask must have shape [H, W], [K, H, W] or [K, 1, H, W], got {tuple(mask.shape)}")
-    return (mask >= 0.5).float()
+MASK_FORMS = (
+    "a torch tensor or numpy array [H, W], [K, H, W] or [K, 1, H, W] with values in [0, 1] (uint8 0-255 and "
+    "bool also work), a PIL image (white = inpaint), or a list of those, one per image"
+)
+
+
+def _as_mask_batch(mask: Any) -> torch.Tensor:
+    """Binarize a mask and bring it to ``[K, 1, H, W]`` float32 (1 = inpaint).
+
+    Accepts ``MASK_FORMS``; anything else is an ``InputError`` that lists them.
+    """
+    if isinstance(mask, (list, tuple)):
+        parts = [_as_mask_batch(m) for m in mask]
+        if len({p.shape[-2:] for p in parts}) > 1:
+            raise InputError(f"the masks of a list must have one size, got {[tuple(p.shape[-2:]) for p in parts]}")
+        return torch.cat(parts)
+    if hasattr(mask, "getbands"):  # a PIL image: white (255) = inpaint
+        import numpy as np
+
+        mask = np.array(mask.convert("L"), dtype=np.uint8)
+    try:
+        tensor = torch.as_tensor(mask).detach()
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"mask: cannot use a {type(mask).__name__}; give {MASK_FORMS}") from None
+    tensor = tensor.float() / 255.0 if tensor.dtype == torch.uint8 else tensor.float()
+    if tensor.ndim == 2:
+        tensor = tensor[None, None]
+    elif tensor.ndim == 3:
+        tensor = tensor[:, None]
+    if tensor.ndim != 4 or tensor.shape[1] != 1:
+        raise InputError(f"mask must have shape [H, W], [K, H, W] or [K, 1, H, W], got {tuple(tensor.shape)}; "
+                         f"give {MASK_FORMS}")
+    return (tensor >= 0.5).float()

@@ -12,6 +12,19 @@ from attnctl.errors import ConfigError, UnsupportedModelError
 from harmonpaint_recipe.devices import dtype_name, resolve_device, resolve_dtype
 
 TINY_MODELS = ("tiny", "tiny-sdxl")
+
+
+def _dtype_keyword() -> str:
+    """diffusers renamed ``torch_dtype`` to ``dtype``; use whichever this version takes (no warning)."""
+    import importlib
+
+    try:
+        resolver = getattr(importlib.import_module("diffusers.utils.deprecation_utils"), "_resolve_dtype", None)
+    except ImportError:
+        resolver = None
+    return "dtype" if resolver is not None else "torch_dtype"
+
+
 _LOCAL_HINT = {
     False: "model.pretrained=/path/to/stable-diffusion-inpainting",
     True: "model.pretrained=/path/to/stable-diffusion-xl-1.0-inpainting-0.1",
@@ -37,7 +50,8 @@ def is_sdxl_model(pretrained: str) -> bool:
 def _from_pretrained(pretrained: str, model: Mapping[str, Any], dtype: torch.dtype):
     from diffusers import AutoPipelineForInpainting
 
-    kwargs: dict[str, Any] = dict(torch_dtype=dtype, use_safetensors=True)
+    kwargs: dict[str, Any] = dict(use_safetensors=True)
+    kwargs[_dtype_keyword()] = dtype
     if model.get("variant"):
         kwargs["variant"] = model["variant"]
     if model.get("local_files_only"):

@@ -104,8 +104,32 @@ def check_section(tree: Any, schema: type, where: str) -> None:
             raise ConfigError(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
 
 
-def check_strategies(strategies: Mapping[str, Any], manager: Any) -> None:
+def check_strategies(strategies: Mapping[str, Any], manager: Any) -> list:
     """Validate every strategy instance against its plugin's params dataclass (the engine's own check)."""
     from attnctl.planning import resolve_instances
 
-    resolve_instances({"strategies": strategies}, manager)
+    return resolve_instances({"strategies": strategies}, manager)
+
+
+def with_parameter_defaults(strategies: Any, instances: list) -> None:
+    """Write every parameter a run will use into ``strategies`` (a DictConfig), in place.
+
+    Keys the recipe sets stay as they are (interpolations included); missing ones get the
+    strategy's default, so a shown recipe or a sidecar lists the complete configuration.
+    """
+    for instance in instances:
+        node = strategies[instance.name]
+        defaults = {"strategy": instance.spec.name, "enabled": instance.enabled}
+        defaults.update({f.name: _plain(getattr(instance.params, f.name)) for f in dataclasses.fields(instance.params)})
+        for key, value in defaults.items():
+            if key not in node:
+                node[key] = value
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists (YAML has no tuple), recursively."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -8,32 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from attnctl.cli import Command
-import sys
-import warnings
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 from attnctl.errors import InputError
-
-
-@contextmanager
-def _warnings_as_lines(command: str) -> Iterator[None]:
-    """Show attnctl's input warnings as one line each on stderr (no source line)."""
-    from harmonpaint_recipe.inputs import InputWarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, InputWarning):
-            print(f"attnctl {command}: warning: {message}", file=sys.stderr)
-        else:
-            print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", InputWarning)
-        warnings.showwarning = show
-        yield
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -132,12 +112,11 @@ def _manifest(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
-    with _warnings_as_lines("inpaint"):
-        if args.from_:
-            return _reproduce(args, overrides)
-        if args.manifest:
-            return _manifest(args, overrides)
-        return _single(args, overrides)
+    if args.from_:
+        return _reproduce(args, overrides)
+    if args.manifest:
+        return _manifest(args, overrides)
+    return _single(args, overrides)
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 from attnctl.errors import InputError
 from harmonpaint_recipe.dataset.annotations import Annotation, load_annotations
 from harmonpaint_recipe.files import atomic_save_image, atomic_write_jsonl
+from harmonpaint_recipe.inputs import open_image
 from harmonpaint_recipe.dataset.masks import (
     bbox_mask, box_to_mask, load_mask_png, mask_to_image, polygons_to_mask, rle_to_mask,
 )
@@ -102,11 +103,12 @@ def build_stylized_manifest(
         style_path = styles_dir / ann.style if ann.style else styles[i % len(styles)]
         if not style_path.is_file():
             raise InputError(f"annotation '{ann.id}': style image '{style_path}' does not exist")
-        content = Image.open(src).convert("RGB")
+        content = open_image(src, f"annotation '{ann.id}': content image").convert("RGB")
         seg = _segmentation(ann, content_dir, content.size)
         box = box_to_mask(ann.bbox, content.size) if ann.bbox else None
         row = write_item(
-            out, ann.id, content, Image.open(style_path).convert("RGB"), seg, ann.caption,
+            out, ann.id, content, open_image(style_path, f"annotation '{ann.id}': style image").convert("RGB"), seg,
+            ann.caption,
             size=size, mode=mode, style_name=style_path.name, content_name=ann.image, box=box,
         )
         if row is None:

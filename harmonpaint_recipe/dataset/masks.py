@@ -42,7 +42,9 @@ def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
 
 def load_mask_png(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """A mask image (white = inpaint), binarized at 0.5 and checked against ``size = (W, H)``."""
-    mask = Image.open(path).convert("L")
+    from harmonpaint_recipe.inputs import open_image
+
+    mask = open_image(path, "mask").convert("L")
     if mask.size != tuple(size):
         raise InputError(f"mask '{path}' is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}; resize it to match")
     return (np.asarray(mask) >= 128).astype(np.uint8)

@@ -1,0 +1,68 @@
+"""Quiet, one-line notices for the command line.
+
+Libraries print notices a user of ``attnctl`` cannot act on (transformers' "requires
+torchvision, falling back to the PIL image processor", once per processor class), and Python
+shows warnings with a source line from deep inside torch's hook machinery. On the command
+line, notices the user cannot act on are dropped and every warning is one line that says
+which command it comes from. The Python API leaves logging and warnings as the caller set them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+#: (logger name, text) of library notices nobody using attnctl can act on
+UNACTIONABLE = (
+    ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
+)
+
+
+class _DropText(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_library_notices() -> None:
+    """Drop the library notices in ``UNACTIONABLE`` (idempotent)."""
+    for name, text in UNACTIONABLE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropText) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropText(text))
+
+
+def _print_line(line: str) -> None:
+    """Print on stderr on a line of its own, above any progress bar that is drawing."""
+    if "tqdm" in sys.modules:
+        sys.modules["tqdm"].tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
+
+
+@contextmanager
+def warnings_as_lines(prog: str) -> Iterator[None]:
+    """Within the block, each warning prints as ``PROG: warning: message`` on stderr, once per message."""
+    shown: set[str] = set()
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message).strip()
+        if text not in shown:
+            shown.add(text)
+            _print_line(f"{prog}: warning: {text}")
+
+    warnings.showwarning = show
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            yield
+    finally:
+        warnings.showwarning = previous

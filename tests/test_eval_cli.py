@@ -49,7 +49,7 @@ def test_eval_cli_external_methods(setup, capsys):
     assert "| gray |" in printed and "| black |" in printed
     rows = [json.loads(l) for l in (out / "per_item.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(r["mse"] == 0.0 for r in rows)
-    assert all(r["lpips"] is None and r["unavailable_reason"]["lpips"] for r in rows)
+    assert all("lpips" not in r for r in rows) and "LPIPS" not in printed  # opt-in (--lpips)
     assert (out / "grids" / "grid_000.png").is_file()
     before = (out / "per_item.jsonl").read_bytes()
     assert main(_argv(root, items, clip, out)) == 0  # resume: nothing changes

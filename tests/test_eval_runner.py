@@ -79,7 +79,7 @@ def test_values_tables_and_grid(data, tmp_path):
     assert all(r["mse"] == 0.0 and r["psnr"] == 100.0 for r in rows)
     # unavailable metrics are null with a reason, never numbers
     assert all(r["as"] is None and "--aesthetic-head" in r["unavailable_reason"]["as"] for r in rows)
-    assert all(r["ir"] is None and r["lpips"] is None for r in rows)
+    assert all(r["ir"] is None and "lpips" not in r for r in rows)  # LPIPS is opt-in
     # CS equals the metric on the saved output
     out = Image.open(tmp_path / "run" / rows[0]["output"])
     from harmonpaint_recipe.metrics.base import Sample
@@ -96,7 +96,7 @@ def test_values_tables_and_grid(data, tmp_path):
         csv_rows = list(csv.DictReader(f))
     assert float(csv_rows[0]["cs_mean"]) == pytest.approx(np.mean(cs)) and csv_rows[0]["as_mean"] == ""
     md = res.summary_md.read_text()
-    assert "| Method | CS ↑ | IR ↑ | AS ↑ | CMMD ↓ | MSE ↓ | PSNR ↑ | LPIPS ↓ | n |" in md
+    assert "| Method | CS ↑ | IR ↑ | AS ↑ | CMMD ↓ | MSE ↓ | PSNR ↑ | n |" in md
     assert f"| gray | {np.mean(cs):.2f} ± {np.std(cs, ddof=1):.2f} |" in md and "n/a [" in md
     grid = Image.open(res.grids[0])
     assert grid.size == (4 * 128, 18 + 3 * 128)

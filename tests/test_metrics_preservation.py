@@ -28,7 +28,9 @@ def test_mse_psnr_only_over_unmasked_pixels():
     expected_mse = (51 / 255) ** 2 / 3  # one channel of three differs
     assert res.values["mse"] == pytest.approx(expected_mse, rel=1e-9)
     assert res.values["psnr"] == pytest.approx(10 * math.log10(1 / expected_mse), rel=1e-9)
-    assert res.values["lpips"] is None and "local-files-only" in res.unavailable["lpips"]
+    assert "lpips" not in res.values  # opt-in
+    asked = Preservation(local_files_only=True, with_lpips=True).safe_score(Sample(image=_img(gen), source=_img(src), mask=mask))
+    assert asked.values["lpips"] is None and "local-files-only" in asked.unavailable["lpips"]
 
 
 def test_identical_unmasked_region_caps_psnr_and_full_mask_is_unavailable():
@@ -40,7 +42,7 @@ def test_identical_unmasked_region_caps_psnr_and_full_mask_is_unavailable():
     res = Preservation(local_files_only=True).safe_score(Sample(image=_img(gen), source=_img(src), mask=mask))
     assert res.values["mse"] == 0.0 and res.values["psnr"] == 100.0
     full = Preservation(local_files_only=True).safe_score(Sample(image=_img(gen), source=_img(src), mask=np.ones((8, 8))))
-    assert full.values == {"mse": None, "psnr": None, "lpips": None}
+    assert full.values == {"mse": None, "psnr": None}
     assert "whole image" in full.unavailable["mse"]
 
 

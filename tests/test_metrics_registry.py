@@ -39,3 +39,15 @@ def test_image_reward_uses_injected_model():
 
     res = ImageRewardMetric(model=Fake()).safe_score(Sample(image=Image.new("RGB", (4, 4)), prompt="a cat"))
     assert res.values == {"ir": -0.5} and res.unavailable == {}
+
+
+def test_an_unavailable_cmmd_model_names_the_cmmd_option(tmp_path):
+    m = build_metrics(["cs", "cmmd"], MetricOptions(clip_model=str(tmp_path / "a"), cmmd_model=str(tmp_path / "b"),
+                                                    local_files_only=True))
+    sample = Sample(image=Image.new("RGB", (8, 8)), prompt="a cat")
+    assert "--clip-model" in m["cs"].safe_score(sample).unavailable["cs"]
+    from harmonpaint_recipe.metrics.base import MetricUnavailable
+
+    with pytest.raises(MetricUnavailable, match="--cmmd-model") as err:
+        m["cmmd"].embedder.load()
+    assert "--clip-model" not in str(err.value)

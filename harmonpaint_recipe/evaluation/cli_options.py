@@ -28,6 +28,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aesthetic-head", help="LAION improved aesthetic predictor head (.safetensors)")
     g.add_argument("--ir-model", default=DEFAULT_IR_MODEL, help=f"ImageReward checkpoint [{DEFAULT_IR_MODEL}]")
     g.add_argument("--preserve-mode", choices=("standard", "brushbench"), default="standard", help="[standard]")
+    g.add_argument("--lpips", action="store_true",
+                   help="also LPIPS on the unmasked region (torchmetrics; needs torchvision and downloaded weights)")
     g.add_argument("--local-files-only", action="store_true", help="never download metric models")
     g.add_argument("--device", default="auto", help="device of the metric models [auto: the process's accelerator or cpu]")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides applied to every method")
@@ -52,7 +54,8 @@ def run_from_args(args: argparse.Namespace, methods: list[Method], title: str) -
     device = shard.device if args.device == "auto" else args.device
     options = MetricOptions(
         clip_model=args.clip_model, cmmd_model=args.cmmd_model, aesthetic_head=args.aesthetic_head,
-        ir_model=args.ir_model, preserve_mode=args.preserve_mode, local_files_only=args.local_files_only, device=device,
+        ir_model=args.ir_model, preserve_mode=args.preserve_mode, lpips=args.lpips,
+        local_files_only=args.local_files_only, device=device,
     )
     config = EvalConfig(
         items=load_items(args.data, args.mask_key), methods=methods, out=Path(args.out),

@@ -111,7 +111,8 @@ def write_tables(summary: list[dict], out: Path, title: str, metrics: Mapping | 
     notes = []
     preserve = (metrics or {}).get("preserve")
     if preserve is not None:
-        notes.append(f"MSE/PSNR/LPIPS on the unmasked region, mode '{preserve.mode}'.")
+        measured = "/".join(k.upper() for k in preserve.keys)
+        notes.append(f"{measured} on the unmasked region, mode '{preserve.mode}'.")
     csv_path, md_path = Path(out) / "summary.csv", Path(out) / "summary.md"
     atomic_write_text(csv_path, render_csv(summary))
     atomic_write_text(md_path, render_markdown(summary, title, notes))

@@ -32,8 +32,11 @@ class ClipEmbedder:
         device: str | torch.device = "cpu",
         model: Any = None,
         processor: Any = None,
+        options: tuple[str, ...] = ("--clip-model",),
     ) -> None:
         self.model_name_or_path = model_name_or_path
+        #: the command-line options that choose this checkpoint (named in the unavailable reason)
+        self.options = list(options)
         self.local_files_only = local_files_only
         self.device = torch.device(device)
         self.model = model
@@ -60,7 +63,7 @@ class ClipEmbedder:
             self._error = (
                 f"could not load CLIP model '{self.model_name_or_path}' "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0]}); download it once or pass "
-                "a local folder (e.g. --clip-model /models/clip-vit-large-patch14)"
+                f"a local folder with {' / '.join(self.options)} (e.g. {self.options[0]} /models/clip-vit-large-patch14)"
             )
             raise MetricUnavailable(self._error) from exc
         self.model.to(self.device).eval()

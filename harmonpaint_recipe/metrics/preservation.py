@@ -77,15 +77,23 @@ def brushbench_blend(generated: np.ndarray, source: np.ndarray, mask: np.ndarray
 
 
 class Preservation(Metric):
-    """MSE / PSNR / LPIPS between generated and source images outside the mask."""
+    """MSE / PSNR (and, on request, LPIPS) between generated and source images outside the mask.
+
+    LPIPS is opt-in (``with_lpips``, ``--lpips``): torchmetrics' network needs torchvision and
+    downloaded weights, which a CPU-only or offline install lacks, so by default the table
+    has no column that could only say "n/a".
+    """
 
     name: ClassVar[str] = "preserve"
-    keys: ClassVar[tuple[str, ...]] = ("mse", "psnr", "lpips")
+    keys: tuple[str, ...] = ("mse", "psnr")
 
-    def __init__(self, mode: str = "standard", lpips: LpipsFn | None = None, local_files_only: bool = False) -> None:
+    def __init__(self, mode: str = "standard", lpips: LpipsFn | None = None, local_files_only: bool = False,
+                 with_lpips: bool | None = None) -> None:
         if mode not in ("standard", "brushbench"):
             raise ValueError(f"unknown preservation mode '{mode}'; use 'standard' or 'brushbench'")
         self.mode = mode
+        self.with_lpips = lpips is not None if with_lpips is None else with_lpips
+        self.keys = ("mse", "psnr", "lpips") if self.with_lpips else ("mse", "psnr")
         self.lpips = lpips
         self.local_files_only = local_files_only
         self._lpips_error: str | None = None
@@ -130,6 +138,8 @@ class Preservation(Metric):
             mse = 3.0 * mse  # BrushBench divides the 3-channel sum by the pixel count
             values = {"mse": mse, "psnr": 1000.0 if mse < 1e-10 else 20.0 * math.log10(1.0 / math.sqrt(mse))}
         result = MetricResult(values)
+        if not self.with_lpips:
+            return result
         try:
             fn = self._lpips_fn()
             keep3 = torch.from_numpy(keep[None, None].astype(np.float32))

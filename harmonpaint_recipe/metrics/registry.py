@@ -34,6 +34,7 @@ class MetricOptions:
     aesthetic_head: str | None = None
     ir_model: str = DEFAULT_IR_MODEL
     preserve_mode: str = "standard"
+    lpips: bool = False
     local_files_only: bool = False
     device: str = "cpu"
 
@@ -48,21 +49,25 @@ def build_metrics(names: Iterable[str], options: MetricOptions | None = None) ->
     options = options or MetricOptions()
     embedders: dict[str, ClipEmbedder] = {}
 
-    def embedder(model: str) -> ClipEmbedder:
+    def embedder(model: str, option: str) -> ClipEmbedder:
         if model not in embedders:
-            embedders[model] = ClipEmbedder(model, local_files_only=options.local_files_only, device=options.device)
+            embedders[model] = ClipEmbedder(model, local_files_only=options.local_files_only, device=options.device,
+                                            options=(option,))
+        elif option not in embedders[model].options:
+            embedders[model].options.append(option)
         return embedders[model]
 
     built: dict[str, Metric] = {}
     for name in parse_metric_names(list(names)):
         if name == "cs":
-            built[name] = ClipScore(embedder(options.clip_model))
+            built[name] = ClipScore(embedder(options.clip_model, "--clip-model"))
         elif name == "cmmd":
-            built[name] = Cmmd(embedder(options.cmmd_model))
+            built[name] = Cmmd(embedder(options.cmmd_model, "--cmmd-model"))
         elif name == "as":
-            built[name] = AestheticScore(embedder(options.clip_model), head_path=options.aesthetic_head)
+            built[name] = AestheticScore(embedder(options.clip_model, "--clip-model"), head_path=options.aesthetic_head)
         elif name == "ir":
             built[name] = ImageRewardMetric(options.ir_model, device=options.device)
         else:
-            built[name] = Preservation(options.preserve_mode, local_files_only=options.local_files_only)
+            built[name] = Preservation(options.preserve_mode, local_files_only=options.local_files_only,
+                                       with_lpips=options.lpips)
     return built

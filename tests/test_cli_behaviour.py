@@ -118,3 +118,14 @@ def test_run_accepts_pil_numpy_and_tensor_masks(tiny_pipe, image_and_mask):
         with pytest.raises(attnctl.InputError, match="cannot use a str; give a torch tensor or numpy array"):
             with ctl.run(attnctl.BatchLayout.for_pipeline(1), mask="mask.png"):
                 pass
+
+
+def test_commands_name_the_extra_a_missing_package_is_in(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["bench", "--arch", "tiny", "--steps", "1", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "attnctl bench: error: attnctl bench (memory sampling, the PNG chart) needs matplotlib" in err
+    assert 'pip install -e ".[bench]"' in err

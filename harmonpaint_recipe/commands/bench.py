@@ -8,6 +8,9 @@ from attnctl.cli import Command
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from harmonpaint_recipe.extras import require
+
+    require("bench", "psutil", "matplotlib", what="attnctl bench (memory sampling, the PNG chart)")
     from harmonpaint_recipe.bench import BenchConfig, run_benchmark, write_reports
     from harmonpaint_recipe.bench.report import markdown_table
     from harmonpaint_recipe.bench.variants import parse_variants

@@ -16,6 +16,9 @@ def _stylize(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from harmonpaint_recipe.extras import require
+
+    require("eval", "skimage", what="attnctl dataset sample (scikit-image's bundled images)")
     from harmonpaint_recipe.dataset.sample import build_sample
 
     path = build_sample(args.out, size=args.size, mode=args.mode, limit=args.limit)

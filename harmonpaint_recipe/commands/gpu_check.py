@@ -14,6 +14,9 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 
 def _gpu_check(args: argparse.Namespace) -> int:
+    from harmonpaint_recipe.extras import require
+
+    require("bench", "psutil", "matplotlib", what="attnctl gpu-check (memory sampling, the PNG chart)")
     from harmonpaint_recipe.bench.gpu_check import SuiteOptions, run_suite
 
     opts = SuiteOptions(

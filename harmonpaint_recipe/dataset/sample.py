@@ -14,7 +14,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from attnctl.errors import InputError
 from harmonpaint_recipe.files import atomic_write_jsonl
 from harmonpaint_recipe.dataset.manifest import write_item
 from harmonpaint_recipe.dataset.masks import polygons_to_mask
@@ -38,10 +37,11 @@ def ellipse_polygon(cx: float, cy: float, rx: float, ry: float, n: int = 32) -> 
 
 
 def _skimage(name: str) -> Image.Image:
-    try:
-        from skimage import data
-    except ImportError as exc:
-        raise InputError("`attnctl dataset sample` needs scikit-image: pip install 'attnctl[eval]'") from exc
+    from harmonpaint_recipe.extras import require
+
+    require("eval", "skimage", what="attnctl dataset sample (scikit-image's bundled images)")
+    from skimage import data
+
     return Image.fromarray(getattr(data, name)()).convert("RGB")
 
 

@@ -45,6 +45,10 @@ def check_overrides(overrides: list[str]) -> list[str]:
 
 def run_from_args(args: argparse.Namespace, methods: list[Method], title: str) -> int:
     """Build the config from parsed options, run, and print where the results are."""
+    from harmonpaint_recipe.extras import require
+
+    if args.lpips:
+        require("eval", "torchmetrics", "torchvision", what="--lpips (torchmetrics' LPIPS network)")
     from harmonpaint_recipe.evaluation.items import load_items
     from harmonpaint_recipe.evaluation.runner import EvalConfig, run_evaluation
     from harmonpaint_recipe.evaluation.sharding import current_shard

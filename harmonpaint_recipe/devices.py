@@ -49,3 +49,37 @@ def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float16`` -> ``fp16`` (the name recipes and sidecars use)."""
     names = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
     return names.get(str(dtype), str(dtype))
+
+
+#: test-sized models: a CPU thread pool costs them more than it gains
+SMALL_MODELS = ("tiny", "tiny-sdxl", "testbed")
+
+
+def configure_threads(threads: int | str | None, model_id: str) -> int:
+    """Set torch's CPU thread count for this process and return it.
+
+    ``auto`` (or None): keep ``OMP_NUM_THREADS`` when it is set; otherwise 1 thread for the
+    small test models (thread start-up and synchronisation cost them more than they gain:
+    4x slower on 2 shared cores) and torch's own default for real models. An int: exactly
+    that many. CPU results are bit-identical only with the same thread count, so sidecars
+    record it and ``--from`` reuses it.
+    """
+    import os
+
+    import torch
+
+    if threads in (None, "auto"):
+        if os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        if str(model_id) not in SMALL_MODELS:
+            return torch.get_num_threads()
+        count = 1
+    else:
+        try:
+            count = int(threads)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--threads: expected a number of threads or auto, got {threads!r}") from None
+        if count < 1:
+            raise ConfigError(f"--threads must be at least 1, got {count}")
+    torch.set_num_threads(count)
+    return count

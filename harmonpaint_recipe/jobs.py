@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig
 
 from attnctl.errors import InputError
+from harmonpaint_recipe.devices import configure_threads
 from harmonpaint_recipe.files import atomic_save_image, sha256_of
 from harmonpaint_recipe.inputs import PreparedInputs, prepare_inputs
 from harmonpaint_recipe.loading import load_recipe
@@ -55,8 +56,10 @@ def check_output(out: Path, inputs: Sequence[Path]) -> Path:
 class JobRunner:
     """Loads the recipe's pipeline once and makes images for jobs."""
 
-    def __init__(self, recipe: DictConfig, recipe_name: str, overrides: Sequence[str], resize_mask: bool = False):
+    def __init__(self, recipe: DictConfig, recipe_name: str, overrides: Sequence[str], resize_mask: bool = False,
+                 threads: int | str | None = None):
         self.recipe = recipe
+        self.threads = threads
         self.recipe_name = recipe_name
         self.overrides = list(overrides)
         self.resize_mask = resize_mask
@@ -71,6 +74,7 @@ class JobRunner:
 
     def runner(self) -> Runner:
         if self._runner is None:
+            configure_threads(self.threads, str(self.recipe.model.pretrained))
             start = time.perf_counter()
             self._pipe = load_pipeline(self.recipe)
             self.load_s = round(time.perf_counter() - start, 3)

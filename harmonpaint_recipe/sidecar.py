@@ -72,9 +72,17 @@ def sidecar_record(
             "resize_mask": resize_mask,
             "notes": list(notes),
         },
+        # CPU results are bit-identical only with the same thread count; --from reuses it
+        "threads": _torch_threads(),
         "versions": package_versions(),
         "timings": dict(timings),
     }
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def write_sidecar(path: Path, record: dict[str, Any]) -> None:

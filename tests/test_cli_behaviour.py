@@ -129,3 +129,24 @@ def test_commands_name_the_extra_a_missing_package_is_in(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "attnctl bench: error: attnctl bench (memory sampling, the PNG chart) needs matplotlib" in err
     assert 'pip install -e ".[bench]"' in err
+
+
+def test_threads_default_to_one_for_tiny_models_and_are_recorded(files, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    try:
+        out = files / "t.png"
+        assert main(["inpaint", "--image", str(files / "img.png"), "--mask", str(files / "mask.png"),
+                     "--prompt", "a cat", "--out", str(out), "--seed", "3", *TINY]) == 0
+        record = json.loads(out.with_suffix(".json").read_text())
+        assert record["threads"] == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        again = files / "again.png"
+        assert main(["inpaint", "--from", str(out.with_suffix(".json")), "--out", str(again)]) == 0
+        assert torch.get_num_threads() == 1  # the sidecar's count, so the image is bit-identical
+        assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+        assert main(["inpaint", "--image", str(files / "img.png"), "--mask", str(files / "mask.png"),
+                     "--prompt", "a cat", "--out", str(files / "t2.png"), "--threads", "2", *TINY]) == 0
+        assert json.loads((files / "t2.json").read_text())["threads"] == 2
+    finally:
+        torch.set_num_threads(1)

@@ -28,6 +28,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: --host {args.host} makes the page reachable from other machines; it has no login")
+    from harmonpaint_recipe.devices import configure_threads
+    from harmonpaint_recipe.loading import load_recipe
+
+    configure_threads(args.threads, str(load_recipe(args.recipe, args.overrides).model.pretrained))
     serve(args.recipe, args.overrides, args.host, args.port, args.out_dir)
     return 0
 
@@ -36,6 +40,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="harmonpaint", help="recipe the page starts with (name or YAML path) [harmonpaint]")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1: this machine only]")
     p.add_argument("--port", type=int, default=7860, help="port [7860]")
+    p.add_argument("--threads", default="auto",
+                   help="CPU threads [auto: OMP_NUM_THREADS if set, 1 for the tiny models, else torch's default]")
     p.add_argument("--out-dir", default="out/app", help="folder for each run's inputs, outputs and sidecars [out/app]")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides for every recipe, e.g. model.pretrained=tiny sampler.steps=10")

@@ -43,7 +43,7 @@ def _single(args: argparse.Namespace, overrides: list[str]) -> int:
         )
     recipe = load_recipe(args.recipe, overrides)
     job = Job(Path(args.image), Path(args.mask), args.prompt, Path(args.out), args.seed)
-    jobs = JobRunner(recipe, args.recipe, overrides, resize_mask=args.resize_mask)
+    jobs = JobRunner(recipe, args.recipe, overrides, resize_mask=args.resize_mask, threads=args.threads)
     inputs = jobs.prepare(job)
     try:
         record = jobs.run(job, inputs)
@@ -66,8 +66,9 @@ def _reproduce(args: argparse.Namespace, overrides: list[str]) -> int:
         job.seed = args.seed
     if args.prompt:
         job.prompt = args.prompt
+    threads = args.threads if args.threads not in (None, "auto") else record.get("threads", args.threads)
     jobs = JobRunner(recipe, record.get("recipe_name", str(sidecar_file)), list(record.get("overrides", [])) + overrides,
-                     resize_mask=resize or args.resize_mask)
+                     resize_mask=resize or args.resize_mask, threads=threads)
     try:
         new = jobs.run(job)
     finally:
@@ -95,7 +96,7 @@ def _manifest(args: argparse.Namespace, overrides: list[str]) -> int:
     skipped = len(jobs_list) - len(todo)
     if skipped:
         print(f"skipping {skipped} item(s) already written in {args.out_dir}", file=sys.stderr)
-    runner = JobRunner(recipe, args.recipe, overrides, resize_mask=args.resize_mask)
+    runner = JobRunner(recipe, args.recipe, overrides, resize_mask=args.resize_mask, threads=args.threads)
     prepared = [(job, runner.prepare(job)) for job in todo]  # fail early, before any model work
     if not prepared:
         print(f"nothing to do: all {len(jobs_list)} item(s) exist in {args.out_dir}")
@@ -128,6 +129,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="noise seed [random, recorded in the sidecar]")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides model.device")
     parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), help="overrides model.dtype")
+    parser.add_argument("--threads", default="auto",
+                        help="CPU threads [auto: OMP_NUM_THREADS if set, 1 for the tiny models, else torch's "
+                        "default; --from: the count the sidecar recorded]")
     parser.add_argument("--resize-mask", action="store_true", help="resize a mask of another size to the image (nearest)")
     parser.add_argument("--manifest", help="JSONL with image, mask, prompt[, seed, name] per line (batch mode)")
     parser.add_argument("--out-dir", help="output folder of batch mode; items already written are skipped")

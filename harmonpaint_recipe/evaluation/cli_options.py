@@ -31,6 +31,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lpips", action="store_true",
                    help="also LPIPS on the unmasked region (torchmetrics; needs torchvision and downloaded weights)")
     g.add_argument("--local-files-only", action="store_true", help="never download metric models")
+    p.add_argument("--threads", default="auto",
+                   help="CPU threads [auto: OMP_NUM_THREADS if set, 1 for the tiny models, else torch's default]")
     g.add_argument("--device", default="auto", help="device of the metric models [auto: the process's accelerator or cpu]")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides applied to every method")
 
@@ -54,6 +56,12 @@ def run_from_args(args: argparse.Namespace, methods: list[Method], title: str) -
     from harmonpaint_recipe.evaluation.sharding import current_shard
     from harmonpaint_recipe.metrics import MetricOptions, parse_metric_names
 
+    from harmonpaint_recipe.devices import configure_threads
+    from harmonpaint_recipe.loading import load_recipe
+
+    first = next((m for m in methods if m.recipe), None)
+    if first is not None:  # the thread count suits the model the recipes run
+        configure_threads(args.threads, str(load_recipe(first.recipe, list(first.overrides)).model.pretrained))
     shard = current_shard()
     device = shard.device if args.device == "auto" else args.device
     options = MetricOptions(

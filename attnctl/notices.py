@@ -19,6 +19,10 @@ from typing import Iterator
 UNACTIONABLE = (
     ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
 )
+#: warnings (message regex) raised inside libraries about how they call each other
+UNACTIONABLE_WARNINGS = (
+    r".*`local_dir_use_symlinks` argument is deprecated",
+)
 
 
 class _DropText(logging.Filter):
@@ -63,6 +67,8 @@ def warnings_as_lines(prog: str) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            for pattern in UNACTIONABLE_WARNINGS:
+                warnings.filterwarnings("ignore", message=pattern)
             yield
     finally:
         warnings.showwarning = previous

@@ -47,6 +47,29 @@ def is_sdxl_model(pretrained: str) -> bool:
     return "xl" in pretrained.lower()
 
 
+def _hub_unreachable(pretrained: str, timeout: float = 3.0) -> bool:
+    """True when the hub cannot be reached: then only the local cache is tried, at once.
+
+    Without this check an offline machine spends half a minute in the hub client's retries
+    before failing. ``HF_HUB_OFFLINE=1`` skips the check (the hub client is offline already).
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return True
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout):
+            return False
+    except OSError:
+        print(f"note: the Hugging Face hub is not reachable; looking for '{pretrained}' in the local cache only",
+              file=sys.stderr)
+        return True
+
+
 def _from_pretrained(pretrained: str, model: Mapping[str, Any], dtype: torch.dtype):
     from diffusers import AutoPipelineForInpainting
 
@@ -63,16 +86,19 @@ def _from_pretrained(pretrained: str, model: Mapping[str, Any], dtype: torch.dty
             f"model.pretrained='{pretrained}' is not a diffusers pipeline folder (no model_index.json); "
             f"point it at a folder saved with save_pretrained, e.g. {_LOCAL_HINT[is_sdxl_model(pretrained)]}"
         )
+    if not looks_local and not kwargs.get("local_files_only"):
+        kwargs["local_files_only"] = _hub_unreachable(pretrained)
     try:
         return AutoPipelineForInpainting.from_pretrained(str(local) if looks_local else pretrained, **kwargs)
     except (OSError, ValueError, EnvironmentError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
         safetensors = "safetensors" in str(exc).lower()
         fix = (
             "attnctl loads safetensors weights only; convert the .bin/.ckpt weights to safetensors"
             if safetensors
             else "without internet access, download the model elsewhere and point the recipe at the local "
-            f"folder, e.g. {_LOCAL_HINT[is_sdxl_model(pretrained)]} on the command line"
+            f"folder, e.g. {_LOCAL_HINT[is_sdxl_model(pretrained)]} on the command line; with the model in the "
+            "Hugging Face cache, HF_HUB_OFFLINE=1 or model.local_files_only=true loads it without asking the hub"
         )
         raise ConfigError(f"cannot load model '{pretrained}': {reason}. {fix}") from None
 

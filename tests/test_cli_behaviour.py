@@ -150,3 +150,23 @@ def test_threads_default_to_one_for_tiny_models_and_are_recorded(files, monkeypa
         assert json.loads((files / "t2.json").read_text())["threads"] == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_an_unreachable_hub_fails_at_once_with_the_ways_out(files, monkeypatch, capsys):
+    import socket
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    start = time.perf_counter()
+    rc = main(["inpaint", "--image", str(files / "img.png"), "--mask", str(files / "mask.png"), "--prompt", "a cat",
+               "--out", str(files / "hub.png"), "model.pretrained=some-org/not-cached-inpainting"])
+    assert rc == 2 and time.perf_counter() - start < 30
+    err = capsys.readouterr().err
+    assert "hub is not reachable" in err
+    for hint in ("model.pretrained=/path/to/", "HF_HUB_OFFLINE=1", "model.local_files_only=true"):
+        assert hint in err

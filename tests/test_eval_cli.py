@@ -117,7 +117,7 @@ def test_accelerate_two_processes_equal_single(setup):
            "--dynamo_backend", "no", "-m", "attnctl", *_argv(root, items, clip, multi)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[1] gray" in proc.stderr and "[0] gray" in proc.stderr  # both ranks worked
+    assert "eval [1/2] gray" in proc.stderr and "eval [0/2] gray" in proc.stderr  # both ranks worked
     # same rows, same order, same nulls and reasons; numbers equal up to float32 rounding
     # (the launched processes run single-threaded, so BLAS reductions may sum in another order)
     a = [json.loads(l) for l in (multi / "per_item.jsonl").read_text().splitlines()]

@@ -44,6 +44,7 @@ from harmonpaint_recipe.bench.memory import PeakMemory, pin_mmap_threshold
 from harmonpaint_recipe.bench.targets import check_targets
 from harmonpaint_recipe.bench.variants import VARIANTS, BenchInputs, parse_variants
 from harmonpaint_recipe.devices import DTYPE_NAMES, resolve_device, resolve_dtype
+from harmonpaint_recipe.progress import progress
 
 PROMPT = "a watercolor painting of a small red fox sitting in tall grass"
 
@@ -144,7 +145,7 @@ def _past_deadline(stop_after: float | None, runs: dict[str, list[float]]) -> bo
     return time.time() + round_s > stop_after
 
 
-def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark and return the result record (what ``bench.json`` holds)."""
     cfg.check()
     arch = ARCHITECTURES.get(cfg.arch, "--arch")
@@ -155,6 +156,10 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     if device.type == "cpu":
         pin_mmap_threshold()
 
+    if log is None:
+        from tqdm.auto import tqdm
+
+        log = tqdm.write  # above the progress bar
     log(f"building {arch.name} ({arch.description}) with random weights ...")
     pipe = build_pipeline(arch, cfg.seed, device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -164,11 +169,19 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         compile_unet(pipe, backend=cfg.compile_backend)
     image, mask_image, mask = make_inputs(size, cfg.seed)
 
+    rounds = cfg.warmup + cfg.repeats
+    bar = progress(desc=f"bench {arch.name}", total=rounds * len(names) * cfg.steps, unit="step")
+
+    def on_step(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        bar.update(1)
+        return callback_kwargs
+
     def call_kwargs() -> dict[str, Any]:
         return dict(
             prompt=PROMPT, image=image, mask_image=mask_image, height=size, width=size,
             num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, strength=1.0,
             generator=torch.Generator(device="cpu").manual_seed(cfg.seed), output_type="np",
+            callback_on_step_end=on_step,
         )
 
     recipe = cfg.recipe or arch.recipe
@@ -185,7 +198,6 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     dynamo_why: dict[str, dict[str, int]] = {n: {} for n in names}
 
     load_before = _load_average()
-    rounds = cfg.warmup + cfg.repeats
     warmups_run = timed_run = 0
     while warmups_run < cfg.warmup or timed_run < cfg.repeats:
         r = warmups_run + timed_run
@@ -204,6 +216,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         else:
             warmups_run += 1
         for n in order:
+            bar.set_postfix_str(f"round {r + 1}/{rounds}{'' if timed else ' (warm-up)'}, {n}")
             v = variants[n]
             v.setup(inputs)
             dynamo_before = (dynamo_counts(), dynamo_reasons()) if cfg.compile else None
@@ -230,6 +243,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
                 if res.peak_hwm is not None:
                     hwms[n].append(res.peak_hwm)
 
+    bar.close()
     results: dict[str, dict[str, Any]] = {}
     for n in names:
         t = _summary(times[n])

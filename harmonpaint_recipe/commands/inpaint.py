@@ -79,11 +79,10 @@ def _reproduce(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _manifest(args: argparse.Namespace, overrides: list[str]) -> int:
-    from tqdm.auto import tqdm
-
     from harmonpaint_recipe.batch import read_manifest
     from harmonpaint_recipe.jobs import JobRunner
     from harmonpaint_recipe.loading import load_recipe
+    from harmonpaint_recipe.progress import progress
     from harmonpaint_recipe.sidecar import sidecar_path
 
     if not args.out_dir:
@@ -103,7 +102,7 @@ def _manifest(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     try:
         runner.set_progress_bar(leave=False)
-        for job, inputs in tqdm(prepared, desc="inpaint", unit="image"):
+        for job, inputs in progress(prepared, desc="inpaint", unit="image"):
             runner.run(job, inputs)
     finally:
         runner.close()

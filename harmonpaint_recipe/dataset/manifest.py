@@ -23,6 +23,7 @@ from attnctl.errors import InputError
 from harmonpaint_recipe.dataset.annotations import Annotation, load_annotations
 from harmonpaint_recipe.files import atomic_save_image, atomic_write_jsonl
 from harmonpaint_recipe.inputs import open_image
+from harmonpaint_recipe.progress import progress
 from harmonpaint_recipe.dataset.masks import (
     bbox_mask, box_to_mask, load_mask_png, mask_to_image, polygons_to_mask, rle_to_mask,
 )
@@ -96,7 +97,8 @@ def build_stylized_manifest(
     if not styles:
         raise InputError(f"--styles '{styles_dir}' has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     rows = []
-    for i, ann in enumerate(load_annotations(annotations)):
+    annotations_list = load_annotations(annotations)
+    for i, ann in enumerate(progress(annotations_list, desc="dataset stylize", unit="item")):
         src = content_dir / ann.image
         if not src.is_file():
             raise InputError(f"annotation '{ann.id}': content image '{src}' does not exist")

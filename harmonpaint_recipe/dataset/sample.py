@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from harmonpaint_recipe.progress import progress
 from harmonpaint_recipe.files import atomic_write_jsonl
 from harmonpaint_recipe.dataset.manifest import write_item
 from harmonpaint_recipe.dataset.masks import polygons_to_mask
@@ -49,7 +50,7 @@ def build_sample(out: str | Path, *, size: int = 256, mode: str = "stats", limit
     """Write the sample benchmark to ``out``; return the ``items.jsonl`` path."""
     out = Path(out)
     rows = []
-    for name, caption, ellipse, style in SAMPLE_ITEMS[:limit]:
+    for name, caption, ellipse, style in progress(SAMPLE_ITEMS[:limit], desc="dataset sample", unit="item"):
         content = _skimage(name)
         seg = polygons_to_mask([ellipse_polygon(*ellipse)], content.size)
         rows.append(

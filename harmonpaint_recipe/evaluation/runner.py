@@ -8,7 +8,6 @@ number). Each ``accelerate`` process handles its share of items; the main proces
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from attnctl.errors import InputError
+from harmonpaint_recipe.progress import progress
 from harmonpaint_recipe.metrics import Metric, MetricOptions, MetricUnavailable, Sample, build_metrics
 from harmonpaint_recipe.files import atomic_write_jsonl
 from harmonpaint_recipe.evaluation.grids import write_grids
@@ -142,9 +142,9 @@ class Runner:
                 self.store.root / "outputs" / method.name / "method.json", method.fingerprint(cfg.seed), f"method '{method.name}'"
             )
             inpaint: list = []  # created on first need, so a fully cached method loads no pipeline
-            for n, item in enumerate(mine, 1):
+            rank = f" [{self.shard.rank}/{self.shard.world}]" if self.shard.world > 1 else ""
+            for item in progress(mine, desc=f"eval{rank} {method.name}", unit="item"):
                 self._run_item(method, item, inpaint)
-                print(f"[{self.shard.rank}] {method.name}: {n}/{len(mine)} {item.id}", file=sys.stderr)
         if self._cmmd() is not None:
             for key, image in self.shard.take(_reference_images(cfg)):
                 self._embed(REFERENCE, key, image)

@@ -19,7 +19,7 @@ from importlib import metadata
 from typing import Callable, Mapping, Sequence
 
 from attnctl.errors import AttnctlError, did_you_mean
-from attnctl.notices import quiet_library_notices, warnings_as_lines
+from attnctl.notices import print_line, quiet_library_notices, warnings_as_lines
 
 ENTRY_POINT_GROUP = "attnctl.commands"
 
@@ -124,11 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings_as_lines(prog):
             return int(command.run(args) or 0)
     except AttnctlError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print_line(f"{prog}: error: {exc}")
         return 2
     except OSError as exc:  # a path the user gave cannot be read or written
         where = f" '{exc.filename}'" if exc.filename else ""
-        print(f"{prog}: error: {exc.strerror or exc}{where}; check the path and its permissions", file=sys.stderr)
+        print_line(f"{prog}: error: {exc.strerror or exc}{where}; check the path and its permissions")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

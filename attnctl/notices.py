@@ -42,7 +42,7 @@ def quiet_library_notices() -> None:
             logger.addFilter(_DropText(text))
 
 
-def _print_line(line: str) -> None:
+def print_line(line: str) -> None:
     """Print on stderr on a line of its own, above any progress bar that is drawing."""
     if "tqdm" in sys.modules:
         sys.modules["tqdm"].tqdm.write(line, file=sys.stderr)
@@ -60,7 +60,7 @@ def warnings_as_lines(prog: str) -> Iterator[None]:
         text = str(message).strip()
         if text not in shown:
             shown.add(text)
-            _print_line(f"{prog}: warning: {text}")
+            print_line(f"{prog}: warning: {text}")
 
     warnings.showwarning = show
     try:

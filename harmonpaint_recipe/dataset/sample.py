@@ -49,6 +49,7 @@ def _skimage(name: str) -> Image.Image:
 def build_sample(out: str | Path, *, size: int = 256, mode: str = "stats", limit: int | None = None) -> Path:
     """Write the sample benchmark to ``out``; return the ``items.jsonl`` path."""
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails here, before any work
     rows = []
     for name, caption, ellipse, style in progress(SAMPLE_ITEMS[:limit], desc="dataset sample", unit="item"):
         content = _skimage(name)

@@ -42,6 +42,15 @@ def image_and_mask():
 
 
 @pytest.fixture
+def files(tmp_path, image_and_mask):
+    """A folder holding ``img.png`` and ``mask.png`` (the ``image_and_mask`` pair), for command-line tests."""
+    image, mask = image_and_mask
+    image.save(tmp_path / "img.png")
+    mask.save(tmp_path / "mask.png")
+    return tmp_path
+
+
+@pytest.fixture
 def seeded():
     """A function returning a fresh CPU generator with a fixed seed."""
     return lambda seed=0: torch.Generator().manual_seed(seed)

@@ -15,14 +15,6 @@ from diffusers import AutoPipelineForInpainting, StableDiffusionInpaintPipeline 
 from harmonpaint_recipe.inputs import InputWarning, prepare_inputs
 
 
-@pytest.fixture
-def files(tmp_path, image_and_mask):
-    image, mask = image_and_mask
-    image.save(tmp_path / "img.png")
-    mask.save(tmp_path / "mask.png")
-    return tmp_path
-
-
 def cli(capsys, files, *extra, image="img.png", mask="mask.png", out="out.png", recipe="sdi"):
     argv = ["inpaint", "--recipe", recipe, "--image", str(files / image), "--mask", str(files / mask),
             "--prompt", "a cat", "--out", str(files / out), "--seed", "0", *extra]

@@ -19,14 +19,6 @@ from attnctl.cli import main
 TINY = ["model.pretrained=tiny", "sampler.steps=2"]
 
 
-@pytest.fixture
-def files(tmp_path, image_and_mask):
-    image, mask = image_and_mask
-    image.save(tmp_path / "img.png")
-    mask.save(tmp_path / "mask.png")
-    return tmp_path
-
-
 def test_options_and_overrides_mix_in_any_order(files):
     out = files / "mixed.png"
     rc = main(["inpaint", "--recipe", "harmonpaint", "strategies.makvs.scale=0.8", "--seed", "1",

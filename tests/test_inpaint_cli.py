@@ -14,14 +14,6 @@ from harmonpaint_recipe.files import sha256_of
 TINY = ["model.pretrained=tiny", "sampler.steps=3"]
 
 
-@pytest.fixture
-def files(tmp_path, image_and_mask):
-    image, mask = image_and_mask
-    image.save(tmp_path / "img.png")
-    mask.save(tmp_path / "mask.png")
-    return tmp_path
-
-
 def test_single_run_writes_image_and_sidecar_then_reproduces_it(files, capsys):
     out = files / "out" / "result.png"
     rc = main(["inpaint", "--recipe", "harmonpaint", "--image", str(files / "img.png"), "--mask", str(files / "mask.png"),

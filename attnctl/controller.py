@@ -70,11 +70,6 @@ class Controller:
         return self.slot.attached
 
     # ------------------------------------------------------------------ processors
-    @property
-    def originals(self) -> dict[str, Any]:
-        """Site name -> the processor each wrapper runs (what detach puts back)."""
-        return {name: proc.original for name, proc in self.processors.items()}
-
     def _wrap(self, site, original: Any) -> ControlledProcessor:
         adapter = self.adapters.find(original)
         if adapter is None and site.name in self.plan.site_ops:
@@ -106,10 +101,6 @@ class Controller:
                 if current.slot.attached:
                     raise ConfigError(f"{name}: a second attnctl controller was attached over this one; detach it")
             self._install(name, self._wrap(self.sites.by_name(name), innermost(current)))
-
-    def check_processors(self) -> None:
-        """Kept for compatibility: ``sync_processors``."""
-        self.sync_processors()
 
     # ------------------------------------------------------------------ lifecycle
     def detach(self) -> None:

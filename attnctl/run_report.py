@@ -44,7 +44,7 @@ def idle_instances(plan: Plan, layout: BatchLayout, timesteps: Sequence[float], 
             return []
         for by_site in probe._active_by_pass.values():
             for ops in by_site.values():
-                active.update(op.strategy for op in ops.key_value + ops.reweight + ops.observe)
+                active.update(op.strategy for op in ops.key_value + ops.reweight + ops.observe + ops.measure)
         active.update(op.strategy for op in probe.active_latent_ops)
     return [name for name in planned_instances(plan) if name not in active]
 

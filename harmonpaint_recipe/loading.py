@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from attnctl.errors import ConfigError, did_you_mean
-from harmonpaint_recipe.schema import RecipeConfig, check_no_python, check_section, check_strategies
+from harmonpaint_recipe.schema import RecipeConfig, check_no_python, check_instances, check_section
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 Overrides = Iterable[str] | Mapping[str, Any] | None
@@ -120,7 +120,7 @@ def validate_recipe(cfg: DictConfig, manager: Any = None) -> DictConfig:
         from attnctl.plugins import StrategyManager
 
         manager = StrategyManager.default()
-    check_strategies(resolved.get("strategies") or {}, manager)
+    check_instances(resolved, manager)
     out = OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg)
     # a plain (non-structured) config: users and tools may add keys while experimenting
     return OmegaConf.create(OmegaConf.to_container(out, resolve=False))

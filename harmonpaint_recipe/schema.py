@@ -3,7 +3,8 @@
 The schema is a set of dataclasses (OmegaConf structured configs supply the defaults).
 Validation is done here rather than by OmegaConf so that every error names the key,
 suggests the closest valid one and says which type was expected. Strategy parameters
-are validated against each strategy's own params dataclass (``attnctl.params``).
+are validated against each strategy's own params dataclass (``attnctl.params``), probe
+settings (the ``probes`` section, same form, off unless ``enabled: true``) likewise.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class RecipeConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eta: float = field(default=0.6, metadata={"help": "phase boundary on t / T_train (Sec. IV-C)"})
     strategies: Dict[str, Any] = field(default_factory=dict, metadata={"help": "instance name -> strategy settings"})
+    probes: Dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "instance name -> probe settings (off unless enabled: true; see docs/probes.md)"},
+    )
 
 
 def check_no_python(tree: Any, where: str = "") -> None:
@@ -104,8 +109,8 @@ def check_section(tree: Any, schema: type, where: str) -> None:
             raise ConfigError(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
 
 
-def check_strategies(strategies: Mapping[str, Any], manager: Any) -> None:
-    """Validate every strategy instance against its plugin's params dataclass (the engine's own check)."""
-    from attnctl.planning import resolve_instances
+def check_instances(recipe: Mapping[str, Any], manager: Any) -> None:
+    """Validate every strategy and probe instance against its plugin's params dataclass (the engine's own check)."""
+    from attnctl.planning import resolve_all
 
-    resolve_instances({"strategies": strategies}, manager)
+    resolve_all({"strategies": recipe.get("strategies") or {}, "probes": recipe.get("probes") or {}}, manager)

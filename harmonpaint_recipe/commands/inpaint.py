@@ -8,47 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from attnctl.cli import Command
-import sys
-import warnings
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
-
 from attnctl.errors import InputError
-
-
-@contextmanager
-def _warnings_as_lines(command: str) -> Iterator[None]:
-    """Show attnctl's input warnings as one line each on stderr (no source line)."""
-    from harmonpaint_recipe.inputs import InputWarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, InputWarning):
-            print(f"attnctl {command}: warning: {message}", file=sys.stderr)
-        else:
-            print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", InputWarning)
-        warnings.showwarning = show
-        yield
-
-
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out = list(args.overrides)
-    bad = [o for o in out if "=" not in o]
-    if bad:
-        raise InputError(
-            f"unexpected argument '{bad[0]}': overrides are key=value (e.g. sampler.steps=20); "
-            "quote prompts with spaces: --prompt \"a red car\""
-        )
-    if args.device:
-        out.append(f"model.device={args.device}")
-    if args.dtype:
-        out.append(f"model.dtype={args.dtype}")
-    return out
+from harmonpaint_recipe.commands.run_options import add_run_inputs, run_overrides, warnings_as_lines
 
 
 def _single(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -131,8 +96,8 @@ def _manifest(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    overrides = _overrides(args)
-    with _warnings_as_lines("inpaint"):
+    overrides = run_overrides(args)
+    with warnings_as_lines("inpaint"):
         if args.from_:
             return _reproduce(args, overrides)
         if args.manifest:
@@ -141,19 +106,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", default="harmonpaint", help="shipped recipe name or YAML path [harmonpaint]")
-    parser.add_argument("--image", help="input image (sides multiples of 8)")
-    parser.add_argument("--mask", help="mask image, white = region to inpaint (binarized at 0.5)")
-    parser.add_argument("--prompt", help="text prompt for the inpainted region")
+    add_run_inputs(parser)
     parser.add_argument("--out", help="output image path (.png/.jpg/.webp); its folder is created")
-    parser.add_argument("--seed", type=int, default=None, help="noise seed [random, recorded in the sidecar]")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides model.device")
-    parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), help="overrides model.dtype")
-    parser.add_argument("--resize-mask", action="store_true", help="resize a mask of another size to the image (nearest)")
     parser.add_argument("--manifest", help="JSONL with image, mask, prompt[, seed, name] per line (batch mode)")
     parser.add_argument("--out-dir", help="output folder of batch mode; items already written are skipped")
     parser.add_argument("--from", dest="from_", metavar="SIDECAR", help="reproduce the image a sidecar JSON describes")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. strategies.makvs.enabled=false")
 
 
 COMMAND = Command(

@@ -107,9 +107,9 @@ def top_components(x: torch.Tensor, k: int = COMPONENTS) -> tuple[torch.Tensor, 
     if f <= EXACT_LIMIT:
         u, s, _ = torch.linalg.svd(x, full_matrices=False)
     else:
-        start = torch.randn(f, k + 8, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+        start = torch.randn(f, k + 10, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
         q, _ = torch.linalg.qr(start.to(x.device))
-        for _ in range(12):
+        for _ in range(24):
             q, _ = torch.linalg.qr(x.T @ (x @ q))
         u, s, _ = torch.linalg.svd(x @ q, full_matrices=False)
     scores = u[:, :k_eff] * s[:k_eff]

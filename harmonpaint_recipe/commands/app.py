@@ -1,6 +1,6 @@
 """``attnctl app``: serve a page to inpaint, switch strategies and compare in a browser.
 
-    attnctl app [--recipe NAME] [key=value ...] [--host 127.0.0.1] [--port 7860] [--out-dir out/app]
+    attnctl app [--recipe NAME] [key=value ...] [--host 127.0.0.1] [--port 7860] [--out-dir out/app] [--probes LIST]
 
 Needs the ``app`` extra (Gradio): ``pip install -e ".[app]"``.
 """
@@ -24,11 +24,17 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(f"attnctl app needs Gradio, which is not installed; install the app extra: {INSTALL_HINT}")
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port} is not a TCP port; give 1..65535 (e.g. 7860)")
+    from harmonpaint_recipe.app.probe_tab import probe_tab
     from harmonpaint_recipe.app.server import serve
 
+    overrides = list(args.overrides)
+    if args.probes:
+        from harmonpaint_recipe.probing.run import probe_overrides
+
+        overrides += probe_overrides(args.probes.split(","))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: --host {args.host} makes the page reachable from other machines; it has no login")
-    serve(args.recipe, args.overrides, args.host, args.port, args.out_dir)
+    serve(args.recipe, overrides, args.host, args.port, args.out_dir, extra_tabs=[probe_tab])
     return 0
 
 
@@ -37,6 +43,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1: this machine only]")
     p.add_argument("--port", type=int, default=7860, help="port [7860]")
     p.add_argument("--out-dir", default="out/app", help="folder for each run's inputs, outputs and sidecars [out/app]")
+    p.add_argument("--probes", default=None,
+                   help="attention probes to run with every request, e.g. cross_maps,curves (self_pca costs more); "
+                        "their pictures are in the Probes tab [none]")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides for every recipe, e.g. model.pretrained=tiny sampler.steps=10")
 

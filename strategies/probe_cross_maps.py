@@ -89,7 +89,7 @@ class CrossMaps:
             "sites": {str(level): keys for level, keys in sorted(self.sites.items())},
             "tokens": {str(image): positions for image, positions in sorted(self.tokens.items())},
             "maps": [
-                {"step": step, "level": level, "image": image, "map": array.round(7).tolist()}
+                {"step": step, "level": level, "image": image, "map": array.astype("float64").round(7).tolist()}
                 for (step, level), by_image in sorted(self.maps.items())
                 for image, array in sorted(by_image.items())
             ],

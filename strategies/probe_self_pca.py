@@ -82,8 +82,8 @@ class SelfPca:
             "sites": {str(level): keys for level, keys in sorted(self.sites.items())},
             "pca": [
                 {"step": step, "level": level, "image": image,
-                 "explained": self.explained[(step, level)][image].round(7).tolist(),
-                 "components": array.round(7).tolist()}
+                 "explained": self.explained[(step, level)][image].astype("float64").round(7).tolist(),
+                 "components": array.astype("float64").round(7).tolist()}
                 for (step, level), by_image in sorted(self.components.items())
                 for image, array in sorted(by_image.items())
             ],

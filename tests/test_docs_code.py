@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["docs/writing-strategies.md", "docs/compatibility.md"]
+PAGES = ["docs/writing-strategies.md", "docs/compatibility.md", "docs/probes.md"]
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 

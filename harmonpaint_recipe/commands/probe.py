@@ -41,10 +41,10 @@ def _probe(args: argparse.Namespace, recipes: list[str], overrides: list[str], p
     from harmonpaint_recipe.inputs import prepare_inputs
     from harmonpaint_recipe.model import load_pipeline
     from harmonpaint_recipe.probing.outputs import check_out_dir, write_outputs
-    from harmonpaint_recipe.probing.run import load_compared, run_probed
+    from harmonpaint_recipe.probing.run import load_compared, recipe_label, run_probed
     from harmonpaint_recipe.runner import new_seed
 
-    labels = [Path(r).stem if r.endswith((".yaml", ".yml")) else r for r in recipes]
+    labels = [recipe_label(r) for r in recipes]
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir, labels, [Path(args.image), Path(args.mask)])
     loaded = load_compared(recipes, overrides, probes)

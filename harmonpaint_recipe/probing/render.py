@@ -92,10 +92,10 @@ def cross_maps_picture(run: ProbeRun, result: CrossMaps, image_index: int = 0) -
     cell = _cell_size(run.image.size)
     mask = _resized(run.mask, cell, smooth=False)
     n_rows, n_cols = max(1, len(levels) * len(steps)), max(1, len(positions))
-    height = 70 + n_rows * (cell[1] + 22)
-    fig = _figure(110 + n_cols * (cell[0] + 8), height)
-    fig.suptitle(f"{run.label}: cross-attention map per token (rows: steps, per grid; each map stretched from "
-                 "its min to its max; cyan: the mask)", fontsize=9, y=1 - 6 / height)
+    height = 84 + n_rows * (cell[1] + 22)
+    fig = _figure(max(360, 110 + n_cols * (cell[0] + 8)), height)
+    fig.suptitle(f"{run.label}: cross-attention map per token\nrows: steps, per grid; each map stretched from its "
+                 "min to its max; cyan: the mask", fontsize=9, y=1 - 4 / height)
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for b, level in enumerate(levels):
         for s, (step, timestep) in enumerate(steps):
@@ -107,14 +107,14 @@ def cross_maps_picture(run: ProbeRun, result: CrossMaps, image_index: int = 0) -
                 ax.set_xticks([]), ax.set_yticks([])
                 if maps is None:
                     continue
-                cell_map = _resized(maps[c], cell, smooth=True)
+                cell_map = _resized(maps[c], cell, smooth=False)  # one block per patch: the grid as it is
                 low, high = float(cell_map.min()), float(cell_map.max())
                 ax.imshow(cell_map, cmap="inferno", vmin=low, vmax=max(high, low + 1e-12))
                 ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.6)
-                if row == 0 or s == 0:
+                if s == 0:  # the first row of each grid block names the tokens
                     ax.set_title(f"{run.token_labels.get(position, position)!s} [{position}]", fontsize=7)
             axes[row][0].set_ylabel(f"{_step_label(step, timestep)}\n{_grid_label(result.grids[level])}", fontsize=7)
-    fig.subplots_adjust(left=0.1, right=0.99, top=1 - 48 / height, bottom=0.01, wspace=0.05, hspace=0.35)
+    fig.subplots_adjust(left=0.1, right=0.99, top=1 - 62 / height, bottom=0.01, wspace=0.05, hspace=0.35)
     return _to_image(fig)
 
 
@@ -131,11 +131,14 @@ def self_pca_picture(run: ProbeRun, result: SelfPca, image_index: int = 0) -> Im
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     picture = np.asarray(run.image.resize(cell, Image.BILINEAR))
     for s, (step, timestep) in enumerate(steps):
-        axes[s][0].imshow(picture)
         axes[s][0].set_xticks([]), axes[s][0].set_yticks([])
         axes[s][0].set_ylabel(_step_label(step, timestep), fontsize=7)
-        if s == 0:
+        if s == 0:  # the image once, for orientation
+            axes[s][0].imshow(picture)
             axes[s][0].set_title("final image", fontsize=7)
+        else:
+            for spine in axes[s][0].spines.values():
+                spine.set_visible(False)
         for c, level in enumerate(levels, start=1):
             ax = axes[s][c]
             ax.set_xticks([]), ax.set_yticks([])

@@ -68,6 +68,14 @@ class ProbeRun:
         return pictures([self])
 
 
+def recipe_label(recipe: str | Path | DictConfig) -> str:
+    """What pictures call a run: the recipe's name, a YAML file's stem, or ``recipe``."""
+    if isinstance(recipe, DictConfig):
+        return "recipe"
+    text = str(recipe)
+    return Path(text).stem if text.endswith((".yaml", ".yml")) else text
+
+
 def probe_overrides(probes: Iterable[str]) -> list[str]:
     """``["cross_maps"]`` -> ``["probes.cross_maps.enabled=true"]``."""
     names = [p.strip() for p in probes if p.strip()]
@@ -145,8 +153,7 @@ def probe(
     inputs = prepare_inputs(image, mask, resize_mask=resize_mask)
     if pipe is None:
         pipe = load_pipeline(cfg)
-    label = recipe if isinstance(recipe, str) else Path(str(recipe)).stem if isinstance(recipe, Path) else "recipe"
-    return run_probed(pipe, cfg, inputs, prompt, seed, label, manager=manager)
+    return run_probed(pipe, cfg, inputs, prompt, seed, recipe_label(recipe), manager=manager)
 
 
 def load_compared(recipes: Sequence[str], overrides: Sequence[str], probes: Sequence[str],

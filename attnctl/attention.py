@@ -8,6 +8,9 @@ call and applies the active ops:
   ``W = sum_r a_r b_r^T`` this is ``sum_r a_r ⊙ (A (b_r ⊙ V))``, so one fused SDPA call on
   the channel-concatenated values ``[b_1 ⊙ V, ..., b_R ⊙ V]`` gives every term exactly,
   and no Nq x Nk matrix is ever built;
+- measure ops' key-side columns ride along as extra value columns of the same fused call
+  (scaled by every reweight term like the values), so ``W_eff @ columns`` costs a few
+  channels, not a map;
 - observe ops force an explicit fp32 softmax (only where they are active).
 
 ``project_attention`` / ``finish_attention`` mirror what diffusers' ``AttnProcessor2_0``
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 from attnctl.call import AttentionCall
 from attnctl.errors import ConfigError
-from attnctl.ops import ActiveOps, ReweightOp
+from attnctl.ops import ActiveOps, MeasureOp, ReweightOp
 
 
 def compute(call: AttentionCall, ops: ActiveOps) -> torch.Tensor:
@@ -33,24 +36,81 @@ def compute(call: AttentionCall, ops: ActiveOps) -> torch.Tensor:
         op.extend(call)
     factors = _weight_factors(call, ops.reweight)
     renormalize = any(op.renormalize for op in ops.reweight)
+    columns, widths = _measure_columns(call, ops.measure)
     if ops.observe:
-        return _explicit(call, ops, factors, renormalize)
-    if factors is None:
+        return _explicit(call, ops, factors, renormalize, columns, widths)
+    if factors is None and columns is None:
         return F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=call.bias, scale=call.scale)
+    out, sums = _fused(call, factors, renormalize, columns)
+    if sums is not None:
+        _hand_out(call, ops.measure, widths, sums, out)
+    return out
+
+
+def _fused(call: AttentionCall, factors, renormalize: bool, columns: torch.Tensor | None):
+    """One SDPA call on ``[b_r ⊙ V, b_r ⊙ C]`` per reweight term (plus row sums): (output, sums or None).
+
+    Without reweight factors the single term is ``A [V, C]``; measurement columns ``C`` are
+    scaled by every ``b_r`` and combined with the ``a_r`` exactly like the values, so the
+    sums are ``W_eff @ C`` with the same weights the output is made of.
+    """
+    dtype = call.value.dtype
     d = call.value.shape[-1]
-    columns = [(b * call.value).to(call.value.dtype) for _, b in factors]
+    m = 0 if columns is None else columns.shape[-1]
+    terms = factors if factors is not None else [(None, None)]
+    blocks = []
+    for _, b in terms:
+        blocks.append(call.value if b is None else (b * call.value).to(dtype))
+        if columns is not None:
+            blocks.append((columns if b is None else b * columns).to(dtype))
     if renormalize:  # A b_r: the row sums of each term, as extra value columns
         ones = call.value.new_ones(*call.value.shape[:-1], 1)
-        columns += [(b * ones).to(call.value.dtype) for _, b in factors]
-    out = _sdpa_wide_values(call.query, call.key, torch.cat(columns, dim=-1), call.bias, call.scale)
-    result = None
-    for r, (a, _) in enumerate(factors):
-        term = a * out[..., r * d : (r + 1) * d]
+        blocks += [(b * ones).to(dtype) for _, b in terms]
+    out = _sdpa_wide_values(call.query, call.key, torch.cat(blocks, dim=-1), call.bias, call.scale)
+    width = d + m
+    result = sums = None
+    for r, (a, _) in enumerate(terms):
+        value_part = out[..., r * width : r * width + d]
+        term = value_part if a is None else a * value_part
         result = term if result is None else result + term
+        if columns is not None:
+            measured = out[..., r * width + d : (r + 1) * width].float()
+            measured = measured if a is None else a.float() * measured
+            sums = measured if sums is None else sums + measured
     if renormalize:
-        base = len(factors) * d
-        result = result / sum(a * out[..., base + r : base + r + 1] for r, (a, _) in enumerate(factors))
-    return result.to(call.value.dtype)
+        base = len(terms) * width
+        row_sums = sum(a * out[..., base + r : base + r + 1] for r, (a, _) in enumerate(terms))
+        result = result / row_sums
+        if sums is not None:
+            sums = sums / row_sums.float()
+    return result.to(dtype), sums
+
+
+def _measure_columns(call: AttentionCall, measure: tuple[MeasureOp, ...]) -> tuple[torch.Tensor | None, list[int]]:
+    """The measure ops' columns over all keys side by side, [B, h, Nk, m_total] fp32, and each op's width."""
+    if not measure:
+        return None, []
+    b, h, n_keys = call.query.shape[0], call.query.shape[1], call.key.shape[-2]
+    blocks = []
+    for op in measure:
+        c = op.columns(call)
+        if c.ndim != 4 or c.shape[-2] not in (1, n_keys):
+            raise ConfigError(
+                f"strategies.{op.strategy} at {call.site.key}: measurement columns must broadcast to "
+                f"[B, heads, {n_keys}, m] (all keys: {call.num_own_keys} own + {n_keys - call.num_own_keys} appended), "
+                f"got shape {tuple(c.shape)}"
+            )
+        blocks.append(c.float().expand(b, h, n_keys, c.shape[-1]))
+    return torch.cat(blocks, dim=-1), [c.shape[-1] for c in blocks]
+
+
+def _hand_out(call: AttentionCall, measure: tuple[MeasureOp, ...], widths: list[int], sums: torch.Tensor,
+              output: torch.Tensor) -> None:
+    """Give each measure op its own slice of ``sums`` (in op order, as the columns were stacked)."""
+    start = 0
+    for op, width in zip(measure, widths):
+        op.measure(call, sums[..., start : start + width], output)
+        start += width
 
 
 def _weight_factors(
@@ -91,7 +151,8 @@ def probabilities(call: AttentionCall) -> torch.Tensor:
     return logits.softmax(dim=-1)
 
 
-def _explicit(call: AttentionCall, ops: ActiveOps, factors, renormalize: bool) -> torch.Tensor:
+def _explicit(call: AttentionCall, ops: ActiveOps, factors, renormalize: bool,
+              columns: torch.Tensor | None, widths: list[int]) -> torch.Tensor:
     weights = probabilities(call)
     if factors is not None:
         w = sum(a.float() * b.float().transpose(-1, -2) for a, b in factors)
@@ -100,7 +161,10 @@ def _explicit(call: AttentionCall, ops: ActiveOps, factors, renormalize: bool) -
             weights = weights / weights.sum(dim=-1, keepdim=True)
     for op in ops.observe:
         op.observe(call, weights)
-    return torch.matmul(weights, call.value.float()).to(call.value.dtype)
+    out = torch.matmul(weights, call.value.float()).to(call.value.dtype)
+    if columns is not None:
+        _hand_out(call, ops.measure, widths, torch.matmul(weights, columns), out)
+    return out
 
 
 def _sdpa_wide_values(query, key, values, bias, scale: float) -> torch.Tensor:

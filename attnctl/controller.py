@@ -306,8 +306,10 @@ def attach(
 
     Args:
         target: a pipeline with ``.unet`` (and ``.scheduler``), or a ``UNet2DConditionModel``.
-        config: mapping with ``strategies: {instance: {strategy: type, enabled: bool, ...}}``;
-            ``None`` attaches idle.
+        config: mapping with ``strategies: {instance: {strategy: type, enabled: bool, ...}}``
+            and optionally ``probes: {...}`` (the same form; off unless ``enabled: true``;
+            they may only observe or measure, their results are in the run state's
+            ``results``); ``None`` attaches idle.
         manager: strategy plugin manager; default discovers plugins from entry points.
         adapters: processor class (or qualified class name) -> adapter, for attention
             processors of your own that strategies should act inside (see ``attnctl.adapters``).

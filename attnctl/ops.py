@@ -8,7 +8,10 @@ stages that always run in this order, whatever order strategies were registered 
    keys, given as low-rank factors ``W = sum_r a_r b_r^T``, applied exactly with fused
    attention on scaled values. Keys appended in stage 1 keep weight 1;
 3. ``ObserveOp.observe``  - read the effective attention weights (forces an explicit
-   softmax at that site; only cross-attention maps are cheap enough for this).
+   softmax at that site; only cross-attention maps are cheap enough for this);
+   ``MeasureOp.measure`` - read products of the effective weights with key-side columns
+   (``W_eff @ columns``), computed inside the same fused call as extra value columns, so
+   scalar curves over all keys cost no map.
 
 Within a stage, ops run sorted by strategy instance name. Latent ops update the latent
 z_t before a step's noise prediction. Gate ops restrict when other strategies' ops are
@@ -118,6 +121,39 @@ class ObserveOp(SiteOp):
 
 
 @dataclass(eq=False)
+class MeasureOp(SiteOp):
+    """Measures the effective attention weights against key-side columns, without a map. Main pass by default.
+
+    ``columns(call)`` returns key-side vectors broadcastable to ``[B, heads, Nk, m]`` over
+    **all** keys (``Nk = call.key.shape[-2]``: the site's own keys first, then the appended
+    ones), any floating dtype. The core then calls ``measure(call, sums, output)`` with
+
+    - ``sums = W_eff @ columns``, ``[B, heads, Nq, m]`` fp32, where ``W_eff`` are the weights
+      the output is made of: the softmax over all keys, after every reweight op at the site
+      and the renormalization if one asked for it (what an ``ObserveOp`` sees as ``probs``);
+    - ``output``, the attention output ``W_eff @ value`` ``[B, heads, Nq, d_v]`` the site returns.
+
+    The columns ride along as extra value columns of the site's fused attention call (each
+    reweight term scales them like the values), so a measurement costs ``m`` channels more,
+    never an ``Nq x Nk`` map; they are computed at the precision of that call (the value
+    dtype) and handed over as fp32. With an ``ObserveOp`` active at the same site the map
+    is explicit anyway and the sums are its fp32 products. ``measure`` must not modify
+    ``sums`` or ``output`` in place.
+    """
+
+    stage: ClassVar[int] = 2
+    passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
+
+    def columns(self, call: AttentionCall) -> torch.Tensor:  # pragma: no cover - interface
+        """Key-side columns broadcastable to ``[B, heads, Nk, m]`` (see the class docstring)."""
+        raise NotImplementedError
+
+    def measure(self, call: AttentionCall, sums: torch.Tensor, output: torch.Tensor) -> None:  # pragma: no cover
+        """Receive ``sums = W_eff @ columns`` [B, heads, Nq, m] (fp32) and the site's output."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
 class LatentOp(Op):
     """Updates the latent z_t before the noise prediction of a step."""
 
@@ -153,6 +189,7 @@ class ActiveOps:
     key_value: tuple[KeyValueOp, ...] = ()
     reweight: tuple[ReweightOp, ...] = ()
     observe: tuple[ObserveOp, ...] = ()
+    measure: tuple[MeasureOp, ...] = ()
 
 
 #: no op at all (a site that only needs its processor adapted, e.g. in the guidance pass)

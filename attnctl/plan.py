@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from attnctl.ops import ActiveOps, GateOp, KeyValueOp, LatentOp, ObserveOp, ReweightOp, SiteOp
+from attnctl.ops import ActiveOps, GateOp, KeyValueOp, LatentOp, MeasureOp, ObserveOp, ReweightOp, SiteOp
 from attnctl.params import StrategySpec
 from attnctl.sites import SiteTable
 
@@ -26,6 +26,8 @@ class Plan:
         site_ops: site name -> ops at that site, in canonical order (stage, instance name).
         latent_ops: latent-guidance ops, sorted by instance name.
         gated_by: instance name -> the gate ops that restrict it (for messages).
+        probes: the enabled instances of the ``probes`` section (they only observe or
+            measure; their results are in ``RunState.results`` after a run).
     """
 
     sites: SiteTable
@@ -33,6 +35,7 @@ class Plan:
     site_ops: dict[str, tuple[SiteOp, ...]] = field(default_factory=dict)
     latent_ops: tuple[LatentOp, ...] = ()
     gated_by: dict[str, tuple[GateOp, ...]] = field(default_factory=dict)
+    probes: frozenset[str] = frozenset()
 
     @property
     def is_idle(self) -> bool:
@@ -49,6 +52,7 @@ class Plan:
                     key_value=tuple(op for op in on if isinstance(op, KeyValueOp)),
                     reweight=tuple(op for op in on if isinstance(op, ReweightOp)),
                     observe=tuple(op for op in on if isinstance(op, ObserveOp)),
+                    measure=tuple(op for op in on if isinstance(op, MeasureOp)),
                 )
         return active
 

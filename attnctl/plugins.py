@@ -138,8 +138,8 @@ class StrategyManager:
         return specs[name]
 
 
-def strategies_config(config: Any) -> Mapping[str, Mapping[str, Any]]:
-    """Extract the ``strategies`` mapping from a config (dict, OmegaConf or mapping)."""
+def strategies_config(config: Any, section: str = "strategies") -> Mapping[str, Mapping[str, Any]]:
+    """Extract the ``strategies`` (or ``probes``) mapping from a config (dict, OmegaConf or mapping)."""
     try:
         from omegaconf import DictConfig, OmegaConf
 
@@ -151,7 +151,7 @@ def strategies_config(config: Any) -> Mapping[str, Mapping[str, Any]]:
         return {}
     if not isinstance(config, Mapping):
         raise ConfigError(f"attach config must be a mapping with a 'strategies' key, got {type(config).__name__}")
-    strategies = config.get("strategies", {}) or {}
-    if not isinstance(strategies, Mapping):
-        raise ConfigError("config 'strategies' must be a mapping of instance name -> settings (not a list)")
-    return strategies
+    instances = config.get(section, {}) or {}
+    if not isinstance(instances, Mapping):
+        raise ConfigError(f"config '{section}' must be a mapping of instance name -> settings (not a list)")
+    return instances

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from attnctl.run_state import RunState
 
 
+def qualified(plan: Plan, instance: str) -> str:
+    """``strategies.NAME`` or ``probes.NAME``: where the instance is configured."""
+    return f"{'probes' if instance in plan.probes else 'strategies'}.{instance}"
+
+
 def planned_instances(plan: Plan) -> list[str]:
     """Instances that planned site or latent ops, in plan order."""
     names = [op.strategy for ops in plan.site_ops.values() for op in ops] + [op.strategy for op in plan.latent_ops]
@@ -44,7 +49,7 @@ def idle_instances(plan: Plan, layout: BatchLayout, timesteps: Sequence[float], 
             return []
         for by_site in probe._active_by_pass.values():
             for ops in by_site.values():
-                active.update(op.strategy for op in ops.key_value + ops.reweight + ops.observe)
+                active.update(op.strategy for op in ops.key_value + ops.reweight + ops.observe + ops.measure)
         active.update(op.strategy for op in probe.active_latent_ops)
     return [name for name in planned_instances(plan) if name not in active]
 
@@ -57,7 +62,7 @@ def warn_idle_instances(plan: Plan, names: list[str], remaining: Sequence[float]
     for name in names:
         gates = ", ".join(f"strategies.{g.strategy}: {g.gate}" for g in plan.gated_by.get(name, ())) or "its own gates"
         warnings.warn(
-            f"strategies.{name} will not act in this run: its gates ({gates}) are closed at all {len(remaining)} "
+            f"{qualified(plan, name)} will not act in this run: its gates ({gates}) are closed at all {len(remaining)} "
             f"remaining steps (t/T from {t_hi:.3f} down to {t_lo:.3f}). A strength below 1 starts the run at a "
             "lower t and skips strategies gated to early steps; see docs/recipes.md (timestep gating).",
             RunWarning,
@@ -73,7 +78,7 @@ def warn_sites_not_run(state: RunState, processors: dict[str, object]) -> None:
         instances = sorted({op.strategy for op in state.plan.site_ops[name]})
         current = type(processors.get(name)).__name__
         warnings.warn(
-            f"{', '.join(f'strategies.{i}' for i in instances)} planned at {site.key} ({name}) never ran there in "
+            f"{', '.join(qualified(state.plan, i) for i in instances)} planned at {site.key} ({name}) never ran there in "
             f"this run although due: the site's attention did not go through attnctl (its processor is now "
             f"{current}; was it replaced during the run, or the module skipped?)",
             RunWarning,

@@ -2,8 +2,9 @@
 
 One ``RunState`` is created when a run starts and dropped when it ends. It carries the
 step and timestep, the CFG batch layout (explicit, never guessed from ``batch // 2``),
-the inpainting mask at every site grid, prompt token indices and per-instance scratch
-space. There are no module globals and no call counters.
+the inpainting mask at every site grid, prompt token indices, per-instance scratch
+space and the results strategies hand back to the caller (``results``: what probes
+measured). There are no module globals and no call counters.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class RunState:
         self._timesteps = timesteps
         self._mask_input = _as_mask_batch(mask) if mask is not None else None
         self.scratch: dict[str, dict[str, Any]] = {}
+        #: instance name -> what the instance hands back after the run (e.g. a probe's measurements)
+        self.results: dict[str, Any] = {}
         self.step_index: int | None = None
         self.timestep: float | None = None
         self.pass_kind: str = MAIN
@@ -181,6 +184,14 @@ class RunState:
     def scratch_for(self, instance: str) -> dict[str, Any]:
         """Per-run scratch space of one strategy instance."""
         return self.scratch.setdefault(instance, {})
+
+    def publish(self, instance: str, result: Any) -> None:
+        """Hand ``result`` back to whoever runs the pipeline: ``state.results[instance]`` after the run.
+
+        For measurements (probes): set at ``attnctl_run_end`` at the latest; the state object
+        stays readable after ``Controller.run`` exits.
+        """
+        self.results[instance] = result
 
 
 MASK_FORMS = (

@@ -17,7 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from attnctl.errors import ConfigError, did_you_mean
-from harmonpaint_recipe.schema import RecipeConfig, check_no_python, check_section, check_strategies, with_parameter_defaults
+from harmonpaint_recipe.schema import (
+    RecipeConfig,
+    check_instances,
+    check_no_python,
+    check_section,
+    with_parameter_defaults,
+)
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 Overrides = Iterable[str] | Mapping[str, Any] | None
@@ -120,12 +126,12 @@ def validate_recipe(cfg: DictConfig, manager: Any = None) -> DictConfig:
         from attnctl.plugins import StrategyManager
 
         manager = StrategyManager.default()
-    instances = check_strategies(resolved.get("strategies") or {}, manager)
+    instances = check_instances(resolved, manager)
     out = OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg)
     # a plain (non-structured) config: users and tools may add keys while experimenting
     out = OmegaConf.create(OmegaConf.to_container(out, resolve=False))
     if instances:
-        with_parameter_defaults(out.strategies, instances)
+        with_parameter_defaults(out, instances)
     return out
 
 

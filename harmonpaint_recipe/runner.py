@@ -27,11 +27,16 @@ from harmonpaint_recipe.model import check_pipeline
 
 @dataclass
 class RunResult:
-    """One generated image and what is needed to reproduce it."""
+    """One generated image, what is needed to reproduce it, and what the recipe's probes measured.
+
+    ``probes`` maps each enabled probe instance (the recipe's ``probes`` section) to its
+    result object (e.g. ``strategies.probe_curves.Curves``); empty when no probe is on.
+    """
 
     image: Image.Image
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
+    probes: dict[str, Any] = field(default_factory=dict)
 
 
 def prompt_token_indices(tokenizer: Any, prompt: str) -> list[int]:
@@ -57,6 +62,11 @@ def _step_reporter(on_step: Callable[[int, int], None]) -> Callable[..., dict]:
         return callback_kwargs
 
     return report
+
+
+def attach_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``attnctl.attach`` config of a resolved recipe: its ``strategies`` and its ``probes``."""
+    return {"strategies": config.get("strategies") or {}, "probes": config.get("probes") or {}}
 
 
 def _recipe_scheduler(pipe: Any, name: str) -> Any:
@@ -91,9 +101,7 @@ class Runner:
         self._own_scheduler = pipe.scheduler
         pipe.scheduler = _recipe_scheduler(pipe, self.config["sampler"]["scheduler"])
         try:
-            self.controller = attnctl.attach(
-                pipe, {"strategies": self.config.get("strategies") or {}}, manager, adapters=adapters
-            )
+            self.controller = attnctl.attach(pipe, attach_config(self.config), manager, adapters=adapters)
         except BaseException:
             pipe.scheduler = self._own_scheduler
             raise
@@ -152,6 +160,8 @@ class Runner:
             )
         kwargs.update(extra)
         start = time.perf_counter()
-        with self.controller.run(layout, mask=mask, token_indices=tokens):
+        with self.controller.run(layout, mask=mask, token_indices=tokens) as state:
             image = self.pipe(**kwargs).images[0]
-        return RunResult(image=image, seed=seed, timings={"inpaint_s": round(time.perf_counter() - start, 3)})
+        probes = {name: state.results[name] for name in sorted(self.controller.plan.probes) if name in state.results}
+        return RunResult(image=image, seed=seed, timings={"inpaint_s": round(time.perf_counter() - start, 3)},
+                         probes=probes)

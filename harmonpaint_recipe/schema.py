@@ -3,7 +3,8 @@
 The schema is a set of dataclasses (OmegaConf structured configs supply the defaults).
 Validation is done here rather than by OmegaConf so that every error names the key,
 suggests the closest valid one and says which type was expected. Strategy parameters
-are validated against each strategy's own params dataclass (``attnctl.params``).
+are validated against each strategy's own params dataclass (``attnctl.params``), probe
+settings (the ``probes`` section, same form, off unless ``enabled: true``) likewise.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class RecipeConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eta: float = field(default=0.6, metadata={"help": "phase boundary on t / T_train (Sec. IV-C)"})
     strategies: Dict[str, Any] = field(default_factory=dict, metadata={"help": "instance name -> strategy settings"})
+    probes: Dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "instance name -> probe settings (off unless enabled: true; see docs/probes.md)"},
+    )
 
 
 def check_no_python(tree: Any, where: str = "") -> None:
@@ -104,21 +109,21 @@ def check_section(tree: Any, schema: type, where: str) -> None:
             raise ConfigError(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
 
 
-def check_strategies(strategies: Mapping[str, Any], manager: Any) -> list:
-    """Validate every strategy instance against its plugin's params dataclass (the engine's own check)."""
-    from attnctl.planning import resolve_instances
+def check_instances(recipe: Mapping[str, Any], manager: Any) -> list:
+    """Validate every strategy and probe instance against its plugin's params dataclass (the engine's own check)."""
+    from attnctl.planning import resolve_all
 
-    return resolve_instances({"strategies": strategies}, manager)
+    return resolve_all({"strategies": recipe.get("strategies") or {}, "probes": recipe.get("probes") or {}}, manager)
 
 
-def with_parameter_defaults(strategies: Any, instances: list) -> None:
-    """Write every parameter a run will use into ``strategies`` (a DictConfig), in place.
+def with_parameter_defaults(recipe: Any, instances: list) -> None:
+    """Write every parameter a run will use into ``recipe`` (a DictConfig), in place.
 
     Keys the recipe sets stay as they are (interpolations included); missing ones get the
     strategy's default, so a shown recipe or a sidecar lists the complete configuration.
     """
     for instance in instances:
-        node = strategies[instance.name]
+        node = recipe[instance.section][instance.name]
         defaults = {"strategy": instance.spec.name, "enabled": instance.enabled}
         defaults.update({f.name: _plain(getattr(instance.params, f.name)) for f in dataclasses.fields(instance.params)})
         for key, value in defaults.items():

@@ -11,6 +11,11 @@ At one self-attention site, for one batch row with query/key/value ``q, K, V`` (
     A'     = W ⊙ A, rows divided by their sums if any instance renormalizes
     out    = A' values
 
+With a ``curves`` probe in ``config["probes"]``, the main pass records, for the conditional
+rows and the masked queries, the literal measurements of the effective weights ``A'`` (shares
+of unmasked own keys and of appended keys, row mass, the feature gaps of ``A' values``; at
+cross sites the object tokens' mass and share), as ``NaiveRun.measured``.
+
 Cross-attention sites compute a plain explicit softmax; in the guidance pass the maps at
 latent_guidance's read sites are recorded and the steer loss is computed literally
 (``steer_loss_literal``, checked against ``reference_guidance``'s loop form), its gradient by autograd, and
@@ -83,6 +88,12 @@ class NaiveRun:
     pass_kind: str = "main"
     rows: list[int] = field(default_factory=list)
     records: list[tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=list)
+    measured: dict[tuple[str, str, int], float] = field(default_factory=dict)  # (quantity, site key, image)
+    probe_sites: set[str] = field(default_factory=set)  # site keys a curves probe measures
+
+    def probing(self, site) -> bool:
+        """A curves probe measures ``site`` and this is the main pass."""
+        return self.pass_kind == "main" and site.key in self.probe_sites
 
     def instances(self, strategy: str) -> list[tuple[str, dict]]:
         """Enabled instances of ``strategy`` active now (gates and passes), sorted by name."""
@@ -131,7 +142,10 @@ class NaiveSelf:
         outs = []
         for i, row in enumerate(run.rows):
             m = masks[run.images[row] % masks.shape[0]]  # [HW]
-            outs.append(self._row(q[i], k[i], v[i], m, d**-0.5))
+            a, values = self._row(q[i], k[i], v[i], m, d**-0.5)
+            outs.append(a @ values)
+            if run.probing(self.site) and row in run.cond_rows:
+                measure_self(run, self.site.key, run.images[row], a, outs[-1], m)
         out = torch.stack(outs).to(hidden_states.dtype)
         out = out.transpose(1, 2).reshape(b, n, heads * d)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
@@ -164,7 +178,7 @@ class NaiveSelf:
         a = w * a
         if renormalize:
             a = a / a.sum(-1, keepdim=True)
-        return a @ values
+        return a, values
 
 
 class NaiveCross:
@@ -181,10 +195,41 @@ class NaiveCross:
         q, k, v = (x.view(b, -1, heads, d).transpose(1, 2).double() for x in (q, k, v))
         probs = torch.softmax(q @ k.transpose(-1, -2) * d**-0.5, dim=-1)
         run = self.run
+        if run.probing(self.site):
+            grid = self.site.grid(run.latent_hw)
+            masks = literal_masks(run.pixel_masks, run.latent_hw, grid)
+            for i, row in enumerate(run.rows):
+                if row in run.cond_rows:
+                    image = run.images[row]
+                    measure_cross(run, self.site.key, image, probs[i], masks[image % masks.shape[0]], run.tokens[image])
         if run.pass_kind == "guidance" and any(name in self.read_by for name, _ in run.instances("latent_guidance")):
             run.records.append((probs, self.site.grid(run.latent_hw)))
         out = (probs @ v).to(hidden_states.dtype).transpose(1, 2).reshape(b, n, heads * d)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
+def measure_self(run: NaiveRun, site: str, image: int, a: torch.Tensor, out: torch.Tensor, m: torch.Tensor) -> None:
+    """The curves probe's self-site quantities from the literal effective weights ``a`` [h, HW, N_all]."""
+    hw = m.shape[0]
+    inside = m > 0.5
+    total = a.sum(-1)  # [h, HW]
+    shares = {"background_share": (a[..., :hw] * (1 - m)).sum(-1) / total,
+              "bank_share": a[..., hw:].sum(-1) / total, "row_mass": total}
+    for name, value in shares.items():
+        run.measured[(name, site, image)] = value[:, inside].mean().item()
+    features = out.transpose(0, 1).reshape(hw, -1)  # [HW, heads * d]
+    fin, fout = features[inside], features[~inside]
+    run.measured[("mean_gap", site, image)] = (fin.mean(0) - fout.mean(0)).pow(2).mean().sqrt().item()
+    std_gap = fin.std(0, unbiased=False) - fout.std(0, unbiased=False)
+    run.measured[("std_gap", site, image)] = std_gap.pow(2).mean().sqrt().item()
+
+
+def measure_cross(run: NaiveRun, site: str, image: int, probs: torch.Tensor, m: torch.Tensor, tokens: list[int]) -> None:
+    """The curves probe's cross-site quantities from the literal map ``probs`` [h, HW, 77]."""
+    inside = m > 0.5
+    mass = probs[..., tokens].sum(-1)
+    run.measured[("object_mass", site, image)] = mass[:, inside].mean().item()
+    run.measured[("object_share", site, image)] = (mass / probs[..., 1:].sum(-1))[:, inside].mean().item()
 
 
 class NaiveComposer:
@@ -202,6 +247,10 @@ class NaiveComposer:
             name: {s.name for s in select_sites(settings.get("read_sites", "cross/4,cross/2"), self.sites)}
             for name, settings in strategies.items() if settings.get("strategy") == "latent_guidance"
         }
+        curves = [p for p in run.config.get("probes", {}).values() if p.get("enabled") and p.get("strategy") == "curves"]
+        run.probe_sites = {s.key for p in curves
+                           for selector in (p.get("self_sites", "self"), p.get("cross_sites", "cross/4,cross/2"))
+                           for s in select_sites(selector, self.sites)}
 
     @contextmanager
     def installed(self) -> Iterator[None]:

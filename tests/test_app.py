@@ -263,6 +263,24 @@ def test_runs_do_not_overlap(service, photo, monkeypatch):
     assert sorted(r.seed for r in results) == [1, 2] and len(list(service.out_dir.iterdir())) == 2
 
 
+@pytest.mark.filterwarnings("ignore::attnctl.RunWarning")  # 2 steps: HarmonPaint's structure phase is empty
+def test_the_probes_tab_draws_what_the_last_run_measured(shared_pipe, photo, tmp_path):
+    pytest.importorskip("gradio", reason='the probes tab needs Gradio: pip install -e ".[app]"')
+    from harmonpaint_recipe.app.probe_tab import NO_PROBES, NO_RUN, probe_gallery
+
+    probed = AppService("harmonpaint", TINY + ["probes.cross_maps.enabled=true", "probes.curves.enabled=true"],
+                        tmp_path / "runs", pipe=shared_pipe)
+    result = probed.run(RunRequest(_inputs(photo), "a red boat", 5, "harmonpaint"))
+    assert [o.probe_run.label for o in result.outputs] == ["A: stock", "B: harmonpaint"]
+    gallery, status = probe_gallery(result)
+    assert [name for _, name in gallery] == ["cross_maps", "curves"] and "A: stock, B: harmonpaint" in status
+    assert all(image.width > 500 for image, _ in gallery)
+    plain = AppService("harmonpaint", TINY, tmp_path / "plain", pipe=shared_pipe)
+    assert probe_gallery(plain.run(RunRequest(_inputs(photo), "a red boat", 5, "harmonpaint", mode="single"))) == (
+        [], NO_PROBES)
+    assert probe_gallery(None) == ([], NO_RUN)
+
+
 def test_recipe_choices_follow_the_loaded_model_family(service):
     assert service.recipe_choices[0] == "harmonpaint"
     assert "sdi" in service.recipe_choices and "harmonpaint-sdxl" not in service.recipe_choices
@@ -289,14 +307,17 @@ def test_page_builds_with_an_extra_tab_and_queues_runs_one_at_a_time(service):
         with gr.Tab("Probes"):
             seen.append(last_run)
 
-    blocks = build_page(service, extra_tabs=[probes_tab])
+    from harmonpaint_recipe.app.probe_tab import probe_tab
+
+    blocks = build_page(service, extra_tabs=[probes_tab, probe_tab])
     assert len(seen) == 1 and isinstance(seen[0], gr.State)
     run = [fn for fn in blocks.fns.values() if fn.concurrency_id == "pipeline"]
     assert len(run) == 1 and run[0].concurrency_limit == 1 and run[0].name == "run"
     config = blocks.get_config_file()
     ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
     assert {"image-editor", "prompt", "recipe", "seed", "run", "output-a", "output-b", "downloads",
-            "ctl-strategies-makvs-enabled", "ctl-strategies-sams-tau", "recipe-yaml"} <= ids
+            "ctl-strategies-makvs-enabled", "ctl-strategies-sams-tau", "recipe-yaml", "show-probes",
+            "probe-gallery"} <= ids
 
 
 def test_app_command_without_gradio_names_the_extra(monkeypatch, capsys):

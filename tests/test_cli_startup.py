@@ -15,7 +15,8 @@ HEAVY = ("torch", "diffusers", "transformers", "numpy", "PIL")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["strategies"], ["recipes"], ["recipe", "show", "harmonpaint"],
-                                  ["inpaint", "--help"], ["bench", "--help"], ["eval", "--help"]])
+                                  ["inpaint", "--help"], ["bench", "--help"], ["eval", "--help"],
+                                  ["probe", "--help"]])
 def test_command_does_not_import_heavy_libraries(argv):
     code = (
         "import sys\n"

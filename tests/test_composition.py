@@ -25,7 +25,7 @@ from attnctl.testing import build_tiny_inpaint_pipeline
 from example_plugin import load_region_boost
 from reference_attention import single_thread
 from reference_composition import NaiveComposer, NaiveRun
-from strategies import kv_bank, latent_guidance, region_mask, timestep_gate
+from strategies import kv_bank, latent_guidance, probe_curves, region_mask, timestep_gate
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 # steps outside a gate window are the point here, not a user mistake
@@ -41,7 +41,7 @@ SITES = {  # where the self-attention strategies act
     "same": {"rm": "self[6:12]", "kv": "self[6:12]", "boost": "self[6:12]"},
     "different": {"rm": "self[2:6]", "kv": "self[10:16]", "boost": "self[6:10]"},
 }
-NAMES = ("rm", "kv", "lg", "tg", "boost")
+NAMES = ("rm", "kv", "lg", "tg", "boost", "probe")
 
 
 def _config(members: tuple[str, ...], placement: str) -> dict:
@@ -61,6 +61,11 @@ def _config(members: tuple[str, ...], placement: str) -> dict:
     return strategies
 
 
+def _probes(members: tuple[str, ...]) -> dict:
+    """The curves probe (measure ops at every self and the read cross sites) when ``probe`` is a member."""
+    return {"pr": {"strategy": "curves", "enabled": True}} if "probe" in members else {}
+
+
 CASES = [
     pytest.param(members, placement, id=f"{'+'.join(members)}@{placement}")
     for members in [*itertools.combinations(NAMES, 2), NAMES]
@@ -78,41 +83,54 @@ def case_inputs():
     masks = torch.zeros(2, 1, 128, 96)
     masks[0, :, 32:96, 24:72] = 1
     masks[1, :, 0:48, 40:96] = 1
-    manager = StrategyManager(plugins=[region_mask, kv_bank, latent_guidance, timestep_gate, load_region_boost()],
-                              autoload=False)
+    manager = StrategyManager(plugins=[region_mask, kv_bank, latent_guidance, timestep_gate, probe_curves,
+                                       load_region_boost()], autoload=False)
     return pipe, sample, emb, masks, manager
 
 
-def _fast(pipe, manager, config, sample, emb, masks, t):
-    """The fast path on one step: (noise prediction, guided latent or None)."""
+def _fast(pipe, manager, config, sample, emb, masks, t, measured=None):
+    """The fast path on one step: (noise prediction, guided latent or None); probe values into ``measured``."""
     layout = BatchLayout.for_pipeline(2, 1, cfg=True)
     with attnctl.attach(pipe, config, manager) as ctl:
         with ctl.run(layout, mask=masks, token_indices=TOKENS) as state:
             x = pipe.scheduler.scale_model_input(sample[:, :4], t)
             with torch.no_grad():
                 eps = pipe.unet(torch.cat([x, sample[:, 4:]], 1), t, encoder_hidden_states=emb).sample
-            return eps, state.pending_latents
+            pending = state.pending_latents
+    if measured is not None and "pr" in state.results:
+        for quantity, by_site in state.results["pr"].series.items():
+            for site, by_image in by_site.items():
+                for image, (value,) in by_image.items():
+                    measured[(quantity, site, image)] = value
+    return eps, pending
 
 
-def _naive(pipe, config, sample, emb, masks, t, step_index):
+def _naive(pipe, config, sample, emb, masks, t, step_index, measured=None):
     run = NaiveRun(config=config, images=[0, 1, 0, 1], cond_rows=[2, 3], pixel_masks=masks, tokens=TOKENS,
                    latent_hw=LATENT, step_index=step_index, num_steps=STEPS)
-    return NaiveComposer(pipe.unet, run).step(sample, t, emb)
+    out = NaiveComposer(pipe.unet, run).step(sample, t, emb)
+    if measured is not None:
+        measured.update(run.measured)
+    return out
 
 
 @pytest.mark.parametrize("members,placement", CASES)
 def test_composition_matches_the_naive_composition(case_inputs, members, placement):
     pipe, sample, emb, masks, manager = case_inputs
-    config = {"strategies": _config(members, placement)}
+    config = {"strategies": _config(members, placement), "probes": _probes(members)}
     for k in CHECK_STEPS:
         t = float(pipe.scheduler.timesteps[k])
-        eps, z = _fast(pipe, manager, config, sample, emb, masks, t)
-        eps_ref, z_ref = _naive(pipe, config, sample, emb, masks, t, k)
+        measured, measured_ref = {}, {}
+        eps, z = _fast(pipe, manager, config, sample, emb, masks, t, measured)
+        eps_ref, z_ref = _naive(pipe, config, sample, emb, masks, t, k, measured_ref)
         assert (z is None) == (z_ref is None), f"guidance ran in one path only at t={t}"
         if z is not None:
             assert (z - z_ref).abs().max().item() <= TOLERANCE, f"guided latent at t={t}"
             assert (z - sample[2:, :4]).abs().max() > 1e-3  # the guidance step did move z
         assert (eps - eps_ref).abs().max().item() <= TOLERANCE, f"noise prediction at t={t}"
+        assert set(measured) == set(measured_ref), f"probe quantities at t={t}"
+        for key, value in measured.items():  # the probe's fused measurements = the literal ones
+            assert abs(value - measured_ref[key]) <= TOLERANCE, f"{key} at t={t}: {value} vs {measured_ref[key]}"
 
 
 def test_the_composition_is_not_trivial(case_inputs):

@@ -1,4 +1,4 @@
-"""No HW x HW self-attention map is created by region_mask or kv_bank.
+"""No HW x HW self-attention map is created by region_mask, kv_bank or a measurement (MeasureOp).
 
 What is checked, and at which level: a guard enters a ``TorchFunctionMode`` (every torch
 function/method call, e.g. ``F.scaled_dot_product_attention`` as one call) and a
@@ -26,6 +26,7 @@ from attnctl import ActiveOps, BatchLayout, Site, StrategyManager
 from example_plugin import load_region_boost
 from reference_attention import make_call, naive_makvs, naive_sams, single_thread, tiny_inputs
 from strategies.kv_bank import KvBankOp
+from strategies.probe_curves import SelfCurvesOp
 from strategies.region_mask import RegionMaskOp
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
@@ -127,6 +128,11 @@ OPS = {
         reweight=(load_region_boost().RegionBoostOp("boost", site=SITE, gain=2.0, renormalize=True),
                   RegionMaskOp("sams", site=SITE, tau=0.1)),
     ),
+    # the curves probe's measurement (columns over all keys ride along in the same fused call)
+    "measure": lambda: ActiveOps(measure=(SelfCurvesOp("curves", site=SITE),)),
+    "measure-with-both": lambda: ActiveOps(key_value=(KvBankOp("makvs", site=SITE),),
+                                           reweight=(RegionMaskOp("sams", site=SITE, tau=0.1, renormalize=True),),
+                                           measure=(SelfCurvesOp("curves", site=SITE),)),
 }
 
 
@@ -146,9 +152,11 @@ def test_fast_paths_create_no_hw_by_hw_tensor(name, dtype):
 
 def test_tiny_unet_forward_creates_no_map_at_large_sites(tiny_pipe, monkeypatch):
     """Every attention computation of a tiny UNet forward (64x96 -> 8x12 latent) runs under the guard
-    for its own site's HW, where HW (96) exceeds every channel width; both strategies on all sites."""
+    for its own site's HW, where HW (96) exceeds every channel width; both strategies and the curves
+    probe on all sites."""
     config = {"strategies": {"sams": {"strategy": "region_mask", "sites": "self[0:16]"},
-                             "makvs": {"strategy": "kv_bank", "sites": "self[0:16]"}}}
+                             "makvs": {"strategy": "kv_bank", "sites": "self[0:16]"}},
+              "probes": {"curves": {"enabled": True}}}
     checked: list[str] = []
     def guarded(call, ops):
         h, w = call.state.grid(call.site)
@@ -163,8 +171,9 @@ def test_tiny_unet_forward_creates_no_map_at_large_sites(tiny_pipe, monkeypatch)
     g = torch.Generator().manual_seed(0)
     sample, text = torch.randn(2, 9, 8, 12, generator=g), torch.randn(2, 77, 32, generator=g)
     with attnctl.attach(tiny_pipe, config, StrategyManager()) as ctl:
-        with ctl.run(BatchLayout.for_pipeline(1, 1, cfg=True), mask=mask):
+        with ctl.run(BatchLayout.for_pipeline(1, 1, cfg=True), mask=mask, token_indices=[[1, 2]]) as state:
             with torch.no_grad():
                 out = tiny_pipe.unet(sample, 500, encoder_hidden_states=text).sample
     assert out.shape == (2, 4, 8, 12) and torch.isfinite(out).all()
+    assert "self[0]" in state.results["curves"].series["bank_share"]  # the probe measured at the guarded sites
     assert sorted(set(checked)) == ["self[0]", "self[13]", "self[14]", "self[15]", "self[1]"]

@@ -34,6 +34,7 @@ from harmonpaint_recipe.inputs import PreparedInputs
 from harmonpaint_recipe.files import atomic_save_image
 from harmonpaint_recipe.loading import load_recipe, recipe_names, resolved
 from harmonpaint_recipe.model import is_sdxl_model, load_pipeline
+from harmonpaint_recipe.probing.run import ProbeRun, token_labels
 from harmonpaint_recipe.runner import Runner
 from harmonpaint_recipe.sidecar import sidecar_path, sidecar_record, write_sidecar
 
@@ -74,6 +75,7 @@ class VariantOutput:
     image_path: Path
     sidecar_path: Path
     command: str
+    probe_run: ProbeRun | None = None  # what the recipe's probes measured (None: no probe was on)
 
 
 @dataclass
@@ -254,7 +256,12 @@ class AppService:
                 write_sidecar(sidecar_path(out), record)
                 command = self.command(request.recipe_name, item.overrides, str(image_path), str(mask_path),
                                        request.prompt, request.seed, str(out))
-                outputs.append(VariantOutput(item.variant, result.image, out, sidecar_path(out), command))
+                probed = None
+                if result.probes:
+                    probed = ProbeRun(f"{item.variant.slot}: {item.variant.label}", item.recipe, result.image, result.seed,
+                                      request.prompt, request.inputs.mask_array, dict(result.probes),
+                                      token_labels(self.pipe.tokenizer, request.prompt))
+                outputs.append(VariantOutput(item.variant, result.image, out, sidecar_path(out), command, probed))
             report(1.0, "done")
             seconds = round(time.perf_counter() - start, 2)
         return RunOutput(run_dir, request.seed, image_path, mask_path, outputs, list(request.inputs.notes), seconds)

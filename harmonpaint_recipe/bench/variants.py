@@ -115,12 +115,21 @@ VARIANTS: Registry[Callable[[], Variant]] = Registry("variant", {
     ),
     "harmonpaint": lambda: RecipeVariant("harmonpaint", "full HarmonPaint recipe", None),
     "naive": NaiveVariant,
+    "probe-cross": lambda: RecipeVariant(
+        "probe-cross", "no strategy (recipe sdi), cross_maps probe at cross/4,cross/2 on every step", "sdi",
+        ("probes.cross_maps.enabled=true", "probes.cross_maps.steps=all"),
+    ),
 })
+#: variants run only when named in ``--variants`` (not part of ``all``)
+OPT_IN = ("probe-cross",)
 
 
 def parse_variants(text: str | None) -> list[str]:
-    """``"stock,idle"`` -> names in report order; ``stock`` is always included (every ratio is to it)."""
+    """``"stock,idle"`` -> names in report order; ``stock`` is always included (every ratio is to it).
+
+    ``all`` (the default) is every variant but the opt-in ones (``OPT_IN``).
+    """
     if not text or text == "all":
-        return VARIANTS.names()
+        return [n for n in VARIANTS.names() if n not in OPT_IN]
     names = {"stock", *VARIANTS.parse_list(text, "--variants")}
     return [n for n in VARIANTS if n in names]

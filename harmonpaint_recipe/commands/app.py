@@ -1,6 +1,6 @@
 """``attnctl app``: serve a page to inpaint, switch strategies and compare in a browser.
 
-    attnctl app [--recipe NAME] [key=value ...] [--host 127.0.0.1] [--port 7860] [--out-dir out/app]
+    attnctl app [--recipe NAME] [key=value ...] [--host 127.0.0.1] [--port 7860] [--out-dir out/app] [--probes LIST]
 
 Needs the ``app`` extra (Gradio): ``pip install -e ".[app]"``.
 """
@@ -24,15 +24,21 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(f"attnctl app needs Gradio, which is not installed; install the app extra: {INSTALL_HINT}")
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port} is not a TCP port; give 1..65535 (e.g. 7860)")
+    from harmonpaint_recipe.app.probe_tab import probe_tab
     from harmonpaint_recipe.app.server import serve
 
+    overrides = list(args.overrides)
+    if args.probes:
+        from harmonpaint_recipe.probing.run import probe_overrides
+
+        overrides += probe_overrides(args.probes.split(","))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: --host {args.host} makes the page reachable from other machines; it has no login")
     from harmonpaint_recipe.devices import configure_threads
     from harmonpaint_recipe.loading import load_recipe
 
-    configure_threads(args.threads, str(load_recipe(args.recipe, args.overrides).model.pretrained))
-    serve(args.recipe, args.overrides, args.host, args.port, args.out_dir)
+    configure_threads(args.threads, str(load_recipe(args.recipe, overrides).model.pretrained))
+    serve(args.recipe, overrides, args.host, args.port, args.out_dir, extra_tabs=[probe_tab])
     return 0
 
 
@@ -43,6 +49,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", default="auto",
                    help="CPU threads [auto: OMP_NUM_THREADS if set, 1 for the tiny models, else torch's default]")
     p.add_argument("--out-dir", default="out/app", help="folder for each run's inputs, outputs and sidecars [out/app]")
+    p.add_argument("--probes", default=None,
+                   help="attention probes to run with every request, e.g. cross_maps,curves (self_pca costs more); "
+                        "their pictures are in the Probes tab [none]")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides for every recipe, e.g. model.pretrained=tiny sampler.steps=10")
 

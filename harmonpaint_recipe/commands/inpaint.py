@@ -12,23 +12,8 @@ import sys
 from pathlib import Path
 
 from attnctl.cli import Command
-
 from attnctl.errors import InputError
-
-
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out = list(args.overrides)
-    bad = [o for o in out if "=" not in o]
-    if bad:
-        raise InputError(
-            f"unexpected argument '{bad[0]}': overrides are key=value (e.g. sampler.steps=20); "
-            "quote prompts with spaces: --prompt \"a red car\""
-        )
-    if args.device:
-        out.append(f"model.device={args.device}")
-    if args.dtype:
-        out.append(f"model.dtype={args.dtype}")
-    return out
+from harmonpaint_recipe.commands.run_options import add_run_inputs, run_overrides
 
 
 def _single(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -111,7 +96,7 @@ def _manifest(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    overrides = _overrides(args)
+    overrides = run_overrides(args)
     if args.from_:
         return _reproduce(args, overrides)
     if args.manifest:
@@ -120,22 +105,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", default="harmonpaint", help="shipped recipe name or YAML path [harmonpaint]")
-    parser.add_argument("--image", help="input image (sides multiples of 8)")
-    parser.add_argument("--mask", help="mask image, white = region to inpaint (binarized at 0.5)")
-    parser.add_argument("--prompt", help="text prompt for the inpainted region")
+    add_run_inputs(parser)
     parser.add_argument("--out", help="output image path (.png/.jpg/.webp); its folder is created")
-    parser.add_argument("--seed", type=int, default=None, help="noise seed [random, recorded in the sidecar]")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides model.device")
-    parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), help="overrides model.dtype")
-    parser.add_argument("--threads", default="auto",
-                        help="CPU threads [auto: OMP_NUM_THREADS if set, 1 for the tiny models, else torch's "
-                        "default; --from: the count the sidecar recorded]")
-    parser.add_argument("--resize-mask", action="store_true", help="resize a mask of another size to the image (nearest)")
     parser.add_argument("--manifest", help="JSONL with image, mask, prompt[, seed, name] per line (batch mode)")
     parser.add_argument("--out-dir", help="output folder of batch mode; items already written are skipped")
     parser.add_argument("--from", dest="from_", metavar="SIDECAR", help="reproduce the image a sidecar JSON describes")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. strategies.makvs.enabled=false")
 
 
 COMMAND = Command(

@@ -1,0 +1,1 @@
+"""Probed runs: run a recipe with probes on (``run``), their numbers (``record``), their pictures (``render``)."""

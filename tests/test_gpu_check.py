@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from attnctl.cli import main
-from harmonpaint_recipe.bench.gpu_check import (
-    DEFAULT_BUDGET_S, FINAL_RESERVE_S, Part, SuiteOptions, part_deadline, plan_parts, pytest_counts,
+from harmonpaint_recipe.bench.gpu_check import pytest_counts
+from harmonpaint_recipe.bench.gpu_plan import (
+    DEFAULT_BUDGET_S, FINAL_RESERVE_S, Part, SuiteOptions, part_deadline, plan_parts,
 )
 from harmonpaint_recipe.bench.gpu_summary import MAX_FILE_BYTES, OUTPUT_FILES, compile_report
 from harmonpaint_recipe.bench.parity import HALF_DTYPES, PARITY_RECIPES

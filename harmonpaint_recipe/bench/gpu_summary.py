@@ -31,7 +31,7 @@ from harmonpaint_recipe.bench.parity import parity_table
 from harmonpaint_recipe.bench.report import bar_chart, markdown_table
 
 if TYPE_CHECKING:
-    from harmonpaint_recipe.bench.gpu_check import PartRecord, SuiteOptions
+    from harmonpaint_recipe.bench.gpu_plan import PartRecord, SuiteOptions
 
 BENCH_PARTS: tuple[str, ...] = ("sd15", "sdxl", "sd2")
 COMPILE_PARTS: tuple[str, ...] = ("compile", "compile-hp")

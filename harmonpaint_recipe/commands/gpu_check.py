@@ -17,7 +17,8 @@ def _gpu_check(args: argparse.Namespace) -> int:
     from harmonpaint_recipe.extras import require
 
     require("bench", "psutil", "matplotlib", what="attnctl gpu-check (memory sampling, the PNG chart)")
-    from harmonpaint_recipe.bench.gpu_check import SuiteOptions, run_suite
+    from harmonpaint_recipe.bench.gpu_check import run_suite
+    from harmonpaint_recipe.bench.gpu_plan import SuiteOptions
 
     opts = SuiteOptions(
         out=Path(args.out_dir), arch=args.arch, sdxl_arch=args.sdxl_arch, sd2_arch=args.sd2_arch,
@@ -34,7 +35,7 @@ def _gpu_check(args: argparse.Namespace) -> int:
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     from harmonpaint_recipe.bench.archs import ARCHITECTURES
-    from harmonpaint_recipe.bench.gpu_check import DEFAULT_BUDGET_S, PART_NAMES
+    from harmonpaint_recipe.bench.gpu_plan import DEFAULT_BUDGET_S, PART_NAMES
 
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created)")
     parser.add_argument("--arch", default="sd15-inpaint", choices=list(ARCHITECTURES),

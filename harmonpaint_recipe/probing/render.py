@@ -9,7 +9,7 @@ run B dashed).
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -19,8 +19,17 @@ from strategies.probe_cross_maps import CrossMaps
 from strategies.probe_curves import Curves
 from strategies.probe_self_pca import SelfPca
 
-if TYPE_CHECKING:
-    from harmonpaint_recipe.probing.run import ProbeRun
+
+
+class ProbedRun(Protocol):
+    """What a picture needs of a probed run (``probing.run.ProbeRun`` has it); named here
+    so this module draws without importing the runner."""
+
+    label: str
+    image: Image.Image
+    mask: np.ndarray
+    results: dict[str, Any]
+    token_labels: dict[int, str]
 
 #: side of one map cell in pixels (maps are upsampled to at most this)
 CELL = 96
@@ -84,7 +93,7 @@ def _grid_label(grid: tuple[int, int]) -> str:
 
 
 # --------------------------------------------------------------------------- cross maps
-def cross_maps_picture(run: ProbeRun, result: CrossMaps, image_index: int = 0) -> Image.Image:
+def cross_maps_picture(run: ProbedRun, result: CrossMaps, image_index: int = 0) -> Image.Image:
     """Rows = steps (one block per token grid), columns = tokens; each map scaled to its own maximum."""
     positions = result.tokens.get(image_index, [])
     levels = sorted(result.grids, key=lambda lv: -result.grids[lv][0] * result.grids[lv][1])
@@ -119,7 +128,7 @@ def cross_maps_picture(run: ProbeRun, result: CrossMaps, image_index: int = 0) -
 
 
 # --------------------------------------------------------------------------- self-attention PCA
-def self_pca_picture(run: ProbeRun, result: SelfPca, image_index: int = 0) -> Image.Image:
+def self_pca_picture(run: ProbedRun, result: SelfPca, image_index: int = 0) -> Image.Image:
     """Rows = steps, columns = token grids; the top-3 components as RGB, with their variance shares."""
     levels = sorted(result.grids, key=lambda lv: -result.grids[lv][0] * result.grids[lv][1])
     steps = result.steps
@@ -162,7 +171,7 @@ def _plot(ax, x, y, color: str, style: str, label: str) -> None:
         ax.plot(x, y, style, color=color, marker=".", markersize=4, linewidth=1.2, label=label)
 
 
-def curves_picture(runs: Sequence[tuple[ProbeRun, Curves]], image_index: int = 0) -> Image.Image:
+def curves_picture(runs: Sequence[tuple[ProbedRun, Curves]], image_index: int = 0) -> Image.Image:
     """One panel per mechanism; runs in colours, the series of a panel in line styles.
 
     Site groups are the union over the runs (sites where some run reweights, e.g. SAMS;
@@ -221,7 +230,7 @@ def curves_picture(runs: Sequence[tuple[ProbeRun, Curves]], image_index: int = 0
 
 
 # --------------------------------------------------------------------------- all
-def pictures(runs: Sequence[ProbeRun], image_index: int = 0) -> dict[str, Image.Image]:
+def pictures(runs: Sequence[ProbedRun], image_index: int = 0) -> dict[str, Image.Image]:
     """Picture name -> image for the built-in probes present in the runs (side by side for several runs).
 
     Names: ``cross_maps`` / ``self_pca`` / ``curves``, suffixed ``-<instance>`` when a run

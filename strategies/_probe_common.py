@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Sequence
 
 from attnctl.errors import ConfigError, InputError
 
@@ -148,9 +148,27 @@ class StepSums:
         self._step, self._sums = None, {}
 
 
-def scratch_sums(state: RunView, instance: str, make: Callable[[], Any]) -> Any:
-    """The instance's per-run accumulator in its scratch (made on first use)."""
-    scratch = state.scratch_for(instance)
-    if "sums" not in scratch:
-        scratch["sums"] = make()
-    return scratch["sums"]
+def run_collector(call: AttentionCall, instance: str, make: Callable[[], Any]) -> Any:
+    """The instance's per-run collector (made on first use) in its run scratch."""
+    scratch = call.state.scratch_for(instance)
+    if "collector" not in scratch:
+        scratch["collector"] = make()
+    return scratch["collector"]
+
+
+def note_site(result: Any, call: AttentionCall) -> None:
+    """Record the call's grid under its level and its site key (once) in a map result
+    (one with ``grids`` and ``sites`` dicts keyed by level)."""
+    level = call.site.level
+    result.grids[level] = call.grid
+    keys = result.sites.setdefault(level, [])
+    if call.site.key not in keys:
+        keys.append(call.site.key)
+
+
+def finished_collectors(state: RunView, plan: Any, name: str) -> Iterator[tuple[str, Any]]:
+    """(instance, collector) of every instance of the probe kind ``name`` that collected in this run."""
+    for instance, (spec, _) in plan.instances.items():
+        collector = state.scratch.get(instance, {}).get("collector") if spec.name == name else None
+        if collector is not None:
+            yield instance, collector

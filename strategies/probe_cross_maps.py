@@ -35,6 +35,9 @@ from strategies._probe_common import (
     StepSums,
     check_tokens,
     cond_rows,
+    finished_collectors,
+    note_site,
+    run_collector,
     step_label,
     token_positions,
 )
@@ -137,20 +140,15 @@ class CrossMapsOp(MeasureOp):
         picked, images = cond_rows(call)
         if not picked:
             return
-        scratch = call.state.scratch_for(self.strategy)
-        collector = scratch.setdefault("collector", _Collector())
-        level = call.site.level
-        collector.result.grids[level] = call.grid
-        keys = collector.result.sites.setdefault(level, [])
-        if call.site.key not in keys:
-            keys.append(call.site.key)
+        collector = run_collector(call, self.strategy, _Collector)
+        note_site(collector.result, call)
         step = step_label(call.state)
         layout = call.layout
         for row, image in zip(picked, images):
             positions = token_positions(call.state, self.tokens, layout.prompts[row], call.num_own_keys, self.strategy)
             collector.result.tokens[image] = positions
             head_mean = sums[row, :, :, : len(positions)].mean(dim=0)  # [HW, T]
-            collector.sums.add(step, (level, image), head_mean.detach())
+            collector.sums.add(step, (call.site.level, image), head_mean.detach())
 
 
 SPEC = StrategySpec(
@@ -183,8 +181,6 @@ def attnctl_plan(instance: str, spec: StrategySpec, params: CrossMapsParams, sit
 @attnctl.hookimpl
 def attnctl_run_end(state, plan) -> None:
     """Finish the last step and hand the maps back (``state.results[instance]``)."""
-    for instance, (spec, _) in plan.instances.items():
-        collector = state.scratch.get(instance, {}).get("collector") if spec.name == NAME else None
-        if collector is not None:
-            collector.sums.flush()
-            state.publish(instance, collector.result)
+    for instance, collector in finished_collectors(state, plan, NAME):
+        collector.sums.flush()
+        state.publish(instance, collector.result)

@@ -50,6 +50,8 @@ from strategies._probe_common import (
     StepChoice,
     check_tokens,
     cond_rows,
+    finished_collectors,
+    run_collector,
     step_label,
     token_positions,
 )
@@ -163,7 +165,7 @@ class _Collector:
 
 
 def _collector(call: AttentionCall, instance: str) -> _Collector:
-    return call.state.scratch_for(instance).setdefault("collector", _Collector())
+    return run_collector(call, instance, _Collector)
 
 
 def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -303,7 +305,5 @@ def attnctl_run_end(state, plan) -> None:
     """Hand the curves back (``state.results[instance]``), with every latent_guidance log of the run."""
     guidance = {name: [dict(entry) for entry in state.scratch.get(name, {}).get("history", [])]
                 for name, (spec, _) in plan.instances.items() if spec.name == LATENT_GUIDANCE}
-    for instance, (spec, _) in plan.instances.items():
-        collector = state.scratch.get(instance, {}).get("collector") if spec.name == NAME else None
-        if collector is not None:
-            state.publish(instance, collector.result(_groups(plan), guidance))
+    for instance, collector in finished_collectors(state, plan, NAME):
+        state.publish(instance, collector.result(_groups(plan), guidance))

@@ -26,7 +26,9 @@ from attnctl.ops import MAIN, ObserveOp
 from attnctl.params import StrategySpec
 from attnctl.sites import SiteTable
 from strategies._attention_sites import self_attention_sites
-from strategies._probe_common import STEPS_HELP, AtSteps, StepChoice, StepSums, cond_rows, step_label
+from strategies._probe_common import (
+    STEPS_HELP, AtSteps, StepChoice, StepSums, cond_rows, finished_collectors, note_site, run_collector, step_label,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -160,16 +162,12 @@ class SelfMapsOp(ObserveOp):
         picked, images = cond_rows(call)
         if not picked:
             return
-        collector = call.state.scratch_for(self.strategy).setdefault("collector", _Collector())
-        level = call.site.level
-        collector.result.grids[level] = call.grid
-        keys = collector.result.sites.setdefault(level, [])
-        if call.site.key not in keys:
-            keys.append(call.site.key)
+        collector = run_collector(call, self.strategy, _Collector)
+        note_site(collector.result, call)
         step = step_label(call.state)
         own = probs[..., : call.num_own_keys]
         for row, image in zip(picked, images):
-            collector.sums.add(step, (level, image), own[row].mean(dim=0).detach())
+            collector.sums.add(step, (call.site.level, image), own[row].mean(dim=0).detach())
 
 
 SPEC = StrategySpec(
@@ -198,8 +196,6 @@ def attnctl_plan(instance: str, spec: StrategySpec, params: SelfPcaParams, sites
 @attnctl.hookimpl
 def attnctl_run_end(state, plan) -> None:
     """Finish the last step and hand the pictures back (``state.results[instance]``)."""
-    for instance, (spec, _) in plan.instances.items():
-        collector = state.scratch.get(instance, {}).get("collector") if spec.name == NAME else None
-        if collector is not None:
-            collector.sums.flush()
-            state.publish(instance, collector.result)
+    for instance, collector in finished_collectors(state, plan, NAME):
+        collector.sums.flush()
+        state.publish(instance, collector.result)

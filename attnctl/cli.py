@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "harmonpaint_recipe.commands.evaluate",
     "harmonpaint_recipe.commands.ablate",
     "harmonpaint_recipe.commands.dataset",
+    "harmonpaint_recipe.commands.testbed",
 )
 
 

@@ -11,6 +11,8 @@ import torch
 from attnctl.errors import ConfigError, UnsupportedModelError
 
 TINY_MODELS = ("tiny", "tiny-sdxl")
+#: the small model trained on the offline testbed world, shipped in the package
+TESTBED_MODEL = "testbed"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _LOCAL_HINT = {
     False: "model.pretrained=/path/to/stable-diffusion-inpainting",
@@ -56,6 +58,14 @@ def _build_tiny(name: str):
 
         pipe = build_tiny_sdxl_inpaint_pipeline(seed=0)
     return pipe
+
+
+def _load_testbed():
+    """The shipped testbed pipeline (``harmonpaint_recipe/testbed/weights``), loaded with
+    ``from_pretrained`` from the package folder: safetensors only, never the hub."""
+    from harmonpaint_recipe.testbed.models import load_testbed_pipeline
+
+    return load_testbed_pipeline()
 
 
 def _is_sdxl(pretrained: str) -> bool:
@@ -117,9 +127,14 @@ def load_pipeline(recipe: Any, device: str | None = None, dtype: str | None = No
     dev = resolve_device(device or model.device)
     dt = resolve_dtype(dtype or model.dtype, dev)
     name = str(model.pretrained)
-    pipe = _build_tiny(name) if name in TINY_MODELS else _from_pretrained(name, model, dt)
+    if name in TINY_MODELS:
+        pipe = _build_tiny(name)
+    elif name == TESTBED_MODEL:
+        pipe = _load_testbed()
+    else:
+        pipe = _from_pretrained(name, model, dt)
     check_pipeline(pipe)
-    if pipe.unet.dtype != dt:  # tiny models are built in fp32; hub models load in dt already
+    if pipe.unet.dtype != dt:  # tiny and testbed models load in fp32; hub models load in dt already
         pipe = pipe.to(dtype=dt)
     pipe = pipe.to(dev)
     pipe._attnctl_model_id = name  # recorded in sidecars

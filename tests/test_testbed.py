@@ -162,7 +162,7 @@ def test_harmony_calibration_refuses_inverted_data():
     from harmonpaint_recipe.testbed.judges import HarmonyJudge
 
     with pytest.raises(ConfigError, match="do not score above"):
-        HarmonyJudge().calibrate(np.array([0.5, 0.6]), np.array([0.1, 0.2]))
+        HarmonyJudge().calibrate("box", np.array([0.5, 0.6]), np.array([0.1, 0.2]))
 
 
 # --- commands ------------------------------------------------------------------------------------

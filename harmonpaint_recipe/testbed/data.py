@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from harmonpaint_recipe.testbed.world import RENDER_MODES, render, render_scene, sample_scene
+from harmonpaint_recipe.testbed.world import RENDER_MODES, dilate, object_coverage, render, render_scene, sample_scene
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -32,8 +32,21 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def vae_batch(start: int, size: int, split: str = "train") -> torch.Tensor:
     """Images of scenes ``start .. start+size-1`` for the VAE: each rendered flat, styled or
     without object (chosen by the scene number), ``[N, 3, 64, 64]`` in [-1, 1]."""
-    images = [render(sample_scene(i, split), RENDER_MODES[i % 3]) for i in range(start, start + size)]
-    return to_tensor(np.stack(images))
+    return vae_examples(start, size, split)[0]
+
+
+def vae_examples(start: int, size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor, list[tuple[float, float]]]:
+    """As :func:`vae_batch`, plus where the object is: ``[N, 1, H, W]`` object maps (the
+    coverage dilated by 2 pixels; zero without object) and the object centres ``(x, y)``."""
+    images, maps, centers = [], [], []
+    for i in range(start, start + size):
+        scene = sample_scene(i, split)
+        mode = RENDER_MODES[i % 3]
+        coverage = object_coverage(scene)
+        images.append(render(scene, mode, coverage))
+        maps.append(dilate(coverage > 0, 2) if mode != "background" else np.zeros_like(coverage, dtype=bool))
+        centers.append(scene.center)
+    return to_tensor(np.stack(images)), torch.from_numpy(np.stack(maps)).float()[:, None], centers
 
 
 @dataclass

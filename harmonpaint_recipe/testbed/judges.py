@@ -10,8 +10,8 @@ are from those of a ring of background around it: the share of untextured pixels
 texture energy below a threshold set by the ring's own texture) in the region minus that
 share in the ring. It is normalized on ground-truth renderings so that scenes whose object
 is drawn in the background's style score 0 on average and flat pastes score 1:
-``harmony = (d - mean_d(styled)) / (mean_d(flat) - mean_d(styled))``. Lower is more
-harmonious. (Gram matrices of a fixed random conv net separate the two far less well on
+``harmony = (d - mean_d(styled)) / (mean_d(flat) - mean_d(styled))``, with the means taken
+separately for box and silhouette masks. Lower is more harmonious. (Gram matrices of a fixed random conv net separate the two far less well on
 this world, because the object's outline dominates them; see docs/testbed.md.)
 """
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnctl.errors import ConfigError, InputError
-from harmonpaint_recipe.testbed.world import COLOUR_NAMES, SHAPES, dilate
+from harmonpaint_recipe.testbed.world import COLOUR_NAMES, MASK_KINDS, SHAPES, dilate
 
 #: shape classes of the fidelity judge: the world's shapes and "no object"
 SHAPE_CLASSES: tuple[str, ...] = SHAPES + ("none",)
@@ -126,6 +126,12 @@ def texture_energy(image: np.ndarray, window: int = 5) -> np.ndarray:
     return F.avg_pool2d(F.pad(high.abs(), (half,) * 4, mode="reflect"), window, 1)[0, 0].numpy()
 
 
+def mask_kind_of(mask: np.ndarray) -> str:
+    """``box`` when the mask fills its bounding box, else ``shape`` (a silhouette)."""
+    y0, y1, x0, x1 = mask_box(mask, pad=0)
+    return "box" if int(np.count_nonzero(np.asarray(mask) > 0.5)) == (y1 - y0) * (x1 - x0) else "shape"
+
+
 class HarmonyJudge:
     """Texture-statistics distance between the masked region and the ring around it.
 
@@ -134,11 +140,14 @@ class HarmonyJudge:
     ``tau_factor`` times the ring's median energy (so the threshold follows each image's
     own texture strength, blur included). A flat object adds untextured pixels; an object
     drawn in the background's texture does not. ``score`` normalizes it with the means
-    measured on styled and flat ground-truth scenes.
+    measured on styled and flat ground-truth scenes, separately for box masks and
+    silhouette masks (a box holds background around the object, which dilutes the raw
+    distance).
     """
 
-    def __init__(self, styled_mean: float = 0.0, flat_mean: float = 1.0, window: int = 5, tau_factor: float = 0.25) -> None:
-        self.styled_mean, self.flat_mean = float(styled_mean), float(flat_mean)
+    def __init__(self, calibration: dict[str, tuple[float, float]] | None = None, window: int = 5,
+                 tau_factor: float = 0.25) -> None:
+        self.calibration = dict(calibration or {kind: (0.0, 1.0) for kind in MASK_KINDS})
         self.window, self.tau_factor = int(window), float(tau_factor)
 
     @classmethod
@@ -150,26 +159,27 @@ class HarmonyJudge:
         if not path.is_file():
             raise ConfigError(f"harmony judge file '{path}' not found; make it with `attnctl testbed train`")
         t = load_file(str(path))
-        styled, flat = t["calibration"].tolist()
+        calib = t["calibration"].tolist()
         window, tau = t["settings"].tolist()
-        return cls(styled, flat, int(window), tau)
+        return cls({kind: (row[0], row[1]) for kind, row in zip(MASK_KINDS, calib)}, int(window), tau)
 
     def save(self, path: str | Path) -> None:
-        """Write the settings and calibration as safetensors."""
+        """Write the settings and calibration (rows: box, shape; columns: styled, flat) as safetensors."""
         from safetensors.torch import save_file
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file({
-            "calibration": torch.tensor([self.styled_mean, self.flat_mean], dtype=torch.float64),
+            "calibration": torch.tensor([list(self.calibration[k]) for k in MASK_KINDS], dtype=torch.float64),
             "settings": torch.tensor([self.window, self.tau_factor], dtype=torch.float64),
         }, str(path))
 
-    def calibrate(self, styled_distances: np.ndarray, flat_distances: np.ndarray) -> None:
-        """Set the normalization from raw distances of styled and flat ground-truth scenes."""
+    def calibrate(self, kind: str, styled_distances: np.ndarray, flat_distances: np.ndarray) -> None:
+        """Set the normalization of masks of ``kind`` from raw distances of styled and flat
+        ground-truth scenes."""
         s, f = float(np.mean(styled_distances)), float(np.mean(flat_distances))
         if not f > s:
             raise ConfigError(f"harmony calibration failed: flat scenes ({f:.4f}) do not score above styled ones ({s:.4f})")
-        self.styled_mean, self.flat_mean = s, f
+        self.calibration[kind] = (s, f)
 
     def distance(self, image: np.ndarray, mask: np.ndarray) -> float:
         """Raw (uncalibrated) distance between the masked region and the ring around it."""
@@ -187,4 +197,5 @@ class HarmonyJudge:
 
     def score(self, image: np.ndarray, mask: np.ndarray) -> float:
         """Calibrated harmony: ~0 for the background's style, ~1 for a flat paste (lower is better)."""
-        return (self.distance(image, mask) - self.styled_mean) / (self.flat_mean - self.styled_mean)
+        styled, flat = self.calibration[mask_kind_of(np.asarray(mask) > 0.5)]
+        return (self.distance(image, mask) - styled) / (flat - styled)

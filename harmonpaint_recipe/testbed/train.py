@@ -51,10 +51,11 @@ from harmonpaint_recipe.testbed.models import (
     load_tokenizer,
     save_pipeline,
 )
-from harmonpaint_recipe.testbed.world import COLOUR_NAMES, SHAPES, render, render_scene, sample_scene, scene_mask
+from harmonpaint_recipe.testbed.world import COLOUR_NAMES, MASK_KINDS, SHAPES, render, render_scene, sample_scene, scene_mask
 
 CFG_DROP = 0.1
 VAE_CROP = 32
+OBJECT_WEIGHT = 4.0
 
 
 @dataclass
@@ -65,8 +66,8 @@ class TrainSettings:
     judge_steps: int = 3000
     judge_minutes: float = 10.0
     judge_scenes: int = 8000
-    vae_steps: int = 4000
-    vae_minutes: float = 20.0
+    vae_steps: int = 6000
+    vae_minutes: float = 25.0
     unet_steps: int = 8000
     unet_minutes: float = 80.0
     cache_scenes: int = 12000
@@ -77,7 +78,7 @@ class TrainSettings:
     vae_lr: float = 2e-3
     unet_lr: float = 5e-4
     ema_decay: float = 0.998
-    calibration_scenes: int = 600
+    calibration_scenes: int = 400
     seed: int = 0
     device: str = "cpu"
     half_unet: bool = True
@@ -182,13 +183,17 @@ def _jitter(box: tuple[int, int, int, int], rng: np.random.Generator, size: int)
 
 
 def _augment(x: torch.Tensor, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
-    """Blur or down-up sampling (a quarter each), noise and colour jitter, so the judge
-    tolerates the softness of decoded images."""
+    """Blur or down-up sampling (a quarter each), colour bleed, noise and colour jitter, so
+    the judge tolerates the softness of decoded images."""
     n = x.shape[0]
     u = torch.from_numpy(rng.random(n)).float()[:, None, None, None]
     blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
     soft = F.interpolate(F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True), scale_factor=2, mode="bilinear")
     x = torch.where(u < 0.25, blur, torch.where(u < 0.5, soft, x))
+    # colour bleed: mix in a strongly blurred copy, as a decoder smears object and background
+    smear = F.avg_pool2d(F.pad(F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, 1), (2, 2, 2, 2), mode="replicate"), 5, 1)
+    bleed = torch.from_numpy(rng.uniform(0, 0.4, size=(n, 1, 1, 1))).float()
+    x = x * (1 - bleed) + smear * bleed
     gain = torch.from_numpy(1 + rng.uniform(-0.1, 0.1, size=(n, 1, 1, 1))).float()
     bias = torch.from_numpy(rng.uniform(-0.06, 0.06, size=(n, 3, 1, 1))).float()
     sigma = torch.from_numpy(rng.uniform(0, 0.06, size=(n, 1, 1, 1))).float()
@@ -237,18 +242,22 @@ def train_fidelity(settings: TrainSettings) -> tuple[FidelityJudge, StageLog]:
 
 
 def calibrate_harmony(settings: TrainSettings) -> tuple[HarmonyJudge, dict[str, Any]]:
+    """Normalize the harmony judge on styled and flat ground-truth scenes, per mask kind."""
     judge = HarmonyJudge()
-    raw: dict[str, list[float]] = {"styled": [], "flat": []}
-    for i in range(settings.calibration_scenes):
-        r = render_scene(sample_scene(i, "calibrate"))
-        for mode in raw:
-            raw[mode].append(judge.distance(getattr(r, mode), r.mask > 0))
-    judge.calibrate(np.array(raw["styled"]), np.array(raw["flat"]))
-    styled = (np.array(raw["styled"]) - judge.styled_mean) / (judge.flat_mean - judge.styled_mean)
-    flat = (np.array(raw["flat"]) - judge.styled_mean) / (judge.flat_mean - judge.styled_mean)
-    auc = float((styled[:, None] < flat[None, :]).mean() + 0.5 * (styled[:, None] == flat[None, :]).mean())
-    report = {"scenes": settings.calibration_scenes, "raw_styled_mean": judge.styled_mean, "raw_flat_mean": judge.flat_mean,
-              "styled_std": float(styled.std()), "flat_std": float(flat.std()), "auc_flat_vs_styled": auc}
+    report: dict[str, Any] = {"scenes_per_kind": settings.calibration_scenes}
+    for kind in MASK_KINDS:
+        raw: dict[str, list[float]] = {"styled": [], "flat": []}
+        for i in range(settings.calibration_scenes):
+            r = render_scene(sample_scene(i, "calibrate", mask_kind=kind))
+            for mode in raw:
+                raw[mode].append(judge.distance(getattr(r, mode), r.mask > 0))
+        judge.calibrate(kind, np.array(raw["styled"]), np.array(raw["flat"]))
+        s, f = judge.calibration[kind]
+        styled = (np.array(raw["styled"]) - s) / (f - s)
+        flat = (np.array(raw["flat"]) - s) / (f - s)
+        auc = float((styled[:, None] < flat[None, :]).mean() + 0.5 * (styled[:, None] == flat[None, :]).mean())
+        report[kind] = {"raw_styled_mean": s, "raw_flat_mean": f, "styled_std": float(styled.std()),
+                        "flat_std": float(flat.std()), "auc_flat_vs_styled": auc}
     return judge, report
 
 
@@ -263,8 +272,11 @@ def stage_judges(settings: TrainSettings) -> dict[str, Any]:
     accuracy = fidelity_accuracy(fidelity)
     print(f"[fidelity] held-out accuracy: flat {accuracy['flat']:.3f}, styled {accuracy['styled']:.3f}", flush=True)
     harmony, calib = calibrate_harmony(settings)
-    print(f"[harmony] calibration: raw styled {calib['raw_styled_mean']:.4f}, raw flat {calib['raw_flat_mean']:.4f}, "
-          f"AUC {calib['auc_flat_vs_styled']:.3f}", flush=True)
+    for kind in MASK_KINDS:
+        c = calib[kind]
+        print(f"[harmony] {kind} masks: raw styled {c['raw_styled_mean']:.4f}, raw flat {c['raw_flat_mean']:.4f}, "
+              f"normalized std styled {c['styled_std']:.3f} / flat {c['flat_std']:.3f}, AUC {c['auc_flat_vs_styled']:.3f}",
+              flush=True)
     fidelity.save(fid_path)
     harmony.save(harm_path)
     report = {"fidelity": {**asdict(log), "accuracy_eval_gt": accuracy}, "harmony": calib}
@@ -274,10 +286,23 @@ def stage_judges(settings: TrainSettings) -> dict[str, Any]:
 
 # --- VAE ----------------------------------------------------------------------------------------
 
-def _vae_crops(start: int, size: int) -> torch.Tensor:
-    images = data.vae_batch(start, size)
-    offsets = np.random.default_rng(start).integers(0, images.shape[-1] - VAE_CROP + 1, size=(size, 2))
-    return torch.stack([img[:, oy:oy + VAE_CROP, ox:ox + VAE_CROP] for img, (oy, ox) in zip(images, offsets)])
+def _vae_crops(start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """32x32 crops and their per-pixel loss weights. Half the crops are centred (with
+    jitter) on the object, so the small objects are not drowned by background texture;
+    object pixels weigh ``1 + OBJECT_WEIGHT``."""
+    images, objects, centers = data.vae_examples(start, size)
+    rng = np.random.default_rng(start)
+    limit = images.shape[-1] - VAE_CROP
+    crops, weights = [], []
+    for k, (img, obj, (cx, cy)) in enumerate(zip(images, objects, centers)):
+        if k % 2 == 0:
+            oy = int(np.clip(cy - VAE_CROP / 2 + rng.integers(-6, 7), 0, limit))
+            ox = int(np.clip(cx - VAE_CROP / 2 + rng.integers(-6, 7), 0, limit))
+        else:
+            oy, ox = (int(v) for v in rng.integers(0, limit + 1, size=2))
+        crops.append(img[:, oy:oy + VAE_CROP, ox:ox + VAE_CROP])
+        weights.append(1 + OBJECT_WEIGHT * obj[:, oy:oy + VAE_CROP, ox:ox + VAE_CROP])
+    return torch.stack(crops), torch.stack(weights)
 
 
 def stage_vae(settings: TrainSettings, vae) -> dict[str, Any]:
@@ -292,11 +317,12 @@ def stage_vae(settings: TrainSettings, vae) -> dict[str, Any]:
     opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     prog = Progress("vae", settings.vae_steps, settings.vae_minutes, settings.vae_lr, settings.log_every)
     starts = iter(range(0, 10**12, settings.vae_batch))
-    for x in data.prefetch(lambda s: _vae_crops(s, settings.vae_batch), starts):
-        x = x.to(device)
+    for x, weight in data.prefetch(lambda s: _vae_crops(s, settings.vae_batch), starts):
+        x, weight = x.to(device), weight.to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        l1, mse = (recon - x).abs().mean(), (recon - x).pow(2).mean()
+        weight = weight / weight.mean()
+        l1, mse = ((recon - x).abs() * weight).mean(), ((recon - x).pow(2) * weight).mean()
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         loss = l1 + mse + 1e-4 * kl
         _set_lr(opt, prog.lr())
@@ -470,6 +496,32 @@ def apply_umask(folder: Path) -> None:
             path.chmod(0o666 & ~mask)
 
 
+def loss_plot(report: dict[str, Any], path: Path) -> bool:
+    """Loss curves of the three trained networks as a PNG; ``False`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    curves = [("fidelity judge", report.get("judges", {}).get("fidelity", {})), ("VAE", report.get("vae", {})),
+              ("UNet (epsilon MSE)", report.get("unet", {}))]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
+    for ax, (title, stage) in zip(axes, curves):
+        points = stage.get("losses") or []
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points])
+        ax.set_title(f"{title}: {stage.get('steps', 0)} steps, {stage.get('seconds', 0) / 60:.0f} min", fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def train_testbed(settings: TrainSettings) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and write the pipeline folder; returns the report."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -501,6 +553,7 @@ def train_testbed(settings: TrainSettings) -> dict[str, Any]:
             if "loaded" in report[key] and key in old:
                 report[key] = old[key]
     (out / "training.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    loss_plot(report, out / "losses.png")
     apply_umask(out)
     print(f"wrote the testbed pipeline to {out} ({report['total_minutes']} min)", file=sys.stderr, flush=True)
     return report

@@ -12,7 +12,7 @@ from PIL import Image
 from attnctl.cli import main
 from attnctl.errors import ConfigError, InputError
 from harmonpaint_recipe.testbed import world
-from harmonpaint_recipe.testbed.models import UNET_CONFIG, WEIGHTS_DIR, load_testbed_pipeline
+from harmonpaint_recipe.testbed.models import UNET_CONFIG, WEIGHTS_DIR
 
 #: measured on the shipped model (docs/testbed.md): 10 of these 12 scenes are drawn with the
 #: asked shape and colour at 12 DDIM steps; the threshold leaves a margin of two
@@ -207,7 +207,8 @@ def test_bootstrap_intervals_are_paired_and_contain_the_mean():
 def test_training_runs_every_stage_and_writes_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionInpaintPipeline
 
-    from harmonpaint_recipe.testbed.train import TrainSettings, train_testbed
+    from harmonpaint_recipe.testbed.settings import TrainSettings
+    from harmonpaint_recipe.testbed.train import train_testbed
 
     settings = TrainSettings(
         out_dir=tmp_path / "m", judge_steps=2, judge_scenes=24, judge_batch=8, vae_steps=2, vae_batch=4,

@@ -23,7 +23,8 @@ def _threads(n: int) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from harmonpaint_recipe.testbed.train import TrainSettings, train_testbed
+    from harmonpaint_recipe.testbed.settings import TrainSettings
+    from harmonpaint_recipe.testbed.train import train_testbed
 
     _threads(args.threads)
     settings = TrainSettings(out_dir=Path(args.out_dir), seed=args.seed, device=args.device,

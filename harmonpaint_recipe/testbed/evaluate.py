@@ -20,7 +20,6 @@ model prompted with "... in <style> style": what the model draws when told the s
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -4,7 +4,7 @@
 stage whose output is already there (so an interrupted run resumes at the stage it was in):
 
 1. ``judges/``: the fidelity classifier (trained on ground-truth renderings) and the
-   harmony judge's calibration (see :mod:`.judges`);
+   harmony judge's calibration (see :mod:`.train_judges`);
 2. ``vae/``: an ``AutoencoderKL`` (scale factor 4) trained on 32x32 crops of world images
    (L1 + MSE + a small KL term); its ``scaling_factor`` is set so latents have unit std;
 3. ``unet/`` + ``text_encoder/``: standard SD-inpainting training (9 input channels:
@@ -23,27 +23,17 @@ learning rate follows a cosine over that progress. Progress lines go to stdout.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnctl.errors import ConfigError
 from harmonpaint_recipe.testbed import data
-from harmonpaint_recipe.testbed.judges import (
-    SHAPE_CLASSES,
-    FidelityJudge,
-    FidelityNet,
-    HarmonyJudge,
-    crop_region,
-    mask_box,
-)
 from harmonpaint_recipe.testbed.models import (
     LATENT_SIZE,
     assemble_pipeline,
@@ -51,237 +41,13 @@ from harmonpaint_recipe.testbed.models import (
     load_tokenizer,
     save_pipeline,
 )
-from harmonpaint_recipe.testbed.world import COLOUR_NAMES, MASK_KINDS, SHAPES, render, render_scene, sample_scene, scene_mask
+from harmonpaint_recipe.testbed.progress import Progress, set_lr
+from harmonpaint_recipe.testbed.settings import TrainSettings
+from harmonpaint_recipe.testbed.train_judges import stage_judges
 
 CFG_DROP = 0.1
 VAE_CROP = 32
 OBJECT_WEIGHT = 4.0
-
-
-@dataclass
-class TrainSettings:
-    """What ``attnctl testbed train`` trains, for how long, and where it writes."""
-
-    out_dir: Path
-    judge_steps: int = 3000
-    judge_minutes: float = 10.0
-    judge_scenes: int = 8000
-    vae_steps: int = 6000
-    vae_minutes: float = 25.0
-    unet_steps: int = 8000
-    unet_minutes: float = 80.0
-    cache_scenes: int = 12000
-    judge_batch: int = 64
-    vae_batch: int = 32
-    unet_batch: int = 32
-    judge_lr: float = 2e-3
-    vae_lr: float = 2e-3
-    unet_lr: float = 5e-4
-    ema_decay: float = 0.998
-    calibration_scenes: int = 400
-    seed: int = 0
-    device: str = "cpu"
-    half_unet: bool = True
-    log_every: int = 50
-    checkpoint_minutes: float = 10.0
-
-    def check(self) -> None:
-        for name in ("judge_steps", "vae_steps", "unet_steps", "cache_scenes", "judge_batch", "vae_batch", "unet_batch"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("judge_minutes", "vae_minutes", "unet_minutes"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-
-
-@dataclass
-class StageLog:
-    """What a stage did: steps, wall time, and its losses at checkpoints."""
-
-    steps: int = 0
-    seconds: float = 0.0
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Progress:
-    """Step/time budget with a cosine learning-rate schedule and periodic progress lines."""
-
-    def __init__(self, name: str, max_steps: int, minutes: float, base_lr: float, log_every: int, warmup: int = 50):
-        self.name, self.max_steps, self.budget = name, max_steps, minutes * 60.0
-        self.base_lr, self.log_every, self.warmup = base_lr, log_every, warmup
-        self.start = time.perf_counter()
-        self.step = 0
-        self.smoothed: float | None = None
-        self.log = StageLog()
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, max(self.step / self.max_steps, self.elapsed / self.budget))
-
-    def done(self) -> bool:
-        return self.step >= self.max_steps or self.elapsed >= self.budget
-
-    def lr(self) -> float:
-        warm = min(1.0, (self.step + 1) / self.warmup)
-        return self.base_lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * self.fraction)))
-
-    def update(self, loss: float, **extra: float) -> None:
-        self.step += 1
-        self.smoothed = loss if self.smoothed is None else 0.98 * self.smoothed + 0.02 * loss
-        if self.step % self.log_every == 0 or self.done():
-            self.log.losses.append((self.step, round(self.smoothed, 5)))
-            more = "".join(f" | {k} {v:.4g}" for k, v in extra.items())
-            print(f"[{self.name}] step {self.step} | {self.elapsed / 60:.1f} min | loss {self.smoothed:.4f} | "
-                  f"{self.step / max(self.elapsed, 1e-9):.2f} step/s | lr {self.lr():.2e}{more}", flush=True)
-
-    def finish(self) -> StageLog:
-        self.log.steps, self.log.seconds = self.step, round(self.elapsed, 1)
-        return self.log
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-# --- judges -------------------------------------------------------------------------------------
-
-@dataclass
-class JudgePool:
-    """Ground-truth images for the fidelity judge, rendered once: flat, styled or object-free."""
-
-    images: torch.Tensor  # [N, 3, H, W] in [-1, 1]
-    boxes: list[tuple[int, int, int, int]]
-    shapes: torch.Tensor  # [N] index into SHAPE_CLASSES
-    colours: torch.Tensor  # [N] index into COLOUR_NAMES, -100 for no object
-
-
-def judge_pool(count: int, seed: int) -> JudgePool:
-    rng = np.random.default_rng(seed)
-    images, boxes, shapes, colours = [], [], [], []
-    for i in range(count):
-        scene = sample_scene(i, "judge")
-        u = rng.random()
-        mode = "background" if u < 0.15 else ("styled" if u < 0.575 else "flat")
-        images.append(render(scene, mode))
-        boxes.append(mask_box(scene_mask(scene) > 0))
-        shapes.append(SHAPE_CLASSES.index("none") if mode == "background" else SHAPES.index(scene.shape))
-        colours.append(-100 if mode == "background" else COLOUR_NAMES.index(scene.colour))
-    return JudgePool(data.to_tensor(np.stack(images)), boxes, torch.tensor(shapes), torch.tensor(colours))
-
-
-def _jitter(box: tuple[int, int, int, int], rng: np.random.Generator, size: int) -> tuple[int, int, int, int]:
-    y0, y1, x0, x1 = box
-    j = rng.integers(-3, 4, size=4)
-    y0, x0 = int(np.clip(y0 + j[0], 0, size - 8)), int(np.clip(x0 + j[2], 0, size - 8))
-    return y0, int(np.clip(y1 + j[1], y0 + 8, size)), x0, int(np.clip(x1 + j[3], x0 + 8, size))
-
-
-def _augment(x: torch.Tensor, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
-    """Blur or down-up sampling (a quarter each), colour bleed, noise and colour jitter, so
-    the judge tolerates the softness of decoded images."""
-    n = x.shape[0]
-    u = torch.from_numpy(rng.random(n)).float()[:, None, None, None]
-    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    soft = F.interpolate(F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True), scale_factor=2, mode="bilinear")
-    x = torch.where(u < 0.25, blur, torch.where(u < 0.5, soft, x))
-    # colour bleed: mix in a strongly blurred copy, as a decoder smears object and background
-    smear = F.avg_pool2d(F.pad(F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, 1), (2, 2, 2, 2), mode="replicate"), 5, 1)
-    bleed = torch.from_numpy(rng.uniform(0, 0.4, size=(n, 1, 1, 1))).float()
-    x = x * (1 - bleed) + smear * bleed
-    gain = torch.from_numpy(1 + rng.uniform(-0.1, 0.1, size=(n, 1, 1, 1))).float()
-    bias = torch.from_numpy(rng.uniform(-0.06, 0.06, size=(n, 3, 1, 1))).float()
-    sigma = torch.from_numpy(rng.uniform(0, 0.06, size=(n, 1, 1, 1))).float()
-    return (x * gain + bias + torch.randn(x.shape, generator=gen) * sigma).clamp(-1, 1)
-
-
-def fidelity_accuracy(judge: FidelityJudge, count: int = 600, split: str = "eval",
-                      transform: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
-    """Accuracy (shape and colour both right) on ``count`` ground-truth scenes, per rendering."""
-    hits: dict[str, list[bool]] = {"flat": [], "styled": []}
-    for start in range(0, count, 50):
-        scenes = [sample_scene(i, split) for i in range(start, min(start + 50, count))]
-        rendered = [render_scene(s) for s in scenes]
-        masks = np.stack([r.mask > 0 for r in rendered])
-        for mode in hits:
-            images = np.stack([getattr(r, mode) for r in rendered])
-            if transform is not None:
-                images = transform(images)
-            for s, (shape, colour) in zip(scenes, judge.predict(images, masks)):
-                hits[mode].append(shape == s.shape and colour == s.colour)
-    return {mode: float(np.mean(v)) for mode, v in hits.items()}
-
-
-def train_fidelity(settings: TrainSettings) -> tuple[FidelityJudge, StageLog]:
-    torch.manual_seed(settings.seed)
-    rng = np.random.default_rng(settings.seed)
-    gen = torch.Generator().manual_seed(settings.seed)
-    pool = judge_pool(settings.judge_scenes, settings.seed)
-    size = pool.images.shape[-1]
-    net = FidelityNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=settings.judge_lr, weight_decay=1e-4)
-    prog = Progress("fidelity", settings.judge_steps, settings.judge_minutes, settings.judge_lr, settings.log_every)
-    while not prog.done():
-        idx = rng.integers(0, len(pool.boxes), size=settings.judge_batch)
-        boxes = [_jitter(pool.boxes[i], rng, size) for i in idx]
-        crops = _augment(crop_region(pool.images[idx], boxes), rng, gen)
-        shape_logits, colour_logits = net(crops)
-        loss = F.cross_entropy(shape_logits, pool.shapes[idx]) + F.cross_entropy(
-            colour_logits, pool.colours[idx], ignore_index=-100)
-        _set_lr(opt, prog.lr())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        prog.update(loss.item())
-    return FidelityJudge(net), prog.finish()
-
-
-def calibrate_harmony(settings: TrainSettings) -> tuple[HarmonyJudge, dict[str, Any]]:
-    """Normalize the harmony judge on styled and flat ground-truth scenes, per mask kind."""
-    judge = HarmonyJudge()
-    report: dict[str, Any] = {"scenes_per_kind": settings.calibration_scenes}
-    for kind in MASK_KINDS:
-        raw: dict[str, list[float]] = {"styled": [], "flat": []}
-        for i in range(settings.calibration_scenes):
-            r = render_scene(sample_scene(i, "calibrate", mask_kind=kind))
-            for mode in raw:
-                raw[mode].append(judge.distance(getattr(r, mode), r.mask > 0))
-        judge.calibrate(kind, np.array(raw["styled"]), np.array(raw["flat"]))
-        s, f = judge.calibration[kind]
-        styled = (np.array(raw["styled"]) - s) / (f - s)
-        flat = (np.array(raw["flat"]) - s) / (f - s)
-        auc = float((styled[:, None] < flat[None, :]).mean() + 0.5 * (styled[:, None] == flat[None, :]).mean())
-        report[kind] = {"raw_styled_mean": s, "raw_flat_mean": f, "styled_std": float(styled.std()),
-                        "flat_std": float(flat.std()), "auc_flat_vs_styled": auc}
-    return judge, report
-
-
-def stage_judges(settings: TrainSettings) -> dict[str, Any]:
-    folder = settings.out_dir / "judges"
-    fid_path, harm_path = folder / "fidelity.safetensors", folder / "harmony.safetensors"
-    report_path = folder / "report.json"
-    if fid_path.is_file() and harm_path.is_file() and report_path.is_file():
-        print(f"[judges] found in {folder}; skipping", flush=True)
-        return json.loads(report_path.read_text(encoding="utf-8"))
-    fidelity, log = train_fidelity(settings)
-    accuracy = fidelity_accuracy(fidelity)
-    print(f"[fidelity] held-out accuracy: flat {accuracy['flat']:.3f}, styled {accuracy['styled']:.3f}", flush=True)
-    harmony, calib = calibrate_harmony(settings)
-    for kind in MASK_KINDS:
-        c = calib[kind]
-        print(f"[harmony] {kind} masks: raw styled {c['raw_styled_mean']:.4f}, raw flat {c['raw_flat_mean']:.4f}, "
-              f"normalized std styled {c['styled_std']:.3f} / flat {c['flat_std']:.3f}, AUC {c['auc_flat_vs_styled']:.3f}",
-              flush=True)
-    fidelity.save(fid_path)
-    harmony.save(harm_path)
-    report = {"fidelity": {**asdict(log), "accuracy_eval_gt": accuracy}, "harmony": calib}
-    report_path.write_text(json.dumps(report, indent=1), encoding="utf-8")
-    return report
 
 
 # --- VAE ----------------------------------------------------------------------------------------
@@ -325,7 +91,7 @@ def stage_vae(settings: TrainSettings, vae) -> dict[str, Any]:
         l1, mse = ((recon - x).abs() * weight).mean(), ((recon - x).pow(2) * weight).mean()
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         loss = l1 + mse + 1e-4 * kl
-        _set_lr(opt, prog.lr())
+        set_lr(opt, prog.lr())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -462,7 +228,7 @@ def stage_unet(settings: TrainSettings, components: dict[str, Any], tokenizer) -
         encoder_hidden = text_encoder(tokens(captions))[0]
         pred = unet(torch.cat([noisy, mask, masked], dim=1), t, encoder_hidden).sample
         loss = F.mse_loss(pred, noise)
-        _set_lr(opt, prog.lr())
+        set_lr(opt, prog.lr())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -28,15 +28,18 @@ def _train(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     settings = TrainSettings(out_dir=Path(args.out_dir), seed=args.seed, device=args.device,
-                             cache_scenes=args.cache_scenes, half_unet=not args.fp32)
+                             cache_scenes=args.cache_scenes, half_unet=not args.fp32,
+                             init_from=Path(args.init_from) if args.init_from else None)
+    if args.unet_lr is not None:
+        settings.unet_lr = args.unet_lr
     if args.minutes is not None:
         if args.minutes < 10:
             raise InputError(f"--minutes {args.minutes}: the stages need at least 10 minutes in all")
-        # the budget split measured to work on a 2-core CPU: judges 8%, VAE 17%, UNet the rest
-        # (minus about 8% for encoding the scenes and writing files)
-        settings.judge_minutes = 0.08 * args.minutes
-        settings.vae_minutes = 0.17 * args.minutes
-        settings.unet_minutes = 0.67 * args.minutes
+        # the default stages' shares (10 + 25 + 80 min of 130); the remaining ~12% goes to
+        # rendering the judge scenes, calibrating, encoding the UNet's scenes and saving
+        settings.judge_minutes = 0.077 * args.minutes
+        settings.vae_minutes = 0.19 * args.minutes
+        settings.unet_minutes = 0.615 * args.minutes
     for name in ("judge_steps", "vae_steps", "unet_steps"):
         value = getattr(args, name)
         if value is not None:
@@ -102,11 +105,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     tr = sub.add_parser("train", help="train the judges, the VAE and the UNet + text encoder into a pipeline folder")
     tr.add_argument("out_dir", help="output folder; a finished stage found there is skipped")
     tr.add_argument("--minutes", type=float, default=None,
-                    help="total time budget, split over the stages [stage defaults: 10 + 20 + 80 min]")
+                    help="total wall-time budget, split over the stages [stage defaults: 10 + 25 + 80 min, ~130 min in all]")
     tr.add_argument("--judge-steps", type=int, default=None, help="fidelity judge step limit [3000]")
-    tr.add_argument("--vae-steps", type=int, default=None, help="VAE step limit [4000]")
+    tr.add_argument("--vae-steps", type=int, default=None, help="VAE step limit [6000]")
     tr.add_argument("--unet-steps", type=int, default=None, help="UNet step limit [8000]")
     tr.add_argument("--cache-scenes", type=int, default=12000, help="scenes encoded for UNet training [12000]")
+    tr.add_argument("--unet-lr", type=float, default=None, help="peak learning rate of the UNet stage [5e-4]")
+    tr.add_argument("--init-from", default=None,
+                    help="continue training the UNet and text encoder of this earlier OUT_DIR (its VAE and judges are reused)")
     tr.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
     tr.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1) - 1),
                     help="torch CPU threads [1 on a 2-core machine]")

@@ -34,11 +34,20 @@ class TrainSettings:
     half_unet: bool = True
     log_every: int = 50
     checkpoint_minutes: float = 10.0
+    #: continue from the UNet and text encoder of this pipeline folder (its VAE and judges are reused)
+    init_from: Path | None = None
 
     def check(self) -> None:
         for name in ("judge_steps", "vae_steps", "unet_steps", "cache_scenes", "judge_batch", "vae_batch", "unet_batch"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("judge_minutes", "vae_minutes", "unet_minutes"):
+        for name in ("judge_minutes", "vae_minutes", "unet_minutes", "unet_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.init_from is not None:
+            for part in ("model_index.json", "unet", "text_encoder", "vae", "judges"):
+                if not (Path(self.init_from) / part).exists():
+                    raise ConfigError(f"--init-from '{self.init_from}' has no {part}; give a folder written by "
+                                      "`attnctl testbed train`")
+            if Path(self.init_from).resolve() == Path(self.out_dir).resolve():
+                raise ConfigError("--init-from must be another folder than OUT_DIR (the continued model is written anew)")

@@ -250,6 +250,25 @@ def stage_unet(settings: TrainSettings, components: dict[str, Any], tokenizer) -
 
 # --- all ----------------------------------------------------------------------------------------
 
+def vae_roundtrip_accuracy(out: Path, vae, count: int = 300) -> dict[str, float]:
+    """The fidelity judge's accuracy on held-out ground truth passed through the VAE: the
+    best a pipeline decoding with this VAE can score (the judge never trains on these)."""
+    from harmonpaint_recipe.testbed.judges import FidelityJudge
+    from harmonpaint_recipe.testbed.train_judges import fidelity_accuracy
+
+    judge = FidelityJudge.load(out / "judges" / "fidelity.safetensors")
+    vae = vae.to("cpu").eval()
+
+    @torch.no_grad()
+    def round_trip(images: np.ndarray) -> np.ndarray:
+        return data.to_uint8(vae.decode(vae.encode(data.to_tensor(images)).latent_dist.mean).sample)
+
+    accuracy = fidelity_accuracy(judge, count=count, transform=round_trip)
+    print(f"[fidelity] on ground truth through the VAE: flat {accuracy['flat']:.3f}, styled {accuracy['styled']:.3f}",
+          flush=True)
+    return accuracy
+
+
 def apply_umask(folder: Path) -> None:
     """Give every file under ``folder`` the permissions the umask asks for (safetensors
     writes its files owner-only)."""
@@ -288,6 +307,18 @@ def loss_plot(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _reuse_earlier(earlier: Path, out: Path) -> dict[str, Any]:
+    """Copy an earlier run's VAE and judges into ``out`` (the continued UNet needs its VAE's
+    latents); return that run's training report, kept as history."""
+    import shutil
+
+    for part in ("vae", "judges"):
+        if not (out / part).exists():
+            shutil.copytree(earlier / part, out / part)
+    history = earlier / "training.json"
+    return {"folder": str(earlier), "report": json.loads(history.read_text(encoding="utf-8")) if history.is_file() else None}
+
+
 def train_testbed(settings: TrainSettings) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and write the pipeline folder; returns the report."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -299,11 +330,18 @@ def train_testbed(settings: TrainSettings) -> dict[str, Any]:
     settings.out_dir = out
     started = time.perf_counter()
     report: dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}}
+    if settings.init_from is not None:
+        report["init_from"] = _reuse_earlier(Path(settings.init_from), out)
     report["judges"] = stage_judges(settings)
     components = build_components(settings.seed)
+    if settings.init_from is not None:
+        components["unet"] = UNet2DConditionModel.from_pretrained(str(Path(settings.init_from) / "unet"), use_safetensors=True)
+        components["text_encoder"] = CLIPTextModel.from_pretrained(str(Path(settings.init_from) / "text_encoder"),
+                                                                   use_safetensors=True)
     vae_report = stage_vae(settings, components["vae"])
     components["vae"] = vae_report.pop("vae")
     report["vae"] = vae_report
+    report["judges"]["fidelity"]["accuracy_vae_roundtrip"] = vae_roundtrip_accuracy(out, components["vae"])
     tokenizer = load_tokenizer(out)
     report["unet"] = stage_unet(settings, components, tokenizer)
     unet = UNet2DConditionModel.from_pretrained(str(out / "unet"), use_safetensors=True)

@@ -45,6 +45,17 @@ def resolve_dtype(name: str, device: torch.device, option: str = "model.dtype") 
     return getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[name])
 
 
+def dtype_keyword() -> str:
+    """The ``from_pretrained`` keyword for the dtype: diffusers renamed ``torch_dtype`` to ``dtype``; use whichever this version takes (no warning)."""
+    import importlib
+
+    try:
+        resolver = getattr(importlib.import_module("diffusers.utils.deprecation_utils"), "_resolve_dtype", None)
+    except ImportError:
+        resolver = None
+    return "dtype" if resolver is not None else "torch_dtype"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float16`` -> ``fp16`` (the name recipes and sidecars use)."""
     names = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}

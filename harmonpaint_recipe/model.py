@@ -9,20 +9,11 @@ from typing import Any, Mapping
 import torch
 
 from attnctl.errors import ConfigError, UnsupportedModelError
-from harmonpaint_recipe.devices import dtype_name, resolve_device, resolve_dtype
+from harmonpaint_recipe.devices import dtype_keyword, resolve_device, resolve_dtype
 
 TINY_MODELS = ("tiny", "tiny-sdxl")
-
-
-def _dtype_keyword() -> str:
-    """diffusers renamed ``torch_dtype`` to ``dtype``; use whichever this version takes (no warning)."""
-    import importlib
-
-    try:
-        resolver = getattr(importlib.import_module("diffusers.utils.deprecation_utils"), "_resolve_dtype", None)
-    except ImportError:
-        resolver = None
-    return "dtype" if resolver is not None else "torch_dtype"
+#: the small model trained on the offline testbed world, shipped in the package
+TESTBED_MODEL = "testbed"
 
 
 _LOCAL_HINT = {
@@ -37,6 +28,14 @@ def _build_tiny(name: str):
     from attnctl.testing import build_tiny_inpaint_pipeline
 
     return build_tiny_inpaint_pipeline(seed=0, kind="sdxl" if name == "tiny-sdxl" else "sd")
+
+
+def _load_testbed():
+    """The shipped testbed pipeline (``harmonpaint_recipe/testbed/weights``), loaded with
+    ``from_pretrained`` from the package folder: safetensors only, never the hub."""
+    from harmonpaint_recipe.testbed.models import load_testbed_pipeline
+
+    return load_testbed_pipeline()
 
 
 def is_sdxl_model(pretrained: str) -> bool:
@@ -74,7 +73,7 @@ def _from_pretrained(pretrained: str, model: Mapping[str, Any], dtype: torch.dty
     from diffusers import AutoPipelineForInpainting
 
     kwargs: dict[str, Any] = dict(use_safetensors=True)
-    kwargs[_dtype_keyword()] = dtype
+    kwargs[dtype_keyword()] = dtype
     if model.get("variant"):
         kwargs["variant"] = model["variant"]
     if model.get("local_files_only"):
@@ -126,9 +125,14 @@ def load_pipeline(recipe: Any, device: str | None = None, dtype: str | None = No
     dev = resolve_device(device or model.device)
     dt = resolve_dtype(dtype or model.dtype, dev)
     name = str(model.pretrained)
-    pipe = _build_tiny(name) if name in TINY_MODELS else _from_pretrained(name, model, dt)
+    if name in TINY_MODELS:
+        pipe = _build_tiny(name)
+    elif name == TESTBED_MODEL:
+        pipe = _load_testbed()
+    else:
+        pipe = _from_pretrained(name, model, dt)
     check_pipeline(pipe)
-    if pipe.unet.dtype != dt:  # tiny models are built in fp32; hub models load in dt already
+    if pipe.unet.dtype != dt:  # tiny and testbed models load in fp32; hub models load in dt already
         pipe = pipe.to(dtype=dt)
     pipe = pipe.to(dev)
     pipe._attnctl_model_id = name  # recorded in sidecars

@@ -30,7 +30,7 @@ class ModelConfig:
 
     pretrained: str = field(
         default="stable-diffusion-v1-5/stable-diffusion-inpainting",
-        metadata={"help": "hub id, local folder, 'tiny' or 'tiny-sdxl' (random smoke-test models)"},
+        metadata={"help": "hub id, local folder, 'testbed' (the small model trained on the offline testbed world), or 'tiny' / 'tiny-sdxl' (random smoke-test models)"},
     )
     variant: Optional[str] = field(default=None, metadata={"help": "weights variant, e.g. 'fp16'"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda", "choices": DEVICES})

@@ -172,6 +172,8 @@ def test_render_writes_an_inpaint_manifest_and_a_grid(tmp_path, capsys):
     lines = [json.loads(x) for x in (tmp_path / "w" / "items.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == ["demo-0000", "demo-0001", "demo-0002"]
     assert lines[0]["prompt"] == f"a {lines[0]['colour']} {lines[0]['shape']}"
+    batch = [json.loads(x) for x in (tmp_path / "w" / "inpaint.jsonl").read_text().splitlines()]
+    assert batch[0] == {"name": "demo-0000", "image": lines[0]["image"], "mask": lines[0]["mask"], "prompt": lines[0]["prompt"]}
     assert Image.open(tmp_path / "w" / lines[0]["image"]).size == (64, 64)
     assert Image.open(tmp_path / "g.png").size[0] == 3 * 128
     assert main(["testbed", "render", str(tmp_path / "x"), "--count", "0"]) == 2
@@ -201,6 +203,29 @@ def test_bootstrap_intervals_are_paired_and_contain_the_mean():
     assert lo <= mean <= hi and hi - lo > 0.05
     assert stats["full"]["delta_harmony"] == pytest.approx((-0.1, -0.1, -0.1))  # paired: no spread
     assert stats["none"]["fidelity"][0] == 0.5
+
+
+def test_min_snr_weighting_keeps_noisy_steps_and_damps_clean_ones():
+    from harmonpaint_recipe.testbed.train import _unet_loss
+
+    pred, noise = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    alpha_bar = torch.tensor([0.01, 0.99])  # SNR 0.0101 (noisy) and 99 (almost clean)
+    assert _unet_loss(pred, noise, alpha_bar, None) == pytest.approx(1.0)
+    # gamma 5: the noisy sample keeps weight 1, the clean one gets 5/99
+    assert _unet_loss(pred, noise, alpha_bar, 5.0) == pytest.approx((1 + 5 / 99) / 2)
+
+
+def test_loss_plot_draws_a_continued_run_after_its_predecessor(tmp_path):
+    from harmonpaint_recipe.testbed.train import _stage_segments, loss_plot
+
+    first = {"settings": {"snr_gamma": None}, "judges": {"fidelity": {"losses": [[1, 1.0]], "steps": 1}},
+             "vae": {"losses": [[1, 0.5]], "steps": 1}, "unet": {"losses": [[1, 0.2], [2, 0.1]], "steps": 2}}
+    second = {"settings": {"snr_gamma": 5.0}, "init_from": {"folder": "a", "report": first},
+              "judges": first["judges"], "vae": {"loaded": "b/vae"}, "unet": {"losses": [[1, 0.05]], "steps": 1}}
+    assert [label for label, _ in _stage_segments(second, "unet")] == ["MSE", "min-SNR-5 weighted"]
+    assert len(_stage_segments(second, "judges")) == 1  # skipped stages are not drawn twice
+    pytest.importorskip("matplotlib")
+    assert loss_plot(second, tmp_path / "l.png") and Image.open(tmp_path / "l.png").size[0] > 0
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ def _train(args: argparse.Namespace) -> int:
                              init_from=Path(args.init_from) if args.init_from else None)
     if args.unet_lr is not None:
         settings.unet_lr = args.unet_lr
+    settings.snr_gamma = args.snr_gamma
     if args.minutes is not None:
         if args.minutes < 10:
             raise InputError(f"--minutes {args.minutes}: the stages need at least 10 minutes in all")
@@ -41,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
         settings.judge_minutes = 0.077 * args.minutes
         settings.vae_minutes = 0.19 * args.minutes
         settings.unet_minutes = 0.615 * args.minutes
-    for name in ("judge_steps", "vae_steps", "unet_steps"):
+    for name in ("judge_steps", "vae_steps", "unet_steps", "unet_minutes"):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
@@ -102,8 +103,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-steps", type=int, default=None, help="fidelity judge step limit [3000]")
     parser.add_argument("--vae-steps", type=int, default=None, help="VAE step limit [6000]")
     parser.add_argument("--unet-steps", type=int, default=None, help="UNet step limit [8000]")
+    parser.add_argument("--unet-minutes", type=float, default=None,
+                        help="UNet stage time budget in minutes (after --minutes' split) [80]")
     parser.add_argument("--cache-scenes", type=int, default=12000, help="scenes encoded for UNet training [12000]")
     parser.add_argument("--unet-lr", type=float, default=None, help="peak learning rate of the UNet stage [5e-4]")
+    parser.add_argument("--snr-gamma", type=float, default=None,
+                        help="weight the UNet loss by min(SNR, GAMMA)/SNR (more weight on noisy steps) [off]")
     parser.add_argument("--init-from", default=None,
                         help="continue training the UNet and text encoder of this earlier OUT_DIR (its VAE and judges are reused)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")

@@ -28,6 +28,10 @@ class TrainSettings:
     vae_lr: float = 2e-3
     unet_lr: float = 5e-4
     ema_decay: float = 0.998
+    #: Min-SNR-gamma loss weighting of the UNet stage (weight min(SNR, gamma) / SNR per sample);
+    #: None = plain epsilon MSE. It shifts the loss towards noisy timesteps, where the model must
+    #: take the background's colours from the masked-image latents.
+    snr_gamma: float | None = None
     calibration_scenes: int = 400
     seed: int = 0
     device: str = "cpu"
@@ -44,6 +48,8 @@ class TrainSettings:
         for name in ("judge_minutes", "vae_minutes", "unet_minutes", "unet_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ConfigError(f"snr-gamma must be positive, got {self.snr_gamma}")
         if self.init_from is not None:
             for part in ("model_index.json", "unet", "text_encoder", "vae", "judges"):
                 if not (Path(self.init_from) / part).exists():

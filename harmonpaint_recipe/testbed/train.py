@@ -172,6 +172,15 @@ def _save_checkpoint(folder: Path, unet, text_encoder, ema: _Ema, step: int) -> 
               str(folder / "text_encoder.safetensors"), metadata={"step": str(step)})
 
 
+def _unet_loss(pred: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
+    """Epsilon MSE, per sample weighted by ``min(SNR, gamma) / SNR`` when ``snr_gamma`` is set."""
+    if snr_gamma is None:
+        return F.mse_loss(pred, noise)
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = torch.clamp(snr, max=snr_gamma) / snr
+    return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
 def stage_unet(settings: TrainSettings, components: dict[str, Any], tokenizer) -> dict[str, Any]:
     from diffusers import DDPMScheduler
 
@@ -227,7 +236,7 @@ def stage_unet(settings: TrainSettings, components: dict[str, Any], tokenizer) -
         noisy = a.sqrt() * target + (1 - a).sqrt() * noise
         encoder_hidden = text_encoder(tokens(captions))[0]
         pred = unet(torch.cat([noisy, mask, masked], dim=1), t, encoder_hidden).sample
-        loss = F.mse_loss(pred, noise)
+        loss = _unet_loss(pred, noise, a.view(-1), settings.snr_gamma)
         set_lr(opt, prog.lr())
         opt.zero_grad()
         loss.backward()
@@ -281,8 +290,27 @@ def apply_umask(folder: Path) -> None:
             path.chmod(0o666 & ~mask)
 
 
+def _stage_segments(report: dict[str, Any], key: str) -> list[tuple[str, dict]]:
+    """``(label, stage report)`` of one stage over the chain of runs behind ``report`` (an
+    ``--init-from`` run keeps its predecessor's report), oldest first, stages that trained only."""
+    chain = []
+    while report:
+        chain.append(report)
+        report = (report.get("init_from") or {}).get("report") or {}
+    segments = []
+    for run in reversed(chain):
+        stage = run.get("judges", {}).get("fidelity", {}) if key == "judges" else run.get(key, {})
+        # a stage skipped by a continued run reports its predecessor's training again
+        if stage.get("losses") and not any(stage["losses"] == seen["losses"] for _, seen in segments):
+            gamma = run.get("settings", {}).get("snr_gamma")
+            label = f"min-SNR-{gamma:g} weighted" if key == "unet" and gamma else "MSE" if key == "unet" else ""
+            segments.append((label, stage))
+    return segments
+
+
 def loss_plot(report: dict[str, Any], path: Path) -> bool:
-    """Loss curves of the three trained networks as a PNG; ``False`` without matplotlib."""
+    """Loss curves of the three trained networks as a PNG (runs continued with
+    ``--init-from`` drawn after their predecessor's curve); ``False`` without matplotlib."""
     try:
         import matplotlib
 
@@ -290,14 +318,19 @@ def loss_plot(report: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    curves = [("fidelity judge", report.get("judges", {}).get("fidelity", {})), ("VAE", report.get("vae", {})),
-              ("UNet (epsilon MSE)", report.get("unet", {}))]
+    panels = [("fidelity judge", "judges"), ("VAE", "vae"), ("UNet", "unet")]
     fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
-    for ax, (title, stage) in zip(axes, curves):
-        points = stage.get("losses") or []
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points])
-        ax.set_title(f"{title}: {stage.get('steps', 0)} steps, {stage.get('seconds', 0) / 60:.0f} min", fontsize=8)
+    for ax, (title, key) in zip(axes, panels):
+        offset, minutes = 0, 0.0
+        segments = _stage_segments(report, key)
+        for label, stage in segments:
+            points = stage["losses"]
+            ax.plot([offset + p[0] for p in points], [p[1] for p in points], label=label or None)
+            offset += stage.get("steps", 0)
+            minutes += stage.get("seconds", 0) / 60
+        if len(segments) > 1:
+            ax.legend(fontsize=7)
+        ax.set_title(f"{title}: {offset} steps, {minutes:.0f} min", fontsize=8)
         ax.set_xlabel("step", fontsize=8)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)

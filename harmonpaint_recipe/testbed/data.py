@@ -20,7 +20,7 @@ from harmonpaint_recipe.testbed.world import RENDER_MODES, dilate, object_covera
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """``[N, H, W, 3]`` uint8 -> ``[N, 3, H, W]`` float in [-1, 1] (the pipeline's range)."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -14,6 +14,7 @@ from attnctl.testing.pipelines import (
     PipelineSpec,
     build_inpaint_pipeline,
     byte_vocab,
+    clip_byte_symbols,
     save_inpaint_pipeline,
     seeded,
     write_byte_tokenizer,
@@ -31,6 +32,6 @@ from attnctl.testing.tiny import (
 __all__ = [
     "SD_DDIM_SCHEDULER_CONFIG", "TINY_SD", "TINY_SDXL", "TINY_SDXL_UNET_CONFIG", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG",
     "UNET_CONFIGS", "PipelineSpec", "build_inpaint_pipeline", "build_tiny_inpaint_pipeline", "build_unet",
-    "byte_vocab", "load_unet_config", "save_inpaint_pipeline", "save_tiny_inpaint_pipeline", "seeded",
+    "byte_vocab", "clip_byte_symbols", "load_unet_config", "save_inpaint_pipeline", "save_tiny_inpaint_pipeline", "seeded",
     "write_byte_tokenizer",
 ]

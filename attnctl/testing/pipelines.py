@@ -59,8 +59,9 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def byte_vocab() -> dict[str, int]:
-    """A CLIP byte-level BPE vocabulary with no merges: one token per byte, then start and end tokens."""
+def clip_byte_symbols() -> list[tuple[int, str]]:
+    """``(byte value, symbol)`` for all 256 bytes in CLIP's order: the printable bytes stand
+    for themselves, the others get the code points from 256 up."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -69,7 +70,12 @@ def byte_vocab() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    chars = [chr(c) for c in cs]
+    return [(b, chr(c)) for b, c in zip(bs, cs)]
+
+
+def byte_vocab() -> dict[str, int]:
+    """A CLIP byte-level BPE vocabulary with no merges: one token per byte, then start and end tokens."""
+    chars = [symbol for _, symbol in clip_byte_symbols()]
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return {tok: i for i, tok in enumerate(tokens)}
 

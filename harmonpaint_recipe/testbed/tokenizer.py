@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from attnctl.errors import ConfigError
+from attnctl.testing import clip_byte_symbols
 from harmonpaint_recipe.testbed.vocab import WORDS
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -30,16 +31,7 @@ _END = "</w>"
 
 def _byte_symbols() -> list[str]:
     """CLIP's printable stand-ins for the 256 byte values, in byte order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    order = sorted(range(256), key=lambda i: bs[i])
-    return [chr(cs[i]) for i in order]
+    return [symbol for _, symbol in sorted(clip_byte_symbols())]
 
 
 def _symbols(word: str) -> list[str]:

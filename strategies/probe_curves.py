@@ -205,16 +205,8 @@ class SelfCurvesOp(MeasureOp):
         return columns
 
     def measure(self, call: AttentionCall, sums: torch.Tensor, output: torch.Tensor) -> None:
-        picked, images = cond_rows(call)
-        if not picked:
-            return
-        collector = _collector(call, self.strategy)
-        slot = collector.slot(call)
-        key = call.site.key
-        mask = call.mask()
         total = sums[..., 2]
-        for row, image in zip(picked, images):
-            inside = mask[row]
+        for collector, slot, key, row, image, inside in _recorded_rows(call, self.strategy):
             collector.add(slot, "background_share", key, image, _masked_mean(sums[row, ..., 0] / total[row], inside))
             collector.add(slot, "bank_share", key, image, _masked_mean(sums[row, ..., 1] / total[row], inside))
             collector.add(slot, "row_mass", key, image, _masked_mean(total[row], inside))
@@ -223,6 +215,19 @@ class SelfCurvesOp(MeasureOp):
             mean_out, std_out = _region_stats(features, 1.0 - inside)
             collector.add(slot, "mean_gap", key, image, (mean_in - mean_out).pow(2).mean().sqrt())
             collector.add(slot, "std_gap", key, image, (std_in - std_out).pow(2).mean().sqrt())
+
+
+def _recorded_rows(call: AttentionCall, strategy: str):
+    """For each conditional row of ``call``: the run's collector, this call's slot, the site key,
+    the row, its image index and the row's flattened mask (1 = masked query)."""
+    picked, images = cond_rows(call)
+    if not picked:
+        return
+    collector = _collector(call, strategy)
+    slot = collector.slot(call)
+    mask = call.mask()
+    for row, image in zip(picked, images):
+        yield collector, slot, call.site.key, row, image, mask[row]
 
 
 @dataclass(eq=False)
@@ -246,15 +251,7 @@ class CrossCurvesOp(MeasureOp):
         return columns
 
     def measure(self, call: AttentionCall, sums: torch.Tensor, output: torch.Tensor) -> None:
-        picked, images = cond_rows(call)
-        if not picked:
-            return
-        collector = _collector(call, self.strategy)
-        slot = collector.slot(call)
-        key = call.site.key
-        mask = call.mask()
-        for row, image in zip(picked, images):
-            inside = mask[row]
+        for collector, slot, key, row, image, inside in _recorded_rows(call, self.strategy):
             collector.add(slot, "object_mass", key, image, _masked_mean(sums[row, ..., 0], inside))
             collector.add(slot, "object_share", key, image, _masked_mean(sums[row, ..., 0] / sums[row, ..., 1], inside))
 

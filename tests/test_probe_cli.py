@@ -12,13 +12,6 @@ from attnctl.cli import main
 TINY = ["model.pretrained=tiny", "sampler.steps=3"]
 
 
-@pytest.fixture
-def files(tmp_path, image_and_mask):
-    image, mask = image_and_mask
-    image.save(tmp_path / "img.png")
-    mask.save(tmp_path / "mask.png")
-    return tmp_path
-
 
 def _inputs(files):
     return ["--image", str(files / "img.png"), "--mask", str(files / "mask.png"), "--prompt", "a small owl"]

@@ -8,8 +8,12 @@ Before the noise prediction of each step where it is active (including the first
         A   <- cross-attention probabilities [B, h, HW, 77] at each read site,
                averaged over heads and over the read sites of the same grid
         L_s <- sum over images of  mean over grids of  loss(A, M_f, tokens)
-        z_t <- z_t - alpha_k * grad_z L_s
+        z_t <- z_t - u,   u = alpha_k * grad_z L_s          (step_rule: paper, step_region: all)
     alpha_k = step_size * sqrt(linspace(1.0, 0.5, num_inference_steps)[k]),  k = step index
+
+``step_rule`` and ``step_region`` offer other readings of the update (``strategies.latent_steps``):
+a step normalized to an RMS latent change in units of the latent's std, and an update
+restricted to the mask with a soft edge. The defaults are Eq. 9 as written.
 
 The loss is pluggable (``strategies.guidance_losses``): ``steer`` (the pinned reading
 of Eq. 8-9) or ``attend_excite``. Images are **summed**, not averaged, so each image gets
@@ -35,6 +39,7 @@ from attnctl.params import StrategySpec
 from attnctl.selectors import select_sites
 from attnctl.sites import Site, SiteTable
 from strategies.guidance_losses import GridMaps, get_loss
+from strategies.latent_steps import STEP_REGIONS, STEP_RULES, latent_update, soft_region, update_stats
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +68,20 @@ class LatentGuidanceParams:
         metadata={"help": "sqrt_linspace: alpha_k = step_size*sqrt(linspace(1,0.5,N)[k]); constant: step_size"},
     )
     iterations: int = field(default=1, metadata={"help": "gradient updates per active step"})
+    step_rule: str = field(
+        default="paper",
+        metadata={"help": "paper: u = alpha_k*grad (Eq. 9); normalized: u = alpha_k*std(z)*grad/rms(grad), "
+                          "so step_size is an RMS latent change in units of the latent's std"},
+    )
+    step_region: str = field(
+        default="all", metadata={"help": "all: update the whole latent (Eq. 9); mask: only the inpainted region"}
+    )
+    mask_edge: float = field(
+        default=1.0, metadata={"help": "step_region mask: soft edge outside the mask, Gaussian sigma in latent cells"}
+    )
+    record_loss_after: bool = field(
+        default=False, metadata={"help": "diagnostic: also compute the loss after each update (one more pass per step)"}
+    )
     tokens: str | tuple[int, ...] = field(
         default="prompt",
         metadata={"help": "'prompt' (the prompt's own tokens, from token_indices) or a list of positions 1..76"},
@@ -77,6 +96,18 @@ class LatentGuidanceParams:
             raise ConfigError(f"schedule: unknown '{self.schedule}'; use one of {', '.join(SCHEDULES)}")
         if self.step_size < 0:
             raise ConfigError(f"step_size must be >= 0, got {self.step_size}")
+        if self.step_rule not in STEP_RULES:
+            raise ConfigError(f"step_rule: unknown '{self.step_rule}'; use one of {', '.join(STEP_RULES)}")
+        if self.step_region not in STEP_REGIONS:
+            raise ConfigError(f"step_region: unknown '{self.step_region}'; use one of {', '.join(STEP_REGIONS)}")
+        if self.step_rule == "normalized" and self.step_size > 1.0:
+            raise ConfigError(
+                f"step_size {self.step_size:g} with step_rule normalized moves the latent by {self.step_size:g} of its "
+                "own standard deviation per step; that rule's step_size is an RMS change in units of std(z), "
+                "e.g. 0.1 (the paper's 20 belongs to step_rule paper)"
+            )
+        if self.mask_edge < 0:
+            raise ConfigError(f"mask_edge must be >= 0 (latent cells), got {self.mask_edge}")
         if self.iterations < 1:
             raise ConfigError(f"iterations must be >= 1, got {self.iterations}; disable the instance instead")
         if self.token_scale <= 0 or self.eps <= 0:
@@ -149,19 +180,36 @@ class SteerLatent(LatentOp):
         return max(self.read_sites, key=lambda s: s.index)
 
     def guide(self, z: torch.Tensor, ctx: GuidanceView) -> torch.Tensor:
-        alpha = step_size_at(self.params, ctx.state)
+        params = self.params
+        alpha = step_size_at(params, ctx.state)
         history = ctx.state.scratch_for(self.strategy).setdefault("history", [])
-        for it in range(self.params.iterations):
+        mask = self.latent_mask(z, ctx)
+        weights = soft_region(mask, params.mask_edge) if params.step_region == "mask" else None
+        region = mask if params.step_region == "mask" else None
+        for it in range(params.iterations):
             loss, grad = self.loss_and_grad(z, ctx)
-            z = (z.float() - alpha * grad.float()).to(z.dtype)
-            history.append({"step": ctx.state.step_index, "iteration": it, "alpha": alpha, "loss": float(loss)})
+            update = latent_update(grad.float(), z.float(), alpha, params.step_rule, weights, region)
+            entry = {"step": ctx.state.step_index, "iteration": it, "alpha": alpha, "loss": float(loss),
+                     **update_stats(update, z.float(), mask)}
+            z = (z.float() - update).to(z.dtype)
+            if params.record_loss_after:
+                entry["loss_after"] = float(self.loss_and_grad(z, ctx, with_grad=False)[0])
+            history.append(entry)
         return z
 
-    def loss_and_grad(self, z: torch.Tensor, ctx: GuidanceView) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss at ``z`` (fp32 scalar, detached) and its gradient wrt ``z``."""
+    @staticmethod
+    def latent_mask(z: torch.Tensor, ctx: GuidanceView) -> torch.Tensor:
+        """The binary inpainting mask of each row of ``z`` at the latent's resolution, ``[N, 1, h, w]``."""
+        state = ctx.state
+        masks = state.masks_for_rows(0, state.layout.cond_rows, z.device)
+        return masks.view(z.shape[0], 1, *z.shape[2:])
+
+    def loss_and_grad(self, z: torch.Tensor, ctx: GuidanceView,
+                      with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss at ``z`` (fp32 scalar, detached) and its gradient wrt ``z`` (None without ``with_grad``)."""
         import torch
 
-        z = z.detach().requires_grad_(True)
+        z = z.detach().requires_grad_(with_grad)
         scratch = ctx.state.scratch_for(self.strategy)
         scratch["pass"] = maps = _PassMaps()
         # pipelines run under no_grad; the loss, not only the UNet pass, needs a graph
@@ -171,6 +219,8 @@ class SteerLatent(LatentOp):
             finally:
                 del scratch["pass"]
             loss = self.loss_from(maps, ctx.state)
+        if not with_grad:
+            return loss.detach(), None
         if not loss.requires_grad:
             raise RunError(
                 f"strategies.{self.strategy}: the guidance loss has no gradient (is autograd off, e.g. "

@@ -1,16 +1,23 @@
 """Naive references for latent guidance, written literally from the equations.
 
 Nothing here is fast or shared with the strategies: explicit loops, explicit softmax,
-explicit products over patches, float64. Used by tests/test_latent_guidance.py.
+explicit products over patches, float64. Also the tiny-pipeline harness the latent-guidance
+tests share. Used by tests/test_latent_guidance.py and tests/test_steer_step_readings.py.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import ExitStack
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
+
+import attnctl
+
+LATENT = (8, 8)  # tiny pipeline at 64x64
 
 
 # ----------------------------------------------------------------------------- attention
@@ -163,3 +170,68 @@ def alpha_reference(step_size: float, num_steps: int, k: int) -> float:
     """alpha_k = step_size * sqrt(linspace(1.0, 0.5, N)[k]), linspace written out."""
     value = 1.0 if num_steps == 1 else 1.0 + (0.5 - 1.0) * k / (num_steps - 1)
     return step_size * math.sqrt(value)
+
+
+# ----------------------------------------------------------------------------- tiny UNet
+def mask_batch() -> torch.Tensor:
+    """Image 0: box visible at both read grids; image 1: masked only at latent (1, 1),
+    which no read grid samples (nearest picks even latent indices), so it has no
+    masked patch at 4x4 nor at 2x2."""
+    m = torch.zeros(2, 1, 64, 64)
+    m[0, :, 16:48, 20:44] = 1
+    m[1, :, 8:16, 8:16] = 1
+    return m
+
+
+def mask_at(m: torch.Tensor, grid) -> torch.Tensor:
+    latent = F.interpolate(m, size=LATENT, mode="nearest")
+    return F.interpolate(latent, size=grid, mode="nearest").flatten(1)
+
+
+def reference_loss_and_grad(unet, read_sites, z, cond_sample, emb, t, masks, tokens):
+    """Naive processors at the read sites, literal loss, autograd gradient wrt z."""
+    store: list[torch.Tensor] = []
+    saved = {}
+    ordered = sorted(read_sites, key=lambda s: s.index)
+    for site in ordered:
+        module = unet.get_submodule(site.name)
+        saved[site.name] = module.processor
+        module.set_processor(NaiveRecordingProcessor(store))
+    try:
+        z = z.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            unet(torch.cat([z, cond_sample[:, 4:]], 1), t, encoder_hidden_states=emb)
+            grids = [s.grid(LATENT) for s in ordered]
+            per_image = [[(p[i], gr) for p, gr in zip(store, grids)] for i in range(z.shape[0])]
+            mask_per_image = [{gr: mask_at(masks[i : i + 1], gr)[0] for gr in set(grids)} for i in range(z.shape[0])]
+            loss = steer_loss_reference(per_image, mask_per_image, tokens)
+        grad = torch.autograd.grad(loss, z)[0]
+    finally:
+        for site in ordered:
+            unet.get_submodule(site.name).set_processor(saved[site.name])
+    return loss, grad
+
+
+def run_guided(pipe, config, manager, steps, prompt="a red cat", latents=None, guidance_scale=7.5, on_unet=None):
+    """Run the tiny pipeline (64x64, output latents) with ``config`` attached; returns the
+    steer instance's per-step log and the prompt's token count."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    image = Image.fromarray((rng.rand(64, 64, 3) * 255).astype("uint8"))
+    mask = mask_batch()[0, 0]
+    n = len(pipe.tokenizer(prompt).input_ids) - 2
+    with ExitStack() as stack:
+        ctl = stack.enter_context(attnctl.attach(pipe, config, manager))
+        if on_unet is not None:
+            handle = pipe.unet.register_forward_pre_hook(lambda m, a, kw: on_unet(ctl, a, kw), with_kwargs=True)
+            stack.callback(handle.remove)
+        layout = attnctl.BatchLayout.for_pipeline(1, 1, cfg=guidance_scale > 1)
+        state = stack.enter_context(ctl.run(layout, mask=mask, token_indices=[list(range(1, n + 1))]))
+        pipe(
+            prompt, image=image, mask_image=Image.fromarray((mask.numpy() * 255).astype("uint8")), height=64, width=64,
+            num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents, output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        )
+        return state.scratch.get("steer", {}).get("history", []), n

@@ -4,12 +4,10 @@ on random maps and through the tiny UNet, plus its place in the pipeline's step.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import ExitStack
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import attnctl
 from attnctl import attention
@@ -21,7 +19,8 @@ from strategies import guidance_losses, latent_guidance, timestep_gate
 from strategies.latent_guidance import LatentGuidanceParams, SteerLatent, _PassMaps, step_size_at
 import reference_guidance as ref
 
-LATENT = (8, 8)  # tiny pipeline at 64x64
+LATENT = ref.LATENT
+_mask_batch, reference_loss_and_grad = ref.mask_batch, ref.reference_loss_and_grad
 
 
 def manager():
@@ -159,21 +158,6 @@ def test_saturated_token_stays_finite():
 
 
 # ============================================================================ tiny UNet
-def _mask_batch() -> torch.Tensor:
-    """Image 0: box visible at both read grids; image 1: masked only at latent (1, 1),
-    which no read grid samples (nearest picks even latent indices), so it has no
-    masked patch at 4x4 nor at 2x2."""
-    m = torch.zeros(2, 1, 64, 64)
-    m[0, :, 16:48, 20:44] = 1
-    m[1, :, 8:16, 8:16] = 1
-    return m
-
-
-def _mask_at(m: torch.Tensor, grid) -> torch.Tensor:
-    latent = F.interpolate(m, size=LATENT, mode="nearest")
-    return F.interpolate(latent, size=grid, mode="nearest").flatten(1)
-
-
 TOKENS = [[1, 2, 3, 4, 5], [1, 2, 3]]
 
 
@@ -213,30 +197,6 @@ def unet_case():
         out["guided"] = op.guide(z, ctx)
     ctl.detach()
     return SimpleNamespace(pipe=pipe, sample=sample, emb=emb, t=t, z=z, op=op, calls=calls, **out)
-
-
-def reference_loss_and_grad(unet, read_sites, z, cond_sample, emb, t, masks, tokens):
-    """Naive processors at the read sites, literal loss, autograd gradient wrt z."""
-    store: list[torch.Tensor] = []
-    saved = {}
-    ordered = sorted(read_sites, key=lambda s: s.index)
-    for site in ordered:
-        module = unet.get_submodule(site.name)
-        saved[site.name] = module.processor
-        module.set_processor(ref.NaiveRecordingProcessor(store))
-    try:
-        z = z.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            unet(torch.cat([z, cond_sample[:, 4:]], 1), t, encoder_hidden_states=emb)
-            grids = [s.grid(LATENT) for s in ordered]
-            per_image = [[(p[i], gr) for p, gr in zip(store, grids)] for i in range(z.shape[0])]
-            mask_per_image = [{gr: _mask_at(masks[i : i + 1], gr)[0] for gr in set(grids)} for i in range(z.shape[0])]
-            loss = ref.steer_loss_reference(per_image, mask_per_image, tokens)
-        grad = torch.autograd.grad(loss, z)[0]
-    finally:
-        for site in ordered:
-            unet.get_submodule(site.name).set_processor(saved[site.name])
-    return loss, grad
 
 
 def test_unet_loss_and_grad_match_naive_processors(unet_case):
@@ -301,27 +261,8 @@ def test_bf16_model_loss_is_fp32():
 
 
 # ============================================================================ pipeline
-def _run(pipe, config, steps, prompt="a red cat", latents=None, guidance_scale=7.5, on_unet=None):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.RandomState(0)
-    image = Image.fromarray((rng.rand(64, 64, 3) * 255).astype("uint8"))
-    mask = _mask_batch()[0, 0]
-    n = len(pipe.tokenizer(prompt).input_ids) - 2
-    with ExitStack() as stack:
-        ctl = stack.enter_context(attnctl.attach(pipe, config, manager()))
-        if on_unet is not None:
-            handle = pipe.unet.register_forward_pre_hook(lambda m, a, kw: on_unet(ctl, a, kw), with_kwargs=True)
-            stack.callback(handle.remove)
-        layout = attnctl.BatchLayout.for_pipeline(1, 1, cfg=guidance_scale > 1)
-        state = stack.enter_context(ctl.run(layout, mask=mask, token_indices=[list(range(1, n + 1))]))
-        pipe(
-            prompt, image=image, mask_image=Image.fromarray((mask.numpy() * 255).astype("uint8")), height=64, width=64,
-            num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents, output_type="latent",
-            generator=torch.Generator().manual_seed(0),
-        )
-        return state.scratch.get("steer", {}).get("history", []), n
+def _run(pipe, config, steps, **kwargs):
+    return ref.run_guided(pipe, config, manager(), steps, **kwargs)
 
 
 def test_guidance_runs_before_the_first_noise_prediction():
@@ -426,5 +367,6 @@ def test_registered_through_entry_points():
     table = {row[0]: row[2] for row in strategies["latent_guidance"].parameter_table()}
     assert table == {
         "read_sites": "cross/4,cross/2", "loss": "steer", "step_size": 20.0, "schedule": "sqrt_linspace",
-        "iterations": 1, "tokens": "prompt", "token_scale": 100.0, "eps": 1e-4, "stop_early": True,
+        "iterations": 1, "step_rule": "paper", "step_region": "all", "mask_edge": 1.0, "record_loss_after": False,
+        "tokens": "prompt", "token_scale": 100.0, "eps": 1e-4, "stop_early": True,
     }

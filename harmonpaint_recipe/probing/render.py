@@ -189,8 +189,8 @@ def curves_picture(runs: Sequence[tuple[ProbedRun, Curves]], image_index: int = 
               "masked queries -> background keys (share, self sites)",
               "masked queries -> appended bank keys (share)",
               f"masked vs background features, {bank_label}: RMS gap",
-              "steer loss per gradient update",
-              "steer step size alpha"]
+              "steer loss per gradient update (dotted: after it)",
+              "steer update RMS / latent std: in the mask (solid), outside (dashed)"]
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("denoising step", fontsize=8)
@@ -216,9 +216,12 @@ def curves_picture(runs: Sequence[tuple[ProbedRun, Curves]], image_index: int = 
             gx = np.array([e["step"] + e["iteration"] / iterations for e in log], dtype=float)
             style = _STYLES[g % len(_STYLES)]
             _plot(axes[4], gx, np.array([e["loss"] for e in log], dtype=float), color, style, f"{run.label}: {instance}")
-            first = [e for e in log if e["iteration"] == 0]
-            _plot(axes[5], np.array([e["step"] for e in first], dtype=float),
-                  np.array([e["alpha"] for e in first], dtype=float), color, style, f"{run.label}: {instance}")
+            if all("loss_after" in e for e in log):
+                _plot(axes[4], gx, np.array([e["loss_after"] for e in log], dtype=float), color, ":",
+                      f"{run.label}: {instance}, after the update")
+            for key, line in (("update_rms_mask", "-"), ("update_rms_outside", "--")):
+                values = np.array([e.get(key, np.nan) for e in log], dtype=float)
+                _plot(axes[5], gx, values, color, line, f"{run.label}: {instance}, {key.split('_')[-1]}")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

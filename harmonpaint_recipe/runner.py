@@ -23,6 +23,7 @@ from attnctl.layout import BatchLayout
 from harmonpaint_recipe.inputs import PreparedInputs
 from harmonpaint_recipe.loading import resolved
 from harmonpaint_recipe.model import check_pipeline
+from harmonpaint_recipe.paste_back import paste_back
 
 
 @dataclass
@@ -162,6 +163,9 @@ class Runner:
         start = time.perf_counter()
         with self.controller.run(layout, mask=mask, token_indices=tokens) as state:
             image = self.pipe(**kwargs).images[0]
+        output = self.config.get("output") or {}
+        if output.get("paste_back"):
+            image = paste_back(image, inputs.image, inputs.mask_array, float(output.get("paste_blur", 2.0)))
         probes = {name: state.results[name] for name in sorted(self.controller.plan.probes) if name in state.results}
         return RunResult(image=image, seed=seed, timings={"inpaint_s": round(time.perf_counter() - start, 3)},
                          probes=probes)

@@ -50,12 +50,28 @@ class SamplerConfig:
 
 
 @dataclass
+class OutputConfig:
+    """What happens to the pipeline's image before it is handed back."""
+
+    paste_back: bool = field(
+        default=False,
+        metadata={"help": "composite the input image back outside the mask, with a soft edge (as inpainting tools' "
+                          "'only masked' mode and diffusers' apply_overlay do); off in the paper's recipes"},
+    )
+    paste_blur: float = field(
+        default=2.0,
+        metadata={"help": "paste_back's soft edge outside the mask: Gaussian sigma in pixels (0: hard edge)", "min": 0.0},
+    )
+
+
+@dataclass
 class RecipeConfig:
     """A whole recipe."""
 
     description: str = field(default="", metadata={"help": "one line shown by `attnctl recipes`"})
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     eta: float = field(default=0.6, metadata={"help": "phase boundary on t / T_train (Sec. IV-C)"})
     strategies: Dict[str, Any] = field(default_factory=dict, metadata={"help": "instance name -> strategy settings"})
     probes: Dict[str, Any] = field(
@@ -107,6 +123,9 @@ def check_section(tree: Any, schema: type, where: str) -> None:
         choices = fields[key].metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
+        least = fields[key].metadata.get("min")
+        if least is not None and value < least:
+            raise ConfigError(f"{path}: must be at least {least:g}, got {value!r}")
 
 
 def check_instances(recipe: Mapping[str, Any], manager: Any) -> list:

@@ -1,7 +1,7 @@
 """``attnctl inpaint``: one image, a manifest of images, or a reproduction from a sidecar.
 
     attnctl inpaint --recipe harmonpaint --image in.png --mask m.png --prompt "a cat" --out out.png
-    attnctl inpaint --recipe harmonpaint --manifest items.jsonl --out-dir results/
+    attnctl inpaint --recipe harmonpaint --manifest items.jsonl --out-dir results/ [--compare sdi]
     attnctl inpaint --from out.json [--out again.png]
 """
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from attnctl.cli import Command
-from attnctl.errors import InputError
+from attnctl.errors import ConfigError, InputError
 from harmonpaint_recipe.commands.run_options import add_run_inputs, run_overrides
 
 
@@ -75,6 +75,13 @@ def _manifest(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.image or args.mask or args.out:
         raise InputError("--manifest takes images, masks and prompts from the file; drop --image/--mask/--out")
     recipe = load_recipe(args.recipe, overrides)
+    other = None
+    if args.compare:
+        try:
+            other = JobRunner(load_recipe(args.compare, overrides), args.compare, overrides,
+                              resize_mask=args.resize_mask, threads=args.threads)
+        except ConfigError as exc:
+            raise ConfigError(f"--compare {args.compare}: {exc}") from None
     jobs_list = read_manifest(args.manifest, args.out_dir, seed=args.seed)
     todo = [j for j in jobs_list if not (j.out.is_file() and sidecar_path(j.out).is_file())]
     skipped = len(jobs_list) - len(todo)
@@ -82,17 +89,36 @@ def _manifest(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"skipping {skipped} item(s) already written in {args.out_dir}", file=sys.stderr)
     runner = JobRunner(recipe, args.recipe, overrides, resize_mask=args.resize_mask, threads=args.threads)
     prepared = [(job, runner.prepare(job)) for job in todo]  # fail early, before any model work
-    if not prepared:
+    if not prepared and other is None:
         print(f"nothing to do: all {len(jobs_list)} item(s) exist in {args.out_dir}")
         return 0
     try:
-        runner.set_progress_bar(leave=False)
+        if prepared:
+            runner.set_progress_bar(leave=False)
         for job, inputs in progress(prepared, desc="inpaint", unit="image"):
             runner.run(job, inputs)
     finally:
         runner.close()
     print(f"wrote {len(prepared)} image(s) to {args.out_dir}")
+    if other is not None:
+        _compare(jobs_list, runner, other, Path(args.out_dir))
     return 0
+
+
+def _compare(jobs: list, runner, other, out_dir: Path) -> None:
+    from harmonpaint_recipe.compare_batch import recipe_label, run_compare
+    from harmonpaint_recipe.progress import progress
+
+    try:
+        other.set_progress_bar(leave=False)
+        summary = run_compare(jobs, runner, other, out_dir, progress=progress)
+    finally:
+        other.close()
+    means = summary["mean_background_mae"]
+    main_name, label = runner.recipe_name, recipe_label(other.recipe_name)
+    ratio = f" (ratio {summary['ratio']:.2f})" if summary["ratio"] is not None else ""
+    print(f"wrote {out_dir / 'compare.png'}: input | {label} | {main_name}, same seeds; change outside the mask "
+          f"(mean absolute error vs the input, 0-255): {label} {means[label]:.1f}, {main_name} {means[main_name]:.1f}{ratio}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -109,6 +135,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output image path (.png/.jpg/.webp); its folder is created")
     parser.add_argument("--manifest", help="JSONL with image, mask, prompt[, seed, name] per line (batch mode)")
     parser.add_argument("--out-dir", help="output folder of batch mode; items already written are skipped")
+    parser.add_argument("--compare", metavar="RECIPE",
+                        help="batch mode: also run RECIPE on the same items and seeds (into OUT_DIR/compare-RECIPE) "
+                        "and write OUT_DIR/compare.png side by side")
     parser.add_argument("--from", dest="from_", metavar="SIDECAR", help="reproduce the image a sidecar JSON describes")
 
 

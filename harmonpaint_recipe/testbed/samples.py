@@ -8,8 +8,8 @@
 - one line in ``items.jsonl``: ``id, image, mask, prompt`` (the object alone, as an
   ``attnctl eval`` item) plus ``styled_prompt``, ``style``, ``shape``, ``colour``,
   ``mask_kind``, ``scene`` and ``split``;
-- one line in ``inpaint.jsonl``: ``name, image, mask, prompt``, the same scenes as an
-  ``attnctl inpaint --manifest`` batch.
+- one line in ``inpaint.jsonl``: ``name, image, mask, prompt, seed`` (the scene number), the
+  same scenes as an ``attnctl inpaint --manifest`` batch.
 """
 
 from __future__ import annotations
@@ -66,8 +66,10 @@ def write_samples(folder: Path, count: int = 8, start: int = 0, split: str = "de
 
 
 def inpaint_line(record: dict) -> dict:
-    """The ``inpaint.jsonl`` line of a scene record: only the keys ``attnctl inpaint --manifest`` reads."""
-    return {"name": record["id"], "image": record["image"], "mask": record["mask"], "prompt": record["prompt"]}
+    """The ``inpaint.jsonl`` line of a scene record: only the keys ``attnctl inpaint --manifest`` reads,
+    with the scene number as the noise seed (so every recipe draws a scene from the same noise)."""
+    return {"name": record["id"], "image": record["image"], "mask": record["mask"], "prompt": record["prompt"],
+            "seed": record["scene"]}
 
 
 def world_grid(count: int = 12, start: int = 0, split: str = "demo", scale: int = 2) -> Image.Image:

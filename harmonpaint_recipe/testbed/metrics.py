@@ -8,6 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from harmonpaint_recipe.metrics.base import Metric, MetricResult, MetricUnavailable, Sample
+from harmonpaint_recipe.metrics.preservation import psnr_from_mse
 from harmonpaint_recipe.testbed.judges import FidelityJudge, HarmonyJudge
 from harmonpaint_recipe.testbed.models import WEIGHTS_DIR
 from harmonpaint_recipe.testbed.vocab import parse_object
@@ -50,10 +51,15 @@ class FidelityMetric(Metric):
 
 
 class HarmonyMetric(Metric):
-    """The harmony judge's calibrated score (0 ~ the background's style, 1 ~ a flat paste)."""
+    """The harmony judge's calibrated score (0 ~ the background's style, 1 ~ a flat paste).
+
+    ``harmony``: the masked region judged on the input's background (the output's region
+    composited onto the input), so an output cannot pass by making its whole picture one
+    texture; ``harmony_own``: judged in the output's own picture.
+    """
 
     name: ClassVar[str] = "harmony"
-    keys: ClassVar[tuple[str, ...]] = ("harmony",)
+    keys: ClassVar[tuple[str, ...]] = ("harmony", "harmony_own")
 
     def __init__(self, judge: HarmonyJudge | None = None, path: Path = JUDGES_DIR / "harmony.safetensors") -> None:
         self.judge, self.path = judge, Path(path)
@@ -64,4 +70,30 @@ class HarmonyMetric(Metric):
 
     def score(self, sample: Sample) -> MetricResult:
         image, mask = _arrays(sample)
-        return MetricResult({"harmony": self.judge.score(image, mask)})
+        source = None if sample.source is None else np.asarray(sample.source.convert("RGB"))
+        if source is not None and source.shape != image.shape:
+            raise MetricUnavailable(f"output {image.shape[1]}x{image.shape[0]} and input {source.shape[1]}x{source.shape[0]} differ")
+        if source is None:
+            raise MetricUnavailable("the item has no input image to judge the region's background by")
+        return MetricResult({"harmony": self.judge.score(image, mask, source), "harmony_own": self.judge.score(image, mask)})
+
+
+class BackgroundMetric(Metric):
+    """How well the background the user keeps survives: mean absolute error (0-255 levels)
+    and PSNR (dB) between the output and the input image, over the pixels outside the mask."""
+
+    name: ClassVar[str] = "background"
+    keys: ClassVar[tuple[str, ...]] = ("bg_mae", "bg_psnr")
+
+    def score(self, sample: Sample) -> MetricResult:
+        if sample.source is None:
+            raise MetricUnavailable("the item has no source image")
+        image, mask = _arrays(sample)
+        source = np.asarray(sample.source.convert("RGB"), dtype=np.float64)
+        if source.shape != image.shape:
+            raise MetricUnavailable(f"output {image.shape[1]}x{image.shape[0]} and input {source.shape[1]}x{source.shape[0]} differ")
+        keep = ~mask
+        if not keep.any():
+            raise MetricUnavailable("the mask covers the whole image; there is no background to compare")
+        diff = image.astype(np.float64)[keep] - source[keep]
+        return MetricResult({"bg_mae": float(np.abs(diff).mean()), "bg_psnr": psnr_from_mse(float(((diff / 255.0) ** 2).mean()))})

@@ -16,12 +16,15 @@ class TrainSettings:
     judge_steps: int = 3000
     judge_minutes: float = 10.0
     judge_scenes: int = 8000
+    harmony_steps: int = 5000
+    harmony_minutes: float = 25.0
     vae_steps: int = 6000
     vae_minutes: float = 25.0
     unet_steps: int = 8000
     unet_minutes: float = 80.0
     cache_scenes: int = 12000
     judge_batch: int = 64
+    harmony_batch: int = 32
     vae_batch: int = 32
     unet_batch: int = 32
     judge_lr: float = 2e-3
@@ -42,10 +45,10 @@ class TrainSettings:
     init_from: Path | None = None
 
     def check(self) -> None:
-        for name in ("judge_steps", "vae_steps", "unet_steps", "cache_scenes", "judge_batch", "vae_batch", "unet_batch"):
+        for name in ("judge_steps", "harmony_steps", "vae_steps", "unet_steps", "cache_scenes", "judge_batch", "harmony_batch", "vae_batch", "unet_batch"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("judge_minutes", "vae_minutes", "unet_minutes", "unet_lr"):
+        for name in ("judge_minutes", "harmony_minutes", "vae_minutes", "unet_minutes", "unet_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:

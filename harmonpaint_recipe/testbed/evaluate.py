@@ -1,21 +1,20 @@
-"""Table III on the testbed world: SDI, +SAMS, +SAMS+L_s, full HarmonPaint, a MAKVS lambda
-sweep, and reference rows, scored by the fidelity and harmony judges with bootstrap CIs.
+"""Table III on the testbed world, with the background kept in view and controls that must fail.
 
 ``run_testbed_eval(EvalSettings(out=...))``:
 
 1. writes ``items`` held-out scenes (split ``eval``) to ``out/data`` (background image, mask,
    object-only prompt) and the reference renderings to ``out/references/<name>/<id>.png``:
-   the flat and styled ground truths, and both passed through the model's VAE (what the
-   decoder can show at best);
-2. runs the methods through attnctl's resumable evaluation runner (same items, same noise
-   seed for every method), scoring each output with the judges;
-3. writes ``table_iii.md`` / ``table_iii.json`` (means with 95% bootstrap CIs over items, and
-   paired differences from SDI with their CIs), ``lambda.png`` (the sweep) and
-   ``comparison.png`` (stock vs each variant on the first items, same seeds).
-
-Methods are the ablation variants of the ``harmonpaint`` recipe exactly as ``attnctl ablate``
-builds them, plus ``full-lambda<v>`` (MAKVS scale v) and ``none+style-words`` (the stock
-model prompted with "... in <style> style": what the model draws when told the style).
+   the flat and styled ground truths, and both passed through the model's VAE;
+2. generates with every recipe method through attnctl's resumable evaluation runner (same
+   items, same noise seed for every method): the Table III variants of ``harmonpaint``, the
+   steer-step readings (normalized step, update restricted to the mask), the recipes shipped
+   for the testbed demo, a MAKVS lambda sweep and the stock model told the style in words;
+3. derives the paste-back rows and the matched-noise control from those outputs
+   (:mod:`.derived`) and scores everything with the fidelity and harmony judges and the
+   background error outside the mask;
+4. scores the harmony judge's controls on the same scenes' ground truth (:mod:`.controls`);
+5. writes ``table_iii.md`` / ``table_iii.json`` (means with 95% bootstrap CIs over items,
+   paired differences from SDI), ``lambda.png`` and ``comparison.png``.
 """
 
 from __future__ import annotations
@@ -23,23 +22,37 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from attnctl.errors import InputError
 from harmonpaint_recipe.files import atomic_save_image, atomic_write_json, atomic_write_text, iter_jsonl_objects
+from harmonpaint_recipe.testbed import report
+from harmonpaint_recipe.testbed.derived import DETAIL_SIGMA
 from harmonpaint_recipe.testbed.samples import write_samples
-from harmonpaint_recipe.testbed.world import dilate
 
 RECIPE = "harmonpaint"
 TABLE_VARIANTS = ("none", "+sams", "+sams+steer", "full")
+#: readings of the steer update (strategies.steer.*) applied to full HarmonPaint
+STEP_READINGS = {
+    "full-normalized": ("strategies.steer.step_rule=normalized", "strategies.steer.step_size=0.1"),
+    "full-masked": ("strategies.steer.step_region=mask",),
+}
+#: derived rows: name -> (method whose outputs they derive from, kind)
+DERIVED = {"none+paste": ("none", "paste"), "full+paste": ("full", "paste"), "full-masked+paste": ("full-masked", "paste"),
+           "none+noise": ("none", "noise")}
 LABELS = {
     "none": "SDI",
     "+sams": "+SAMS",
     "+sams+steer": "+SAMS+L_s",
     "full": "+SAMS+L_s+MAKVS (HarmonPaint)",
+    "full-normalized": "HarmonPaint, normalized step (0.1 std)",
+    "full-masked": "HarmonPaint, step restricted to the mask",
+    "none+paste": "SDI + paste-back",
+    "full+paste": "HarmonPaint + paste-back",
+    "full-masked+paste": "HarmonPaint, masked step + paste-back",
+    "none+noise": "control: SDI + noise matched to HarmonPaint's, in the mask",
     "none+style-words": "SDI, prompt + \"in <style> style\"",
     "truth-flat": "ground truth, flat object",
     "truth-styled": "ground truth, styled object",
@@ -48,6 +61,7 @@ LABELS = {
 }
 REFERENCES = ("truth-flat", "truth-styled", "truth-flat-vae", "truth-styled-vae")
 FULL_LAMBDA = 1.4
+PASTE_BLUR = 2.0
 
 
 @dataclass
@@ -55,12 +69,12 @@ class EvalSettings:
     """What ``attnctl testbed eval`` runs."""
 
     out: Path
-    items: int = 120
+    items: int = 100
     start: int = 0
     mask_kind: str = "box"
     seed: int = 0
     model: str = "testbed"
-    lambdas: tuple[float, ...] = (0.8, 1.0, 2.0, 3.0)
+    lambdas: tuple[float, ...] = (0.8, 3.0)
     steps: int | None = None
     bootstrap: int = 2000
     grid_items: int = 8
@@ -90,24 +104,32 @@ def _model_dir(model: str) -> Path:
     return WEIGHTS_DIR if model == "testbed" else Path(model).resolve()
 
 
-def build_methods(settings: EvalSettings) -> list:
-    """The recipe methods (Table III variants, lambda sweep, style words) and the references."""
+def generation_methods(settings: EvalSettings) -> list:
+    """The methods that generate: Table III variants, step readings, lambda sweep, style words."""
     from harmonpaint_recipe.evaluation.ablation import ablation_methods
     from harmonpaint_recipe.evaluation.methods import Method
 
     model = settings.model if settings.model == "testbed" else str(Path(settings.model).resolve())
     base = [f"model.pretrained={model}"] + ([f"sampler.steps={settings.steps}"] if settings.steps else [])
     variants = {m.name: m for m in ablation_methods(RECIPE, base)}
-    methods = [variants[name] for name in TABLE_VARIANTS]
     full = variants["full"]
+    methods = [variants[name] for name in TABLE_VARIANTS]
+    methods += [Method(name=name, recipe=RECIPE, overrides=full.overrides + extra) for name, extra in STEP_READINGS.items()]
     for lam in settings.lambdas:
         if abs(lam - FULL_LAMBDA) > 1e-9:
             methods.append(Method(name=lambda_name(lam), recipe=RECIPE,
                                   overrides=full.overrides + (f"strategies.makvs.scale={lam:g}",), meta={"lambda": lam}))
     none = variants["none"]
     methods.append(Method(name="none+style-words", recipe=RECIPE, overrides=none.overrides, meta={"style_words": True}))
-    methods += [Method(name=ref, outputs_dir=settings.out / "references" / ref) for ref in REFERENCES]
     return methods
+
+
+def stored_methods(settings: EvalSettings) -> list:
+    """Methods whose outputs are files made here: the references and the derived rows."""
+    from harmonpaint_recipe.evaluation.methods import Method
+
+    return ([Method(name=ref, outputs_dir=settings.out / "references" / ref) for ref in REFERENCES]
+            + [Method(name=name, outputs_dir=settings.out / "derived" / name) for name in DERIVED])
 
 
 def _write_references(settings: EvalSettings, records: list[dict]) -> None:
@@ -131,6 +153,22 @@ def _write_references(settings: EvalSettings, records: list[dict]) -> None:
             atomic_save_image(refs / f"truth-{kind}-vae" / f"{r['id']}.png", Image.fromarray(round_trip))
 
 
+def _write_derived(settings: EvalSettings, records: list[dict]) -> dict[str, float]:
+    """The paste-back rows and the matched-noise control; returns the noise sigmas' summary."""
+    from harmonpaint_recipe.testbed.derived import write_matched_noise, write_paste_back
+
+    outputs, data = settings.out / "outputs", settings.out / "data"
+    noise = {}
+    for name, (base, kind) in DERIVED.items():
+        target = settings.out / "derived" / name
+        if kind == "paste":
+            write_paste_back(outputs, base, target, records, data, PASTE_BLUR)
+        else:
+            sigmas = write_matched_noise(outputs, base, "full", target, records, data, seed=settings.seed)
+            noise = {"mean": float(np.mean(sigmas)), "median": float(np.median(sigmas)), "max": float(np.max(sigmas))}
+    return noise
+
+
 def _inpaint_factory(styled_prompts: dict[str, str]):
     from harmonpaint_recipe.evaluation.methods import default_inpaint_factory
 
@@ -147,81 +185,27 @@ def _inpaint_factory(styled_prompts: dict[str, str]):
     return factory
 
 
-# --- statistics -------------------------------------------------------------------------------
+def _metrics(settings: EvalSettings) -> dict:
+    from harmonpaint_recipe.testbed.judges import FidelityJudge, HarmonyJudge
+    from harmonpaint_recipe.testbed.metrics import JUDGES_DIR, BackgroundMetric, FidelityMetric, HarmonyMetric
 
-def bootstrap_ci(values: np.ndarray, draws: np.ndarray) -> tuple[float, float, float]:
-    """``(mean, low, high)``: the mean and its 95% percentile-bootstrap interval, with
-    ``draws`` the resampled item indices ``[B, n]`` (shared across methods, so paired)."""
-    means = values[draws].mean(axis=1)
-    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def summarize_rows(rows: list[dict], methods: list[str], item_ids: list[str], bootstrap: int, seed: int = 0) -> dict[str, dict]:
-    """Per method: mean and CI of fidelity, shape, colour and harmony, and paired differences
-    from SDI (``none``) for fidelity and harmony."""
-    by_key = {(r["method"], r["id"]): r for r in rows}
-    draws = np.random.default_rng(seed).integers(0, len(item_ids), size=(bootstrap, len(item_ids)))
-
-    def vector(method: str, key: str) -> np.ndarray:
-        return np.array([by_key[(method, i)][key] for i in item_ids], dtype=np.float64)
-
-    out: dict[str, dict] = {}
-    for m in methods:
-        stats: dict[str, Any] = {"n": len(item_ids)}
-        for key in ("fidelity", "shape_ok", "colour_ok", "harmony"):
-            stats[key] = bootstrap_ci(vector(m, key), draws)
-        if m != "none" and "none" in methods:
-            for key in ("fidelity", "harmony"):
-                stats[f"delta_{key}"] = bootstrap_ci(vector(m, key) - vector("none", key), draws)
-        out[m] = stats
-    return out
-
-
-def _cell(stat: tuple[float, float, float], percent: bool = False) -> str:
-    mean, lo, hi = stat
-    if percent:
-        return f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-def _table(stats: dict[str, dict], methods: list[str], labels: dict[str, str] | None = None,
-           with_delta: bool = True) -> list[str]:
-    labels = {**LABELS, **(labels or {})}
-    head = "| method | fidelity % ↑ | shape % | colour % | harmony ↓ |"
-    sep = "|---|---|---|---|---|"
-    if with_delta:
-        head += " Δ fidelity vs SDI (pts) | Δ harmony vs SDI |"
-        sep += "---|---|"
-    lines = [head, sep]
-    for m in methods:
-        s = stats[m]
-        row = (f"| {labels.get(m, m)} | {_cell(s['fidelity'], True)} | {100 * s['shape_ok'][0]:.1f} | "
-               f"{100 * s['colour_ok'][0]:.1f} | {_cell(s['harmony'])} |")
-        if with_delta:
-            if "delta_fidelity" in s:
-                row += f" {_cell(s['delta_fidelity'], True)} | {_cell(s['delta_harmony'])} |"
-            else:
-                row += " — | — |"
-        lines.append(row)
-    return lines
-
-
-def _by_style(rows: list[dict], records: list[dict], methods: list[str]) -> list[str]:
-    style_of = {r["id"]: r["style"] for r in records}
-    styles = sorted(set(style_of.values()))
-    lines = ["| method | " + " | ".join(styles) + " |", "|---" * (len(styles) + 1) + "|"]
-    for m in methods:
-        cells = []
-        for st in styles:
-            vals = [r["harmony"] for r in rows if r["method"] == m and style_of[r["id"]] == st]
-            cells.append(f"{np.mean(vals):.2f} (n={len(vals)})" if vals else "—")
-        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-    return lines
+    judges = _model_dir(settings.model) / "judges"
+    if not (judges / "fidelity.safetensors").is_file():
+        judges = JUDGES_DIR
+    return {"fidelity": FidelityMetric(FidelityJudge.load(judges / "fidelity.safetensors")),
+            "harmony": HarmonyMetric(HarmonyJudge.load(judges / "harmony.safetensors")),
+            "background": BackgroundMetric()}
 
 
 def write_report(settings: EvalSettings, stats: dict[str, dict], rows: list[dict], records: list[dict],
-                 lambda_methods: list[tuple[float, str]], seconds: float) -> Path:
+                 lambda_methods: list[tuple[float, str]], controls: dict, noise: dict, seconds: float) -> Path:
     steps = settings.steps or 50
+    labels = {**LABELS, **{name: f"λ = {lam:g}" + (" (recipe default)" if name == "full" else "")
+                           for lam, name in lambda_methods}}
+
+    def table(methods: list[str], delta: bool = True) -> list[str]:
+        return report.method_table(stats, methods, LABELS, delta)
+
     lines = [
         "# Table III on the testbed world",
         "",
@@ -230,25 +214,42 @@ def write_report(settings: EvalSettings, stats: dict[str, dict], rows: list[dict
         f"recipe `{RECIPE}` defaults (DDIM {steps} steps, CFG 7.5), noise seed {settings.seed} for every item and "
         f"method. Cells: mean [95% bootstrap CI over items, {settings.bootstrap} resamples]; Δ columns are paired "
         "differences from SDI on the same items and seeds. Fidelity: the judge sees the asked shape and colour in "
-        "the mask. Harmony: 0 = the background's style (styled ground truth), 1 = a flat paste (flat ground "
-        "truth); lower is more harmonious.",
+        "the mask. Harmony: 0 = the object continues the background's pattern (styled ground truth), 1 = a flat "
+        "paste (flat ground truth); lower is more harmonious; judged with the output's masked region on the "
+        "input's background (the picture the user keeps), and, in the next column, in the output's own picture. "
+        "Background: mean absolute error (0-255 levels) and "
+        "PSNR between the output and the input outside the mask.",
         "",
         "## Table III",
         "",
-        *_table(stats, list(TABLE_VARIANTS)),
+        *table(list(TABLE_VARIANTS) + ["none+noise"]),
+        "",
+        f"The control row adds Gaussian noise inside the mask to SDI's output, per scene as strong as the "
+        f"detail energy (finer than a Gaussian of σ {DETAIL_SIGMA:g} px) HarmonPaint adds there over SDI (σ mean {noise.get('mean', 0):.1f}, median "
+        f"{noise.get('median', 0):.1f}, max {noise.get('max', 0):.1f} levels).",
+        "",
+        "## Readings of the steer update, and paste-back",
+        "",
+        *table(["full", *STEP_READINGS, "none+paste", "full+paste", "full-masked+paste"]),
         "",
         "## MAKVS lambda sweep (SAMS + L_s + MAKVS)",
         "",
-        *_table(stats, [name for _, name in lambda_methods],
-                {name: f"λ = {lam:g}" + (" (recipe default)" if name == "full" else "") for lam, name in lambda_methods}),
+        *report.method_table(stats, [name for _, name in lambda_methods], labels, True),
         "",
         "## References",
         "",
-        *_table(stats, ["none+style-words", *REFERENCES]),
+        *table(["none+style-words", *REFERENCES], False),
+        "",
+        "## Controls of the harmony judge (ground truth of the same scenes)",
+        "",
+        f"AUC styled vs flat truth: {controls['auc_styled_vs_flat']:.3f}.",
+        "",
+        *report.controls_table(controls, _control_labels()),
         "",
         "## Harmony by background style",
         "",
-        *_by_style(rows, records, [*TABLE_VARIANTS, "none+style-words", "truth-flat-vae", "truth-styled-vae"]),
+        *report.by_style_table(rows, records, [*TABLE_VARIANTS, *STEP_READINGS, "none+noise", "none+style-words",
+                                               "truth-flat-vae", "truth-styled-vae"], LABELS),
         "",
         f"Generation and scoring took {seconds / 60:.1f} min in this run (cached outputs are not regenerated).",
     ]
@@ -256,66 +257,33 @@ def write_report(settings: EvalSettings, stats: dict[str, dict], rows: list[dict
     atomic_write_text(path, "\n".join(lines) + "\n")
     atomic_write_json(settings.out / "table_iii.json", {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(settings).items()},
-        "stats": stats, "labels": {m: LABELS.get(m, m) for m in stats},
+        "stats": stats, "labels": {m: labels.get(m, m) for m in stats}, "controls": controls, "matched_noise": noise,
     })
     return path
 
 
-def _lambda_plot(stats: dict[str, dict], lambda_methods: list[tuple[float, str]], path: Path) -> None:
-    import matplotlib
+def _control_labels() -> dict[str, str]:
+    from harmonpaint_recipe.testbed.controls import CONTROL_LABELS
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lams = [lam for lam, _ in lambda_methods]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, key, title, scale in ((axes[0], "harmony", "harmony ↓ (0 = styled truth, 1 = flat)", 1),
-                                  (axes[1], "fidelity", "fidelity % ↑", 100)):
-        mean = np.array([stats[m][key][0] for _, m in lambda_methods]) * scale
-        lo = np.array([stats[m][key][1] for _, m in lambda_methods]) * scale
-        hi = np.array([stats[m][key][2] for _, m in lambda_methods]) * scale
-        ax.errorbar(lams, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3)
-        for ref, style in (("none", "--"), ("truth-styled-vae", ":"), ("none+style-words", "-.")):
-            if ref in stats:
-                ax.axhline(stats[ref][key][0] * scale, linestyle=style, color="gray", linewidth=1)
-                ax.text(lams[-1], stats[ref][key][0] * scale, " " + LABELS[ref].split(",")[0][:22], fontsize=6,
-                        va="bottom", ha="right", color="gray")
-        ax.set_xlabel("MAKVS λ")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return CONTROL_LABELS
 
 
-def comparison_grid(out: Path, records: list[dict], columns: list[str], count: int, cell: int = 96) -> Image.Image:
-    """Rows = the first ``count`` items; columns = input (mask outlined), then each method."""
-    label = 16
-    width = cell * (len(columns) + 1)
-    grid = Image.new("RGB", (width, label + cell * count), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, name in enumerate(["input + mask"] + [LABELS.get(m, m).split(" (")[0] for m in columns]):
-        draw.text((c * cell + 3, 3), name[: cell // 6], fill="black")
-    for r, rec in enumerate(records[:count]):
-        y = label + r * cell
-        source = Image.open(out / "data" / rec["image"]).convert("RGB")
-        mask = np.asarray(Image.open(out / "data" / rec["mask"]).convert("L")) > 127
-        arr = np.asarray(source).copy()
-        arr[mask & dilate(~mask, 1)] = (255, 0, 255)  # the mask's outline
-        grid.paste(Image.fromarray(arr).resize((cell, cell), Image.NEAREST), (0, y))
-        draw.text((3, y + cell - 12), rec["prompt"][2:][: cell // 6], fill="white")
-        for c, m in enumerate(columns, start=1):
-            folder = out / ("references" if m in REFERENCES else "outputs") / m
-            grid.paste(Image.open(folder / f"{rec['id']}.png").convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, y))
-    return grid
+def _grid_folders(settings: EvalSettings, names: list[str]) -> dict[str, Path]:
+    def folder(name: str) -> Path:
+        if name in REFERENCES:
+            return settings.out / "references" / name
+        if name in DERIVED:
+            return settings.out / "derived" / name
+        return settings.out / "outputs" / name
+    return {name: folder(name) for name in names}
 
 
-def run_testbed_eval(settings: EvalSettings) -> Path:
-    """Run the evaluation (resumable) and write the report; returns ``table_iii.md``."""
+def run_testbed_eval(settings: EvalSettings) -> Path | None:
+    """Run the evaluation (resumable) and write the report; returns ``table_iii.md`` (None on the
+    other processes of a sharded run, which only generate)."""
     from harmonpaint_recipe.evaluation.items import load_items
     from harmonpaint_recipe.evaluation.runner import EvalConfig, Runner
-    from harmonpaint_recipe.testbed.judges import FidelityJudge, HarmonyJudge
-    from harmonpaint_recipe.testbed.metrics import JUDGES_DIR, FidelityMetric, HarmonyMetric
+    from harmonpaint_recipe.testbed.controls import control_scores
 
     settings.check()
     settings.out = Path(settings.out)
@@ -323,23 +291,35 @@ def run_testbed_eval(settings: EvalSettings) -> Path:
     records = write_samples(settings.out / "data", count=settings.items, start=settings.start, split="eval",
                             mask_kind=settings.mask_kind)
     _write_references(settings, records)
-    judges = _model_dir(settings.model) / "judges"
-    if not (judges / "fidelity.safetensors").is_file():
-        judges = JUDGES_DIR
-    metrics = {"fidelity": FidelityMetric(FidelityJudge.load(judges / "fidelity.safetensors")),
-               "harmony": HarmonyMetric(HarmonyJudge.load(judges / "harmony.safetensors"))}
-    methods = build_methods(settings)
-    config = EvalConfig(items=load_items(settings.out / "data" / "items.jsonl"), methods=methods, out=settings.out,
-                        metric_names=[], seed=settings.seed, title="Table III on the testbed world")
-    styled_prompts = {r["id"]: r["styled_prompt"] for r in records}
-    Runner(config, metrics=metrics, inpaint_factory=_inpaint_factory(styled_prompts)).run()
+    metrics = _metrics(settings)
+    items = load_items(settings.out / "data" / "items.jsonl")
+    factory = _inpaint_factory({r["id"]: r["styled_prompt"] for r in records})
+    generating = generation_methods(settings)
+
+    def config(methods: list) -> EvalConfig:
+        return EvalConfig(items=items, methods=methods, out=settings.out, metric_names=[], seed=settings.seed,
+                          title="Table III on the testbed world")
+
+    first = Runner(config(generating), metrics=metrics, inpaint_factory=factory)
+    first.run_shard()
+    first.shard.barrier()  # every shard's outputs exist before they are derived from
+    noise = _write_derived(settings, records) if first.shard.is_main else {}
+    first.shard.barrier()
+    methods = generating + stored_methods(settings)
+    Runner(config(methods), metrics=metrics, inpaint_factory=factory).run()
+    if not first.shard.is_main:
+        return None
     per_item = settings.out / "per_item.jsonl"
     rows = [row for _, _, row in iter_jsonl_objects(per_item, lambda n: f"{per_item}:{n}")]
     names = [m.name for m in methods]
-    stats = summarize_rows(rows, names, [r["id"] for r in records], settings.bootstrap, seed=settings.seed)
+    stats = report.summarize_rows(rows, names, [r["id"] for r in records], settings.bootstrap, seed=settings.seed)
+    controls = control_scores(metrics["harmony"].judge, settings.items, settings.start, "eval", settings.mask_kind,
+                              settings.seed).summary(settings.bootstrap, settings.seed)
     lambda_methods = sorted([(FULL_LAMBDA, "full")] + [(m.meta["lambda"], m.name) for m in methods if "lambda" in m.meta])
-    report = write_report(settings, stats, rows, records, lambda_methods, time.perf_counter() - started)
-    _lambda_plot(stats, lambda_methods, settings.out / "lambda.png")
-    grid = comparison_grid(settings.out, records, ["truth-styled", *TABLE_VARIANTS, "none+style-words"], settings.grid_items)
+    path = write_report(settings, stats, rows, records, lambda_methods, controls, noise, time.perf_counter() - started)
+    report.lambda_plot(stats, lambda_methods, LABELS, settings.out / "lambda.png")
+    columns = ["truth-styled", *TABLE_VARIANTS, "full-masked", "none+style-words"]
+    grid = report.comparison_grid(_grid_folders(settings, columns), settings.out / "data", records, columns, LABELS,
+                                  settings.grid_items)
     atomic_save_image(settings.out / "comparison.png", grid)
-    return report
+    return path

@@ -277,10 +277,9 @@ class AppService:
             outputs: list[VariantOutput] = []
             try:
                 self._make(request, planned, report, outputs)
-            except OSError as exc:
-                error: AttnctlError = self._unwritable(exc, outputs)
-                log.info("run %d failed: %s", number, error)
-                raise error from None
+            except OutputError as exc:
+                log.info("run %d failed: %s", number, exc)
+                raise
             except RunStopped as exc:
                 log.info("run %d stopped: %s", number, exc)
                 raise
@@ -290,7 +289,8 @@ class AppService:
             except Exception as exc:
                 log.error("run %d failed in the pipeline", number, exc_info=exc)
                 kept = f"; kept: {', '.join(o.image_path.name for o in outputs)} with sidecars" if outputs else ""
-                raise RunFailed(f"the run failed in the pipeline ({type(exc).__name__}: {exc}){kept}; "
+                reason = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise RunFailed(f"the run failed in the pipeline ({type(exc).__name__}: {reason}){kept}; "
                                 "the server log has the details") from None
             seconds = round(time.perf_counter() - start, 2)
             run_dir = outputs[0].image_path.parent
@@ -304,11 +304,14 @@ class AppService:
 
     def _make(self, request: RunRequest, planned: list[_Planned], report: Progress, outputs: list[VariantOutput]) -> None:
         """Write the run folder: input, mask, then per configuration its image and sidecar (appended to ``outputs``)."""
-        run_dir = self._new_run_dir(request.seed)
-        tag = run_dir.name
-        image_path, mask_path = run_dir / f"{tag}_input.png", run_dir / f"{tag}_mask.png"
-        atomic_save_image(image_path, request.inputs.image)
-        atomic_save_image(mask_path, request.inputs.mask)
+        try:
+            run_dir = self._new_run_dir(request.seed)
+            tag = run_dir.name
+            image_path, mask_path = run_dir / f"{tag}_input.png", run_dir / f"{tag}_mask.png"
+            atomic_save_image(image_path, request.inputs.image)
+            atomic_save_image(mask_path, request.inputs.mask)
+        except OSError as exc:
+            raise self._unwritable(exc, outputs) from None
         for i, item in enumerate(planned):
             where = f"{item.variant.slot}: {item.variant.label}"
             report(i / len(planned), where)
@@ -321,17 +324,21 @@ class AppService:
             out = run_dir / f"{tag}_{item.variant.file_stem}.png"
             with Runner(self.pipe, item.recipe, manager=self.manager) as runner:
                 result = runner(request.inputs, request.prompt, request.seed, on_step=on_step)
-            atomic_save_image(out, result.image)
             try:
-                record = sidecar_record(
-                    out=out, image=image_path, mask=mask_path, prompt=request.prompt, seed=result.seed,
-                    recipe=item.recipe, recipe_name=request.recipe_name, overrides=item.overrides, pipe=self.pipe,
-                    notes=request.inputs.notes, resize_mask=False, timings={"load_s": self.load_s, **result.timings},
-                )
-                write_sidecar(sidecar_path(out), record)
-            except BaseException:  # an output without its sidecar is not finished: it goes too
-                out.unlink(missing_ok=True)
-                raise
+                atomic_save_image(out, result.image)
+                try:
+                    record = sidecar_record(
+                        out=out, image=image_path, mask=mask_path, prompt=request.prompt, seed=result.seed,
+                        recipe=item.recipe, recipe_name=request.recipe_name, overrides=item.overrides,
+                        pipe=self.pipe, notes=request.inputs.notes, resize_mask=False,
+                        timings={"load_s": self.load_s, **result.timings},
+                    )
+                    write_sidecar(sidecar_path(out), record)
+                except BaseException:  # an output without its sidecar is not finished: it goes too
+                    out.unlink(missing_ok=True)
+                    raise
+            except OSError as exc:
+                raise self._unwritable(exc, outputs) from None
             command = self.command(request.recipe_name, item.overrides, str(image_path), str(mask_path),
                                    request.prompt, request.seed, str(out))
             probed = None

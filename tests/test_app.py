@@ -496,3 +496,17 @@ def test_one_server_per_output_folder_and_leftovers_of_a_killed_one_are_removed(
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="--out-dir .* cannot be used"):
         claim_out_dir(tmp_path / "file" / "out")
+
+
+def test_attnctl_app_serves_its_page_on_this_python(served_app):
+    """The command itself, in a process of its own: it serves (on 3.11.7 it once died building
+    its routes after a dropped event loop's warning) and prints no such warning."""
+    import urllib.request
+
+    served_app.wait_until_serving()
+    with urllib.request.urlopen(served_app.url + "config", timeout=30) as response:
+        config = json.load(response)
+    assert {"image-editor", "prompt", "run", "status"} <= {c["props"].get("elem_id") for c in config["components"]}
+    log = served_app.log()
+    assert "Traceback" not in log and "unclosed event loop" not in log and "ResourceWarning" not in log
+    assert f"outputs go to {served_app.out_dir.resolve()}" in log

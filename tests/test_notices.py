@@ -13,8 +13,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 
 def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -95,7 +93,6 @@ print("imported")
 """
 
 
-@pytest.mark.slow
 def test_a_warning_from_a_finalizer_during_an_import_leaves_the_import_working():
     failed = {}
     for k in range(1, 25):

@@ -5,6 +5,14 @@ torchvision, falling back to the PIL image processor", once per processor class)
 shows warnings with a source line from deep inside torch's hook machinery. On the command
 line, notices the user cannot act on are dropped and every warning is one line that says
 which command it comes from. The Python API leaves logging and warnings as the caller set them.
+
+Showing a warning imports nothing. The garbage collector can finalize an object (and so
+emit its warning) in the middle of an import; an import made from there corrupts the
+import lock's bookkeeping on CPython 3.10 and 3.11 (``KeyError`` from
+``importlib._bootstrap._ModuleLock.acquire``), which is how Gradio's dropped event loops
+once stopped ``attnctl app`` from starting. ``ResourceWarning``s (unclosed files, sockets,
+event loops) stay ignored, as Python ignores them by default: they are about how libraries
+manage their resources, nothing a user can act on.
 """
 
 from __future__ import annotations
@@ -42,12 +50,27 @@ def quiet_library_notices() -> None:
             logger.addFilter(_DropText(text))
 
 
+def _drawing_bar_class() -> type | None:
+    """The class of a tqdm bar that is drawing, or None; imports nothing.
+
+    A drawing bar's class made its write lock when the bar was made, so writing through it
+    does not import (tqdm imports multiprocessing when it makes its first lock).
+    """
+    bar_class = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    bars = list(getattr(bar_class, "_instances", None) or ())
+    return type(bars[0]) if bars else None
+
+
 def print_line(line: str) -> None:
-    """Print on stderr on a line of its own, above any progress bar that is drawing."""
-    if "tqdm" in sys.modules:
-        sys.modules["tqdm"].tqdm.write(line, file=sys.stderr)
+    """Print on stderr on a line of its own, above any progress bar that is drawing.
+
+    Imports nothing (see the module docstring): it runs inside warning hooks.
+    """
+    bar_class = _drawing_bar_class()
+    if bar_class is not None:
+        bar_class.write(line, file=sys.stderr)
     else:
-        print(line, file=sys.stderr)
+        print(line, file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -67,6 +90,7 @@ def warnings_as_lines(prog: str) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=ResourceWarning)
             for pattern in UNACTIONABLE_WARNINGS:
                 warnings.filterwarnings("ignore", message=pattern)
             yield

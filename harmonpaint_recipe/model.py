@@ -1,4 +1,9 @@
-"""Load the diffusers inpainting pipeline a recipe names (safetensors only)."""
+"""Load the diffusers inpainting pipeline a recipe names (safetensors only).
+
+``model.pretrained`` is a built-in name (``tiny``, ``tiny-sdxl``, ``testbed``: entry points
+of ``attnctl.models``), a local folder or a hub id; ``attnctl.models`` holds the names and
+the offline rule every command shares.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ from typing import Any, Mapping
 
 import torch
 
-from attnctl.errors import ConfigError, UnsupportedModelError
+from attnctl.errors import UnsupportedModelError
+from attnctl.models import load_failure, named_model, pretrained_source
 from harmonpaint_recipe.devices import dtype_keyword, resolve_device, resolve_dtype
 
+#: built-in models whose weights are random: their output is noise
 TINY_MODELS = ("tiny", "tiny-sdxl")
 #: the small model trained on the offline testbed world, shipped in the package
 TESTBED_MODEL = "testbed"
@@ -20,22 +27,7 @@ _LOCAL_HINT = {
     False: "model.pretrained=/path/to/stable-diffusion-inpainting",
     True: "model.pretrained=/path/to/stable-diffusion-xl-1.0-inpainting-0.1",
 }
-def _build_tiny(name: str):
-    print(
-        f"note: model.pretrained={name} is a tiny random-weight model for smoke runs; its output is noise",
-        file=sys.stderr,
-    )
-    from attnctl.testing import build_tiny_inpaint_pipeline
-
-    return build_tiny_inpaint_pipeline(seed=0, kind="sdxl" if name == "tiny-sdxl" else "sd")
-
-
-def _load_testbed():
-    """The shipped testbed pipeline (``harmonpaint_recipe/testbed/weights``), loaded with
-    ``from_pretrained`` from the package folder: safetensors only, never the hub."""
-    from harmonpaint_recipe.testbed.models import load_testbed_pipeline
-
-    return load_testbed_pipeline()
+_CACHE_HINT = "HF_HUB_OFFLINE=1 or model.local_files_only=true"
 
 
 def is_sdxl_model(pretrained: str) -> bool:
@@ -46,60 +38,21 @@ def is_sdxl_model(pretrained: str) -> bool:
     return "xl" in pretrained.lower()
 
 
-def _hub_unreachable(pretrained: str, timeout: float = 3.0) -> bool:
-    """True when the hub cannot be reached: then only the local cache is tried, at once.
-
-    Without this check an offline machine spends half a minute in the hub client's retries
-    before failing. ``HF_HUB_OFFLINE=1`` skips the check (the hub client is offline already).
-    """
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-        return True
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout):
-            return False
-    except OSError:
-        print(f"note: the Hugging Face hub is not reachable; looking for '{pretrained}' in the local cache only",
-              file=sys.stderr)
-        return True
-
-
 def _from_pretrained(pretrained: str, model: Mapping[str, Any], dtype: torch.dtype):
+    """A local folder or hub id, through the engine's offline rule (``attnctl.models``)."""
     from diffusers import AutoPipelineForInpainting
 
-    kwargs: dict[str, Any] = dict(use_safetensors=True)
+    hint = _LOCAL_HINT[is_sdxl_model(pretrained)]
+    source, local_only = pretrained_source(pretrained, bool(model.get("local_files_only")), example=hint,
+                                          option="model.pretrained=")
+    kwargs: dict[str, Any] = dict(use_safetensors=True, local_files_only=local_only)
     kwargs[dtype_keyword()] = dtype
     if model.get("variant"):
         kwargs["variant"] = model["variant"]
-    if model.get("local_files_only"):
-        kwargs["local_files_only"] = True
-    local = Path(pretrained).expanduser()
-    looks_local = pretrained.startswith((".", "/", "~")) or local.exists()
-    if looks_local and not (local / "model_index.json").is_file():
-        raise ConfigError(
-            f"model.pretrained='{pretrained}' is not a diffusers pipeline folder (no model_index.json); "
-            f"point it at a folder saved with save_pretrained, e.g. {_LOCAL_HINT[is_sdxl_model(pretrained)]}"
-        )
-    if not looks_local and not kwargs.get("local_files_only"):
-        kwargs["local_files_only"] = _hub_unreachable(pretrained)
     try:
-        return AutoPipelineForInpainting.from_pretrained(str(local) if looks_local else pretrained, **kwargs)
+        return AutoPipelineForInpainting.from_pretrained(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as exc:
-        reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-        safetensors = "safetensors" in str(exc).lower()
-        fix = (
-            "attnctl loads safetensors weights only; convert the .bin/.ckpt weights to safetensors"
-            if safetensors
-            else "without internet access, download the model elsewhere and point the recipe at the local "
-            f"folder, e.g. {_LOCAL_HINT[is_sdxl_model(pretrained)]} on the command line; with the model in the "
-            "Hugging Face cache, HF_HUB_OFFLINE=1 or model.local_files_only=true loads it without asking the hub"
-        )
-        raise ConfigError(f"cannot load model '{pretrained}': {reason}. {fix}") from None
+        raise load_failure(pretrained, exc, example=hint, cache_hint=_CACHE_HINT) from None
 
 
 def load_pipeline(recipe: Any, device: str | None = None, dtype: str | None = None):
@@ -125,14 +78,16 @@ def load_pipeline(recipe: Any, device: str | None = None, dtype: str | None = No
     dev = resolve_device(device or model.device)
     dt = resolve_dtype(dtype or model.dtype, dev)
     name = str(model.pretrained)
-    if name in TINY_MODELS:
-        pipe = _build_tiny(name)
-    elif name == TESTBED_MODEL:
-        pipe = _load_testbed()
+    make = named_model(name)
+    if make is not None:
+        if name in TINY_MODELS:
+            print(f"note: model.pretrained={name} is a tiny random-weight model for smoke runs; its output is noise",
+                  file=sys.stderr)
+        pipe = make()
     else:
         pipe = _from_pretrained(name, model, dt)
     check_pipeline(pipe)
-    if pipe.unet.dtype != dt:  # tiny and testbed models load in fp32; hub models load in dt already
+    if pipe.unet.dtype != dt:  # built-in models load in fp32; hub models load in dt already
         pipe = pipe.to(dtype=dt)
     pipe = pipe.to(dev)
     pipe._attnctl_model_id = name  # recorded in sidecars

@@ -54,3 +54,28 @@ def files(tmp_path, image_and_mask):
 def seeded():
     """A function returning a fresh CPU generator with a fixed seed."""
     return lambda seed=0: torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def served_app(tmp_path_factory):
+    """One ``attnctl app`` server on a free loopback port with the tiny model, shared by the tests
+    that talk to a running page (``app_server.AppServer``; call ``wait_until_serving()`` first)."""
+    pytest.importorskip("gradio", reason='the app tests need Gradio: pip install -e ".[test]"')
+    from app_server import make_server
+
+    app = make_server(tmp_path_factory.mktemp("served-app")).start()
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+@pytest.fixture(scope="session")
+def app_api_pipe(served_app):
+    """The Python API's tiny pipeline (the served app's model), built while the app starts."""
+    import harmonpaint_recipe as hp
+    from app_server import TINY
+
+    pipe = hp.load_pipeline(hp.load_recipe("harmonpaint", TINY))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -346,3 +346,167 @@ def test_app_command_refuses_a_busy_port_before_loading_the_model(capsys, monkey
         assert main(["app", "--port", str(port), "model.pretrained=tiny"]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "pick another with --port" in err
+
+
+# faults, limits and exposure, in process (the served page: test_app_server.py, test_app_faults.py)
+
+def test_a_sidecar_that_cannot_be_written_takes_its_image_along(service, photo, monkeypatch):
+    import harmonpaint_recipe.app.service as service_module
+    from harmonpaint_recipe.app.service import OutputError
+
+    real, calls = service_module.write_sidecar, []
+
+    def fail_second(path, record):
+        calls.append(path)
+        if len(calls) == 2:
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path, record)
+
+    monkeypatch.setattr(service_module, "write_sidecar", fail_second)
+    with pytest.raises(OutputError) as caught:
+        service.run(RunRequest(_inputs(photo), "a red boat", 3, "harmonpaint"))
+    message = str(caught.value)
+    assert message.startswith(f"cannot write to the output folder '{service.out_dir}' '{calls[1]}' (Permission denied)")
+    assert "kept: " in message and "_A-stock.png with sidecars" in message and "another --out-dir" in message
+    run_dir = calls[0].parent
+    assert sorted(p.name.split("_", 1)[1] for p in run_dir.iterdir()) == ["A-stock.json", "A-stock.png", "input.png",
+                                                                         "mask.png"]
+
+
+def test_a_stopping_service_ends_the_run_at_its_next_step(service, photo, monkeypatch):
+    from harmonpaint_recipe.app.service import RunStopped
+
+    steps = []
+
+    def progress(fraction, text):
+        steps.append(text)
+        if text.endswith("step 1/2") and text.startswith("B"):
+            service.stop()
+
+    with pytest.raises(RunStopped, match=r"the server is stopping; B: harmonpaint ended after step 2/2"):
+        service.run(RunRequest(_inputs(photo), "a red boat", 3, "harmonpaint"), progress)
+    assert service.wait_idle(timeout=5)
+    with pytest.raises(RunStopped, match="the server is stopping; run again once it is back"):
+        service.run(RunRequest(_inputs(photo), "a red boat", 4, "harmonpaint"))
+
+
+def test_a_pipeline_that_raises_is_a_run_failure_and_the_pipeline_is_left_as_it_was(service, photo, monkeypatch,
+                                                                                shared_pipe):
+    from harmonpaint_recipe.app.service import RunFailed
+
+    processors = dict(shared_pipe.unet.attn_processors)
+    scheduler = shared_pipe.scheduler
+
+    def explode(done, total):
+        raise RuntimeError("out of memory, say")
+
+    with pytest.raises(RunFailed, match=r"the run failed in the pipeline \(RuntimeError: out of memory, say\)"):
+        service.run(RunRequest(_inputs(photo), "a cat", 5, "harmonpaint"), lambda f, text: "step" in text and explode(0, 0))
+    assert dict(shared_pipe.unet.attn_processors) == processors and shared_pipe.scheduler is scheduler
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("x" * 2001, "prompt is 2,001 characters long"),
+    ("a\x00cat", "prompt holds the control character U+0000 at position 2"),
+    ("a \x7f cat", "U+007F"),
+    (42, "prompt: expected text, got 42"),
+])
+def test_bad_prompts(prompt, message):
+    import re
+
+    from harmonpaint_recipe.app.checks import check_prompt
+
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_prompt(prompt)
+
+
+def test_prompts_that_pass_and_the_note_past_the_text_window(shared_pipe):
+    from harmonpaint_recipe.app.checks import check_prompt, prompt_note
+
+    for text in ("a small owl", "two lines\nof prompt\twith a tab", "一只猫头鹰 🦉 café", None):
+        assert check_prompt(text) == (text or "")
+    assert prompt_note(shared_pipe.tokenizer, "a small owl") is None
+    note = prompt_note(shared_pipe.tokenizer, "owl " * 200)
+    assert note and "the text encoder reads the first 77" in note
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("sampler.steps", 0, "sampler.steps: enter a number from 1 to 1000, got 0"),
+    ("sampler.steps", 5000, "sampler.steps: enter a number from 1 to 1000, got 5000"),
+    ("sampler.strength", 0.0, "sampler.strength: enter a number above 0.0, at most 1.0, got 0.0"),
+    ("sampler.guidance_scale", -1, "sampler.guidance_scale: enter a number from 0.0 to 100.0"),
+    ("eta", 1.5, "eta: enter a number from 0.0 to 1.0, got 1.5"),
+    ("sampler.steps", "ten", "sampler.steps: enter a number \\(default 50\\), got 'ten'"),
+    ("sampler.steps", True, "sampler.steps: enter a number"),
+])
+def test_sampler_values_outside_what_the_page_accepts(key, value, message):
+    control = next(c for c in sampler_controls() if c.key == key)
+    with pytest.raises(InputError, match=message):
+        control.coerce(value)
+
+
+def test_unreadable_and_oversized_images_are_named(photo):
+    from harmonpaint_recipe.app.editor import MAX_PIXELS, Unreadable
+
+    with pytest.raises(InputError, match=r"^image: the file is broken$"):
+        editor_inputs(Unreadable(None, "the file is broken"))
+    with pytest.raises(InputError, match=r"^uploaded mask: not an image$"):
+        editor_inputs({"background": photo, "layers": []}, Unreadable(b"x", "not an image"))
+    side = int(MAX_PIXELS ** 0.5) + 8
+    with pytest.raises(InputError, match=rf"image is too large \({side}x{side} = "):
+        editor_inputs({"background": Image.new("RGB", (side, side)), "layers": []})
+
+
+def test_host_other_than_loopback_warns_what_remote_users_can_do(monkeypatch, capsys):
+    pytest.importorskip("gradio", reason='the app needs Gradio: pip install -e ".[app]"')
+    import harmonpaint_recipe.app.server as server_module
+
+    served = []
+    monkeypatch.setattr(server_module, "serve", lambda *args, **kwargs: served.append(args))
+    assert main(["app", "--host", "0.0.0.0", "--port", "7999", "model.pretrained=tiny"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("attnctl app: warning: --host 0.0.0.0 makes the page reachable from other machines") == 1
+    for part in ("no login", "run jobs on this machine's model", "read every input, mask, output and sidecar in "
+                 "'out/app'", "127.0.0.1, serves this machine alone"):
+        assert part in err
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert main(["app", "--host", host, "--port", "7999", "model.pretrained=tiny"]) == 0
+        assert "warning" not in capsys.readouterr().err
+    assert len(served) == 5
+
+
+def test_one_server_per_output_folder_and_leftovers_of_a_killed_one_are_removed(tmp_path):
+    from harmonpaint_recipe.app.outdir import claim_out_dir
+
+    run = tmp_path / "out" / "20260101-000000-seed1"
+    run.mkdir(parents=True)
+    (run / "20260101-000000-seed1_A-stock.png").write_bytes(b"png")
+    (run / "20260101-000000-seed1_A-stock.json").write_text("{}")
+    (run / "20260101-000000-seed1_B-x.png").write_bytes(b"png without its sidecar")
+    (run / ".20260101-000000-seed1_B-x.json.abc.tmp").write_text("half")
+    claimed = claim_out_dir(tmp_path / "out")
+    try:
+        assert [p.name for p in claimed.removed] == [".20260101-000000-seed1_B-x.json.abc.tmp"]
+        assert [p.name for p in claimed.unrecorded] == ["20260101-000000-seed1_B-x.png"]
+        with pytest.raises(InputError, match=rf"is in use by another attnctl app \(pid {__import__('os').getpid()}\)"):
+            claim_out_dir(tmp_path / "out")
+    finally:
+        claimed.release()
+    claim_out_dir(tmp_path / "out").release()  # free again
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="--out-dir .* cannot be used"):
+        claim_out_dir(tmp_path / "file" / "out")
+
+
+def test_attnctl_app_serves_its_page_on_this_python(served_app):
+    """The command itself, in a process of its own: it serves (on 3.11.7 it once died building
+    its routes after a dropped event loop's warning) and prints no such warning."""
+    import urllib.request
+
+    served_app.wait_until_serving()
+    with urllib.request.urlopen(served_app.url + "config", timeout=30) as response:
+        config = json.load(response)
+    assert {"image-editor", "prompt", "run", "status"} <= {c["props"].get("elem_id") for c in config["components"]}
+    log = served_app.log()
+    assert "Traceback" not in log and "unclosed event loop" not in log and "ResourceWarning" not in log
+    assert f"outputs go to {served_app.out_dir.resolve()}" in log

@@ -1,8 +1,9 @@
 """``attnctl app`` end to end in a real browser (headless Chromium driven by Playwright).
 
-The app runs in a subprocess on 127.0.0.1 (a free port) with the tiny model; the page
-is driven like a person would: upload, paint a stroke with the mouse, type, untick a
-strategy, run, download. The downloaded outputs must equal, pixel for pixel, what the
+The app runs in a subprocess on 127.0.0.1 (a free port) with the tiny model (``served_app``,
+shared with test_app_server.py); the page is driven like a person would: upload, paint a
+stroke with the mouse, type, untick a strategy, run, download; once more while three API
+clients run theirs. The downloaded outputs must equal, pixel for pixel, what the
 Python API makes from the same recipe, seed, image and mask. Requests to anything but
 the app are refused, so the page is also shown to work offline. Screenshots are saved
 in the test's tmp_path.
@@ -17,11 +18,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +37,6 @@ TINY = ["model.pretrained=tiny", "sampler.steps=3"]
 SEED = 1234
 PROMPT = "a small owl"
 EXAMPLE_PHOTO = Path(__file__).resolve().parents[1] / "examples" / "chelsea.png"
-STARTUP_S = 180  # model build + Gradio import on 2 busy cores
 RUN_TIMEOUT_MS = 90_000
 
 
@@ -59,48 +54,14 @@ if _missing():
     pytest.skip(_missing(), allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def api_pipe(app_api_pipe):
+    """The Python API's tiny pipeline (the app's model)."""
+    return app_api_pipe
 
 
 @pytest.fixture(scope="module")
-def app_server(tmp_path_factory):
-    """Start ``attnctl app`` with the tiny model (not waiting for it); stop it at the end."""
-    root = tmp_path_factory.mktemp("app")
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_TEMP_DIR": str(root / "gradio-cache"),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(root / "server.log", "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "attnctl", "app", "--host", "127.0.0.1", "--port", str(port),
-             "--out-dir", str(root / "runs"), *TINY],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
-    try:
-        yield server, f"http://127.0.0.1:{port}/", root / "server.log"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
-@pytest.fixture(scope="module")
-def api_pipe(app_server):
-    """The Python API's tiny pipeline (the app's model), built while the app starts."""
-    import harmonpaint_recipe as hp
-
-    pipe = hp.load_pipeline(hp.load_recipe("harmonpaint", TINY))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def browser(app_server):
+def browser(served_app):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -110,22 +71,10 @@ def browser(app_server):
 
 
 @pytest.fixture(scope="module")
-def app_url(app_server, api_pipe, browser):
-    """The app's URL once it answers."""
-    server, url, log = app_server
-    deadline = time.monotonic() + STARTUP_S
-    while True:
-        if server.poll() is not None:
-            pytest.fail(f"attnctl app exited with {server.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return url
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"attnctl app did not answer in {STARTUP_S} s:\n{log.read_text()}")
-        time.sleep(0.5)
+def app_url(served_app, api_pipe, browser):
+    """The app's URL once it answers (``served_app``: one ``attnctl app`` for the app tests)."""
+    served_app.wait_until_serving()
+    return served_app.url
 
 
 @pytest.fixture
@@ -268,3 +217,40 @@ def test_controls_follow_the_recipe_and_bad_values_show_an_error(page, tmp_path)
     page.locator("ul[role=listbox] li", has_text="sdi").click()
     page.wait_for_function("() => !document.querySelector('#ctl-strategies-sams-enabled input').checked")
     assert page.locator("#ctl-strategies-sams-tau input").input_value() == "0.1"  # sdi's own value again
+
+
+def test_a_browser_run_among_api_clients_gets_its_own_images(page, app_url, api_pipe, tmp_path):
+    """Three API clients and the browser at once: each gets the images the Python API makes for its inputs."""
+    import harmonpaint_recipe as hp
+    from app_server import ALL_OFF, RunApi, editor_value, make_case, png_bytes, sha256
+
+    api = RunApi(app_url)
+    cases = [make_case(tmp_path / "api-clients", 20 + i) for i in range(3)]
+    jobs = [api.client().submit(*api.args(image_editor=editor_value(c.image, c.layer), prompt=c.prompt, seed=c.seed),
+                                api_name="/run") for c in cases]
+    photo = _photo(tmp_path / "photo.png")
+    _upload(page, photo)
+    _paint_stroke(page)
+    page.fill("#prompt textarea", "a browser's own owl")
+    page.fill("#seed input", "4321")
+    page.locator("#seed input").blur()
+    page.wait_for_function("() => document.querySelector('#cli').textContent.includes('--seed 4321')")
+    page.click("#run")
+    page.wait_for_selector("#status .attnctl-done", timeout=4 * RUN_TIMEOUT_MS)
+    assert "seed 4321: A stock, B harmonpaint" in page.inner_text("#status")
+    files = _download_all(page, tmp_path / "browser-downloads")
+    results = [job.result(timeout=RUN_TIMEOUT_MS / 1000) for job in jobs]
+
+    made = []
+    for name, overrides in (("A-stock", TINY + ALL_OFF), ("B-harmonpaint", TINY)):
+        expected = hp.inpaint(files["input.png"], files["mask.png"], "a browser's own owl",
+                              recipe=hp.load_recipe("harmonpaint", overrides), pipe=api_pipe, seed=4321)
+        assert files[f"{name}.png"].read_bytes() == png_bytes(expected), f"the browser's {name} is not its own"
+        made.append(sha256(png_bytes(expected)))
+    for case, result in zip(cases, results):
+        got = next(Path(p) for p in result[3] if p.endswith("_B-harmonpaint.png")).read_bytes()
+        expected = hp.inpaint(case.image, case.mask, case.prompt, recipe=hp.load_recipe("harmonpaint", TINY),
+                              pipe=api_pipe, seed=case.seed)
+        assert sha256(got) == sha256(png_bytes(expected)), f"{case.name} did not get its own image"
+        made.append(sha256(got))
+    assert len(set(made)) == len(made)  # every client's images differ: a mix-up would show

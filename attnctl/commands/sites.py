@@ -1,4 +1,4 @@
-"""``attnctl sites``: print the site table of a model architecture or pipeline folder."""
+"""``attnctl sites``: print the site table of a model architecture, built-in model, pipeline folder or hub id."""
 
 from __future__ import annotations
 
@@ -9,30 +9,35 @@ from attnctl.cli import Command
 from attnctl.errors import InputError
 from attnctl.testing.architectures import UNET_CONFIGS
 
-TINY = ("tiny", "tiny-sdxl")
-MODELS = (*UNET_CONFIGS, *TINY)
+EXAMPLE = "attnctl sites /path/to/stable-diffusion-inpainting"
 
 
 def _unet(model: str) -> tuple[Any, int]:
-    """The UNet of ``model`` (structure only where possible) and the VAE's downsampling factor."""
-    from attnctl.testing import build_tiny_inpaint_pipeline, build_unet
+    """The UNet of ``model`` (structure only for an architecture) and the VAE's downsampling factor.
+
+    Built-in names and folders or hub ids load through ``attnctl.models``, as every command's
+    models do (the same names, the same offline rule).
+    """
+    from attnctl.models import load_failure, named_model, pretrained_source
+    from attnctl.testing import build_unet
 
     if model in UNET_CONFIGS:
         return build_unet(model, device="meta"), 8
-    if model in TINY:
-        pipe = build_tiny_inpaint_pipeline(kind="sdxl" if model == "tiny-sdxl" else "sd")
+    make = named_model(model)
+    if make is not None:
+        pipe = make()
         return pipe.unet, pipe.vae_scale_factor
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    source, local_only = pretrained_source(model, example=EXAMPLE)
     try:
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True,
+                                                    local_files_only=local_only)
     except (OSError, ValueError) as exc:
-        raise InputError(
-            f"cannot load a UNet from '{model}' ({exc.__class__.__name__}); pass one of "
-            f"{', '.join(MODELS)} or a local pipeline folder with a unet/ subfolder"
-        ) from None
+        raise load_failure(model, exc, example=EXAMPLE) from None
     try:
-        factor = 2 ** (len(AutoencoderKL.load_config(model, subfolder="vae")["block_out_channels"]) - 1)
+        config = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=local_only)
+        factor = 2 ** (len(config["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError):
         factor = 8
     return unet, factor
@@ -53,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help=f"architecture ({', '.join(MODELS)}) or a local pipeline folder")
+    from attnctl.models import model_names
+
+    p.add_argument("model", help=f"architecture ({', '.join(UNET_CONFIGS)}), built-in model "
+                   f"({', '.join(model_names())}), local pipeline folder or hub id")
     p.add_argument("--height", type=int, default=None, help="image height in pixels [the model's own size]")
     p.add_argument("--width", type=int, default=None, help="image width in pixels [the model's own size]")
 

@@ -10,7 +10,7 @@ those models attach unchanged, and a 64x64 image runs in well under a second per
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from attnctl.testing.pipelines import PipelineSpec, build_inpaint_pipeline, save_inpaint_pipeline
 
@@ -79,3 +79,13 @@ def build_tiny_inpaint_pipeline(seed: int = 0, kind: Kind = "sd", in_channels: i
 def save_tiny_inpaint_pipeline(directory: str | Path, seed: int = 0, kind: Kind = "sd") -> Path:
     """Write a tiny random inpainting pipeline folder loadable with ``from_pretrained(directory)``."""
     return save_inpaint_pipeline(directory, TINY_SPECS[kind], seed=seed, note=_NOTE)
+
+
+def tiny_model() -> Any:
+    """The built-in model ``tiny`` (entry point ``attnctl.models``): the tiny SD pipeline, seed 0."""
+    return build_tiny_inpaint_pipeline(seed=0, kind="sd")
+
+
+def tiny_sdxl_model() -> Any:
+    """The built-in model ``tiny-sdxl`` (entry point ``attnctl.models``): the tiny SDXL pipeline, seed 0."""
+    return build_tiny_inpaint_pipeline(seed=0, kind="sdxl")

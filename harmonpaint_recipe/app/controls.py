@@ -23,6 +23,14 @@ from harmonpaint_recipe.schema import RecipeConfig, SamplerConfig
 EDITABLE_TYPES: tuple[type, ...] = (bool, int, float)
 #: sampler/recipe keys shown in the "Sampler" section, in this order
 SAMPLER_KEYS: tuple[str, ...] = ("sampler.steps", "sampler.guidance_scale", "sampler.strength", "eta")
+#: what the page accepts for those keys: (low, high, low included); the recipe schema sets no
+#: bounds, but a page shared by several people should not queue a million-step run
+SAMPLER_RANGES: dict[str, tuple[float, float, bool]] = {
+    "sampler.steps": (1, 1000, True),  # at most the schedulers' 1000 training timesteps
+    "sampler.guidance_scale": (0.0, 100.0, True),
+    "sampler.strength": (0.0, 1.0, False),
+    "eta": (0.0, 1.0, True),
+}
 
 
 @dataclass(frozen=True)
@@ -72,14 +80,25 @@ class ParamControl:
     def coerce(self, value: Any) -> Any:
         """A value from the page converted to ``kind``; ``InputError`` naming the key if impossible."""
         if self.kind is bool:
-            return bool(value)
-        if value is None or (isinstance(value, float) and not math.isfinite(value)):
-            raise InputError(f"{self.key}: enter a number (default {_format(self.default)})")
-        if self.kind is int:
-            if float(value) != int(float(value)):
-                raise InputError(f"{self.key}: expected a whole number, got {value}")
-            return int(float(value))
-        return float(value)
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            raise InputError(f"{self.key}: expected true or false, got {_shown(value)}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise InputError(f"{self.key}: enter a number (default {_format(self.default)}), got {_shown(value)}")
+        if self.kind is int and not number.is_integer():
+            raise InputError(f"{self.key}: expected a whole number, got {_shown(value)}")
+        number = int(number) if self.kind is int else number
+        if self.key in SAMPLER_RANGES:
+            low, high, low_included = SAMPLER_RANGES[self.key]
+            if not (low <= number if low_included else low < number) or number > high:
+                span = (f"from {_format(low)} to {_format(high)}" if low_included
+                        else f"above {_format(low)}, at most {_format(high)}")
+                raise InputError(f"{self.key}: enter a number {span}, got {_shown(value)}")
+        return number
 
 
 @dataclass(frozen=True)
@@ -152,6 +171,12 @@ def changed_values(recipe: Mapping[str, Any], controls: Sequence[ParamControl], 
         if value != control.read(recipe):
             out[control.key] = value
     return out
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A value the page sent, quoted and shortened for a message."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _format(value: Any) -> str:

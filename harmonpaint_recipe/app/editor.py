@@ -5,10 +5,14 @@ The brush paints on transparent layers of the same size as the image: every pixe
 stroke touched (alpha > 0) is masked. An uploaded mask (white = inpaint) is added to the
 strokes. Sides that are not multiples of 8 are cropped at the right/bottom edge (at most
 7 pixels, noted on the page) instead of refusing a photo straight from a camera.
+
+A file the page could not read arrives as ``Unreadable`` (see ``components.py``) and is
+refused here with the reason; images above ``MAX_PIXELS`` are refused before any model work.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -19,6 +23,31 @@ from harmonpaint_recipe.inputs import PreparedInputs, mask_to_gray, prepare_inpu
 
 #: smallest side accepted: 8 latent pixels, below which the UNet's 3 downsamplings leave nothing
 MIN_SIDE = 64
+#: most pixels accepted (2048 x 2048): bounds the server's memory and a run's time
+MAX_PIXELS = 2048 * 2048
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A value the page could not convert: the raw value sent and why it failed."""
+
+    value: Any
+    reason: str
+
+
+def too_large(width: int, height: int, what: str = "image") -> str | None:
+    """The message for an image above ``MAX_PIXELS``, or None."""
+    if width * height <= MAX_PIXELS:
+        return None
+    return (f"{what} is too large ({width}x{height} = {width * height:,} pixels); the app takes at most "
+            f"{MAX_PIXELS:,} pixels (e.g. 2048x2048) - downscale it and upload it again")
+
+
+def _readable(value: Any, what: str) -> Any:
+    """``value``, or ``InputError`` naming ``what`` when the page could not read it."""
+    if isinstance(value, Unreadable):
+        raise InputError(f"{what}: {value.reason}")
+    return value
 
 
 def _layer_mask(layer: Image.Image, size: tuple[int, int]) -> np.ndarray:
@@ -45,13 +74,20 @@ def editor_inputs(editor: Mapping[str, Any] | None, uploaded_mask: Image.Image |
         uploaded_mask: an optional mask image, white = inpaint; added to the brush strokes.
 
     Raises:
-        InputError: no image, image smaller than ``MIN_SIDE``, nothing painted or uploaded.
+        InputError: no image, an unreadable file, image smaller than ``MIN_SIDE`` or larger
+            than ``MAX_PIXELS``, nothing painted or uploaded.
     """
-    background = (editor or {}).get("background")
+    editor = _readable(editor, "image")
+    if editor is not None and not isinstance(editor, Mapping):
+        raise InputError("image: the editor sent no image data; upload an image into the editor")
+    background = _readable((editor or {}).get("background"), "image")
     if background is None:
         raise InputError("no image: upload an image into the editor (drop a file on it or click it) first")
+    w, h = background.size
+    message = too_large(w, h)
+    if message:
+        raise InputError(message)
     image = background.convert("RGB")
-    w, h = image.size
     if w < MIN_SIDE or h < MIN_SIDE:
         raise InputError(
             f"image is too small ({w}x{h}); it needs at least {MIN_SIDE}x{MIN_SIDE} pixels - upload a larger image"
@@ -59,9 +95,17 @@ def editor_inputs(editor: Mapping[str, Any] | None, uploaded_mask: Image.Image |
     notes: list[str] = []
     painted = np.zeros((h, w), dtype=bool)
     for layer in (editor or {}).get("layers") or []:
+        layer = _readable(layer, "brush layer")
         if layer is not None:
+            message = too_large(*layer.size, what="brush layer")
+            if message:
+                raise InputError(message)
             painted |= _layer_mask(layer, (w, h))
+    uploaded_mask = _readable(uploaded_mask, "uploaded mask")
     if uploaded_mask is not None:
+        message = too_large(*uploaded_mask.size, what="uploaded mask")
+        if message:
+            raise InputError(message)
         painted |= _uploaded_mask(uploaded_mask, (w, h), notes)
     if not painted.any():
         raise InputError(

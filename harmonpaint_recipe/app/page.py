@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import gradio as gr
 
+from harmonpaint_recipe.app import components as ui
 from harmonpaint_recipe.app.compare import DEFAULT_MODE, MODES, enabled_instances
 from harmonpaint_recipe.app.controls import ParamControl, changed_values, override_strings
 from harmonpaint_recipe.app.editor import editor_inputs
@@ -61,7 +62,7 @@ def _component(control: ParamControl, value: Any, elem_prefix: str) -> gr.compon
     if control.kind is bool:
         label = f"{control.instance} on" if control.name == "enabled" and control.instance else control.name
         return gr.Checkbox(value=bool(value), label=label, info=control.info, elem_id=elem_id)
-    return gr.Number(value=value, label=control.name, info=control.info, elem_id=elem_id,
+    return ui.Number(value=value, label=control.name, info=control.info, elem_id=elem_id,
                      precision=0 if control.kind is int else None, step=_number_step(control))
 
 
@@ -78,7 +79,8 @@ class Page:
         self.service = service
         self.controls = service.controls
         start = resolved(service.recipe(service.recipe_name))
-        with gr.Blocks(title="attnctl app") as self.blocks:
+        # uploads and served copies older than an hour leave Gradio's cache (checked every hour)
+        with gr.Blocks(title="attnctl app", delete_cache=(3600, 3600)) as self.blocks:
             self.last_run = gr.State(None)
             gr.Markdown(INTRO)
             gr.Markdown(f"Model: `{service.model_label}`, loaded once; requests run one at a time.",
@@ -96,26 +98,26 @@ class Page:
         service = self.service
         with gr.Row():
             with gr.Column(scale=3):
-                self.editor = gr.ImageEditor(
+                self.editor = ui.ImageEditor(
                     label="Image: paint the region to inpaint", type="pil", image_mode="RGBA", format="png",
                     sources=("upload", "clipboard"), transforms=(), layers=False, elem_id="image-editor",
                     brush=gr.Brush(colors=[BRUSH_COLOR], default_color=BRUSH_COLOR, color_mode="fixed"),
                 )
                 with gr.Accordion("Upload a mask (white = inpaint; added to the brush strokes)", open=False):
-                    self.mask_upload = gr.Image(label="Mask", type="pil", image_mode="L", sources=("upload",),
-                                                elem_id="mask-upload")
+                    self.mask_upload = ui.ImageInput(label="Mask", type="pil", image_mode="L", sources=("upload",),
+                                                     elem_id="mask-upload")
             with gr.Column(scale=2):
                 self.prompt = gr.Textbox(label="Prompt", placeholder="what to paint into the region, e.g. a small owl",
                                          elem_id="prompt")
-                self.recipe = gr.Dropdown(choices=service.recipe_choices, value=service.recipe_name, label="Recipe",
+                self.recipe = ui.Dropdown(choices=service.recipe_choices, value=service.recipe_name, label="Recipe",
                                           elem_id="recipe")
-                self.mode = gr.Radio(choices=[(label, key) for key, label in MODES.items()], value=DEFAULT_MODE,
+                self.mode = ui.Radio(choices=[(label, key) for key, label in MODES.items()], value=DEFAULT_MODE,
                                      label="Compare", elem_id="compare-mode")
                 choices, value = _off_choices(start, None)
-                self.off = gr.Dropdown(choices=choices, value=value, label="Strategy switched off in B",
+                self.off = ui.Dropdown(choices=choices, value=value, label="Strategy switched off in B",
                                        visible=False, elem_id="off-instance")
                 with gr.Row():
-                    self.seed = gr.Number(value=new_seed, label="Seed", precision=0, elem_id="seed", scale=3)
+                    self.seed = ui.Number(value=new_seed, label="Seed", precision=0, elem_id="seed", scale=3)
                     self.new_seed = gr.Button("new seed", elem_id="new-seed", scale=1)
                 self.run_button = gr.Button("Run", variant="primary", elem_id="run")
                 self.status = gr.HTML(elem_id="status")
@@ -157,16 +159,20 @@ class Page:
         self.run_button.click(
             self.run, [self.editor, self.mask_upload, *form],
             [self.out_a, self.out_b, self.slider, self.downloads, self.status, self.cli, self.last_run],
-            concurrency_limit=1, concurrency_id="pipeline", show_progress_on=[self.out_a, self.out_b],
+            concurrency_limit=1, concurrency_id="pipeline", show_progress_on=[self.out_a, self.out_b], api_name="run",
         )
 
     def _changes(self, name: str, values: Sequence[Any]) -> dict[str, Any]:
         """Page values that differ from recipe ``name``'s own."""
-        return changed_values(resolved(self.service.recipe(name)), self.controls, values)
+        return changed_values(resolved(self.service.recipe(name)), self.controls, [ui.plain(v) for v in values])
 
     def pick_recipe(self, name, mode, off, prompt, seed, *values):
         """A new recipe: show its groups and load its values into the controls."""
-        recipe = resolved(self.service.recipe(name))
+        name, mode, off, seed = (ui.plain(v) for v in (name, mode, off, seed))
+        try:
+            recipe = resolved(self.service.recipe(name))
+        except Exception as exc:  # a recipe not offered (only a hand-made request sends one)
+            return [*[gr.update()] * (len(self.service.groups) + len(self.controls) + 3), error_html(exc)]
         shown = [gr.update(visible=g.enabled.applies_to(recipe)) for g in self.service.groups]
         loaded = [gr.update(value=c.read(recipe)) if c.applies_to(recipe) else gr.update() for c in self.controls]
         fresh = [c.read(recipe) if c.applies_to(recipe) else v for c, v in zip(self.controls, values)]
@@ -174,6 +180,7 @@ class Page:
 
     def describe(self, name, mode, off, prompt, seed, *values):
         """YAML and command line of the effective recipe, or the error that stops it."""
+        name, mode, off, seed = (ui.plain(v) for v in (name, mode, off, seed))
         try:
             cfg, overrides = self.service.effective_recipe(name, self._changes(name, values))
         except Exception as exc:  # shown in the status box; the YAML keeps its last valid state
@@ -186,8 +193,9 @@ class Page:
     def run(self, editor, mask, name, mode, off, prompt, seed, *values, progress=gr.Progress()):
         """Run the compare mode; results, downloads and a status line, or an error in the page."""
         keep = [gr.update()] * 3
+        name, mode, off, seed = (ui.plain(v) for v in (name, mode, off, seed))
         try:
-            request = RunRequest(editor_inputs(editor, mask), prompt or "", seed, name,
+            request = RunRequest(editor_inputs(editor, mask), prompt, seed, name,
                                  self._changes(name, values), mode, off)
             result = self.service.run(request, lambda fraction, text: progress(fraction, desc=text))
         except Exception as exc:

@@ -9,6 +9,8 @@ output image with its sidecar JSON, from which ``attnctl inpaint --from`` remake
 
 from __future__ import annotations
 
+import itertools
+import logging
 import shlex
 import threading
 import time
@@ -19,8 +21,9 @@ from typing import Any, Callable, Mapping, Sequence
 from omegaconf import DictConfig
 from PIL import Image
 
-from attnctl.errors import InputError
+from attnctl.errors import AttnctlError, InputError
 from attnctl.plugins import StrategyManager
+from harmonpaint_recipe.app.checks import MAX_SEED, check_prompt, check_seed, prompt_note
 from harmonpaint_recipe.app.compare import Variant, variants
 from harmonpaint_recipe.app.controls import (
     ParamControl,
@@ -38,9 +41,22 @@ from harmonpaint_recipe.probing.run import ProbeRun, token_labels
 from harmonpaint_recipe.runner import Runner
 from harmonpaint_recipe.sidecar import sidecar_path, sidecar_record, write_sidecar
 
-#: seeds accepted from the page (what torch's CPU generator and numpy both take)
-MAX_SEED = 2**32 - 1
+__all__ = ["MAX_SEED", "AppService", "OutputError", "RunFailed", "RunOutput", "RunRequest", "RunStopped",
+           "VariantOutput", "check_seed"]
 Progress = Callable[[float, str], None]
+log = logging.getLogger("attnctl.app")
+
+
+class OutputError(AttnctlError):
+    """The output folder cannot be written."""
+
+
+class RunFailed(AttnctlError):
+    """The pipeline raised during a run (the server log has the traceback)."""
+
+
+class RunStopped(AttnctlError):
+    """The server is stopping; the run ended at its next step."""
 
 
 @dataclass
@@ -109,17 +125,6 @@ def prompt_token_users(recipe: Mapping[str, Any]) -> list[str]:
             if (settings or {}).get("enabled", True) and (settings or {}).get("tokens") == "prompt"]
 
 
-def check_seed(seed: Any) -> int:
-    """The seed as an int in 0..MAX_SEED; ``InputError`` otherwise."""
-    try:
-        value = float(seed)
-    except (TypeError, ValueError):
-        raise InputError(f"seed: enter a whole number from 0 to {MAX_SEED} (or click 'new seed')") from None
-    if not value.is_integer() or not 0 <= value <= MAX_SEED:
-        raise InputError(f"seed: enter a whole number from 0 to {MAX_SEED} (or click 'new seed'), got {seed}")
-    return int(value)
-
-
 class AppService:
     """The pipeline, loaded once, and the recipes and runs the page offers.
 
@@ -141,7 +146,10 @@ class AppService:
         start = time.perf_counter()
         self.pipe = pipe if pipe is not None else load_pipeline(self.base_recipe)
         self.load_s = round(time.perf_counter() - start, 3)
+        self.pipe.set_progress_bar_config(disable=True)  # the page shows progress; the log gets a line per run
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._numbers = itertools.count(1)
         self.recipe_choices = self._recipe_choices()
         self.sampler_controls: list[ParamControl] = sampler_controls()
         self.groups: list[StrategyGroup] = merge_groups(
@@ -196,6 +204,7 @@ class AppService:
 
     def plan(self, request: RunRequest) -> list[_Planned]:
         """Validate every configuration of ``request`` (no model work)."""
+        request.prompt = check_prompt(request.prompt)
         base, base_overrides = self.effective_recipe(request.recipe_name, request.changes)
         planned = []
         for variant in variants(request.mode, request.recipe_name, resolved(base), request.off_instance):
@@ -222,46 +231,120 @@ class AppService:
                 return run_dir
             except FileExistsError:
                 continue
-        raise InputError(f"cannot make a new run folder in '{self.out_dir}'; clean it up or pass another --out-dir")
+        raise OutputError(f"cannot make a new run folder in '{self.out_dir}'; clean it up or pass another --out-dir")
+
+    def _unwritable(self, exc: OSError, kept: list[VariantOutput]) -> OutputError:
+        where = f" '{exc.filename}'" if exc.filename else ""
+        done = f"; kept: {', '.join(o.image_path.name for o in kept)} with sidecars" if kept else ""
+        return OutputError(
+            f"cannot write to the output folder '{self.out_dir}'{where} ({exc.strerror or exc}){done}; make the "
+            "folder writable or free some space, or restart the app with another --out-dir"
+        )
+
+    def stop(self) -> None:
+        """Stop serving runs: the one in progress ends at its next denoising step (``RunStopped``)."""
+        self._stopping.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the run in progress to end; whether none is left."""
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._lock.release()
+        return True
 
     def run(self, request: RunRequest, progress: Progress | None = None) -> RunOutput:
-        """Make every configuration of ``request``; requests run one at a time."""
+        """Make every configuration of ``request``; requests run one at a time.
+
+        Every file is written atomically and each output image is followed by its sidecar, so
+        a failed or stopped run leaves complete files only: the outputs made before it ended.
+
+        Raises:
+            InputError, ConfigError: a bad request (nothing is written).
+            OutputError: the output folder cannot be written.
+            RunFailed: the pipeline raised (the server log has the traceback).
+            RunStopped: the server is stopping.
+        """
         request.seed = check_seed(request.seed)
         planned = self.plan(request)
         report = progress or (lambda fraction, text: None)
         with self._lock:
+            if self._stopping.is_set():
+                raise RunStopped("the server is stopping; run again once it is back")
+            number = next(self._numbers)
+            labels = " vs ".join(p.variant.label for p in planned)
+            log.info("run %d started: seed %d, %s", number, request.seed, labels)
             start = time.perf_counter()
+            outputs: list[VariantOutput] = []
+            try:
+                self._make(request, planned, report, outputs)
+            except OutputError as exc:
+                log.info("run %d failed: %s", number, exc)
+                raise
+            except RunStopped as exc:
+                log.info("run %d stopped: %s", number, exc)
+                raise
+            except AttnctlError as exc:
+                log.info("run %d refused: %s", number, exc)
+                raise
+            except Exception as exc:
+                log.error("run %d failed in the pipeline", number, exc_info=exc)
+                kept = f"; kept: {', '.join(o.image_path.name for o in outputs)} with sidecars" if outputs else ""
+                reason = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise RunFailed(f"the run failed in the pipeline ({type(exc).__name__}: {reason}){kept}; "
+                                "the server log has the details") from None
+            seconds = round(time.perf_counter() - start, 2)
+            run_dir = outputs[0].image_path.parent
+            log.info("run %d done in %.1f s: %d image(s) with sidecars in %s", number, seconds, len(outputs), run_dir)
+        notes = list(request.inputs.notes)
+        note = prompt_note(self.pipe.tokenizer, request.prompt)
+        if note:
+            notes.append(note)
+        return RunOutput(run_dir, request.seed, run_dir / f"{run_dir.name}_input.png",
+                         run_dir / f"{run_dir.name}_mask.png", outputs, notes, seconds)
+
+    def _make(self, request: RunRequest, planned: list[_Planned], report: Progress, outputs: list[VariantOutput]) -> None:
+        """Write the run folder: input, mask, then per configuration its image and sidecar (appended to ``outputs``)."""
+        try:
             run_dir = self._new_run_dir(request.seed)
             tag = run_dir.name
             image_path, mask_path = run_dir / f"{tag}_input.png", run_dir / f"{tag}_mask.png"
             atomic_save_image(image_path, request.inputs.image)
             atomic_save_image(mask_path, request.inputs.mask)
-            outputs = []
-            for i, item in enumerate(planned):
-                where = f"{item.variant.slot}: {item.variant.label}"
-                report(i / len(planned), where)
+        except OSError as exc:
+            raise self._unwritable(exc, outputs) from None
+        for i, item in enumerate(planned):
+            where = f"{item.variant.slot}: {item.variant.label}"
+            report(i / len(planned), where)
 
-                def on_step(done: int, total: int, i: int = i, where: str = where) -> None:
-                    report((i + done / total) / len(planned), f"{where}, step {done}/{total}")
+            def on_step(done: int, total: int, i: int = i, where: str = where) -> None:
+                if self._stopping.is_set():
+                    raise RunStopped(f"the server is stopping; {where} ended after step {done}/{total}")
+                report((i + done / total) / len(planned), f"{where}, step {done}/{total}")
 
-                out = run_dir / f"{tag}_{item.variant.file_stem}.png"
-                with Runner(self.pipe, item.recipe, manager=self.manager) as runner:
-                    result = runner(request.inputs, request.prompt, request.seed, on_step=on_step)
+            out = run_dir / f"{tag}_{item.variant.file_stem}.png"
+            with Runner(self.pipe, item.recipe, manager=self.manager) as runner:
+                result = runner(request.inputs, request.prompt, request.seed, on_step=on_step)
+            try:
                 atomic_save_image(out, result.image)
-                record = sidecar_record(
-                    out=out, image=image_path, mask=mask_path, prompt=request.prompt, seed=result.seed,
-                    recipe=item.recipe, recipe_name=request.recipe_name, overrides=item.overrides, pipe=self.pipe,
-                    notes=request.inputs.notes, resize_mask=False, timings={"load_s": self.load_s, **result.timings},
-                )
-                write_sidecar(sidecar_path(out), record)
-                command = self.command(request.recipe_name, item.overrides, str(image_path), str(mask_path),
-                                       request.prompt, request.seed, str(out))
-                probed = None
-                if result.probes:
-                    probed = ProbeRun(f"{item.variant.slot}: {item.variant.label}", item.recipe, result.image, result.seed,
-                                      request.prompt, request.inputs.mask_array, dict(result.probes),
-                                      token_labels(self.pipe.tokenizer, request.prompt))
-                outputs.append(VariantOutput(item.variant, result.image, out, sidecar_path(out), command, probed))
-            report(1.0, "done")
-            seconds = round(time.perf_counter() - start, 2)
-        return RunOutput(run_dir, request.seed, image_path, mask_path, outputs, list(request.inputs.notes), seconds)
+                try:
+                    record = sidecar_record(
+                        out=out, image=image_path, mask=mask_path, prompt=request.prompt, seed=result.seed,
+                        recipe=item.recipe, recipe_name=request.recipe_name, overrides=item.overrides,
+                        pipe=self.pipe, notes=request.inputs.notes, resize_mask=False,
+                        timings={"load_s": self.load_s, **result.timings},
+                    )
+                    write_sidecar(sidecar_path(out), record)
+                except BaseException:  # an output without its sidecar is not finished: it goes too
+                    out.unlink(missing_ok=True)
+                    raise
+            except OSError as exc:
+                raise self._unwritable(exc, outputs) from None
+            command = self.command(request.recipe_name, item.overrides, str(image_path), str(mask_path),
+                                   request.prompt, request.seed, str(out))
+            probed = None
+            if result.probes:
+                probed = ProbeRun(f"{item.variant.slot}: {item.variant.label}", item.recipe, result.image, result.seed,
+                                  request.prompt, request.inputs.mask_array, dict(result.probes),
+                                  token_labels(self.pipe.tokenizer, request.prompt))
+            outputs.append(VariantOutput(item.variant, result.image, out, sidecar_path(out), command, probed))
+        report(1.0, "done")

@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import ipaddress
 
 from attnctl.cli import Command
 from attnctl.errors import InputError
+from attnctl.notices import print_line
 
 INSTALL_HINT = 'pip install -e ".[app]"'
+
+
+def exposure_warning(host: str, port: int, out_dir: str) -> str | None:
+    """What a remote user can do when ``host`` is not a loopback address, or None."""
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        local = False
+    if local:
+        return None
+    return (f"--host {host} makes the page reachable from other machines, and it has no login: anyone who can "
+            f"reach port {port} can run jobs on this machine's model (queued with yours) and read every input, "
+            f"mask, output and sidecar in '{out_dir}'. Use it on a network you trust only; the default, "
+            "127.0.0.1, serves this machine alone")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -32,8 +48,9 @@ def _run(args: argparse.Namespace) -> int:
         from harmonpaint_recipe.probing.run import probe_overrides
 
         overrides += probe_overrides(args.probes.split(","))
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: --host {args.host} makes the page reachable from other machines; it has no login")
+    warning = exposure_warning(args.host, args.port, args.out_dir)
+    if warning:
+        print_line(f"attnctl app: warning: {warning}")
     from harmonpaint_recipe.devices import configure_threads
     from harmonpaint_recipe.loading import load_recipe
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from attnctl.cli import Command
 from attnctl.errors import ConfigError, InputError
 from harmonpaint_recipe.commands.run_options import add_run_inputs, run_overrides
+from harmonpaint_recipe.progress import step_bar_config
 
 
 def _single(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -31,6 +32,7 @@ def _single(args: argparse.Namespace, overrides: list[str]) -> int:
     jobs = JobRunner(recipe, args.recipe, overrides, resize_mask=args.resize_mask, threads=args.threads)
     inputs = jobs.prepare(job)
     try:
+        jobs.set_progress_bar(**step_bar_config(own_bar=False))
         record = jobs.run(job, inputs)
     finally:
         jobs.close()
@@ -55,6 +57,7 @@ def _reproduce(args: argparse.Namespace, overrides: list[str]) -> int:
     jobs = JobRunner(recipe, record.get("recipe_name", str(sidecar_file)), list(record.get("overrides", [])) + overrides,
                      resize_mask=resize or args.resize_mask, threads=threads)
     try:
+        jobs.set_progress_bar(**step_bar_config(own_bar=False))
         new = jobs.run(job)
     finally:
         jobs.close()
@@ -94,7 +97,7 @@ def _manifest(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     try:
         if prepared:
-            runner.set_progress_bar(leave=False)
+            runner.set_progress_bar(**step_bar_config(own_bar=True))  # one bar: per image, not per step
         for job, inputs in progress(prepared, desc="inpaint", unit="image"):
             runner.run(job, inputs)
     finally:
@@ -110,7 +113,7 @@ def _compare(jobs: list, runner, other, out_dir: Path) -> None:
     from harmonpaint_recipe.progress import progress
 
     try:
-        other.set_progress_bar(leave=False)
+        other.set_progress_bar(**step_bar_config(own_bar=True))
         summary = run_compare(jobs, runner, other, out_dir, progress=progress)
     finally:
         other.close()

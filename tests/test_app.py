@@ -510,3 +510,25 @@ def test_attnctl_app_serves_its_page_on_this_python(served_app):
     log = served_app.log()
     assert "Traceback" not in log and "unclosed event loop" not in log and "ResourceWarning" not in log
     assert f"outputs go to {served_app.out_dir.resolve()}" in log
+
+
+def test_paste_back_is_a_switch_on_the_page_and_runs_as_the_api_does(service, photo, shared_pipe):
+    import harmonpaint_recipe as hp
+
+    keys = [c.key for c in service.controls]
+    assert keys.index("output.paste_back") < keys.index("strategies.sams.enabled")  # the page's order
+    toggle = next(c for c in service.controls if c.key == "output.paste_back")
+    assert toggle.kind is bool and toggle.default is False
+    request = RunRequest(_inputs(photo), "a red boat", 5, "sdi", {"output.paste_back": True}, mode="single")
+    result = service.run(request)
+    record = json.loads(result.outputs[0].sidecar_path.read_text())
+    assert "output.paste_back=true" in record["overrides"]
+    expected = hp.inpaint(result.image_path, result.mask_path, "a red boat", recipe=hp.load_recipe("sdi", record["overrides"]),
+                          pipe=shared_pipe, seed=5)
+    pasted = np.asarray(Image.open(result.outputs[0].image_path))
+    assert np.array_equal(pasted, np.asarray(expected))
+    source = np.asarray(Image.open(result.image_path).convert("RGB"))
+    from harmonpaint_recipe.paste_back import paste_weights
+
+    far = paste_weights(np.asarray(Image.open(result.mask_path).convert("L")) / 255.0, 2.0) == 0
+    assert far.any() and np.array_equal(pasted[far], source[far])  # beyond the soft edge the input is kept exactly

@@ -64,10 +64,7 @@ def test_paste_back_is_off_in_the_shipped_recipes_and_checked():
     from harmonpaint_recipe.loading import recipe_names
 
     for name in recipe_names():
-        output = load_recipe(name)["output"]
-        if name == "harmonpaint-masked-step":
-            continue
-        assert output["paste_back"] is False, name
+        assert load_recipe(name)["output"]["paste_back"] is False, name
     with pytest.raises(ConfigError, match="output.paste_blur: must be at least 0"):
         load_recipe("sdi", ["output.paste_blur=-1"])
     with pytest.raises(ConfigError, match="output.paste_back"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from attnctl.errors import InputError
-from harmonpaint_recipe.schema import RecipeConfig, SamplerConfig
+from harmonpaint_recipe.schema import OutputConfig, RecipeConfig, SamplerConfig
 
 #: parameter types that get a control on the page
 EDITABLE_TYPES: tuple[type, ...] = (bool, int, float)
@@ -30,6 +30,7 @@ SAMPLER_RANGES: dict[str, tuple[float, float, bool]] = {
     "sampler.guidance_scale": (0.0, 100.0, True),
     "sampler.strength": (0.0, 1.0, False),
     "eta": (0.0, 1.0, True),
+    "output.paste_blur": (0.0, 32.0, True),
 }
 
 
@@ -133,6 +134,11 @@ def sampler_controls() -> list[ParamControl]:
     """Controls of the recipe's numeric sampler settings and ``eta`` (from the schema dataclasses)."""
     found = {c.key: c for c in dataclass_controls(SamplerConfig, "sampler.") + dataclass_controls(RecipeConfig, "")}
     return [found[key] for key in SAMPLER_KEYS if key in found]
+
+
+def output_controls() -> list[ParamControl]:
+    """Controls of the recipe's ``output`` section (paste-back and its soft edge)."""
+    return dataclass_controls(OutputConfig, "output.")
 
 
 def strategy_groups(recipe: Mapping[str, Any], manager: Any) -> list[StrategyGroup]:

@@ -133,6 +133,9 @@ class Page:
         with gr.Accordion("Sampler", open=False):
             for control in service.sampler_controls:
                 self.components.append(_component(control, control.read(start), "ctl"))
+        with gr.Accordion("Output: paste the input back outside the mask", open=True):
+            for control in service.output_controls:
+                self.components.append(_component(control, control.read(start), "ctl"))
         with gr.Accordion("Strategies (from each strategy's parameter dataclass)", open=True):
             for group in service.groups:
                 present = group.enabled.applies_to(start)

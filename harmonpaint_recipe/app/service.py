@@ -30,6 +30,7 @@ from harmonpaint_recipe.app.controls import (
     StrategyGroup,
     merge_groups,
     override_strings,
+    output_controls,
     sampler_controls,
     strategy_groups,
 )
@@ -152,6 +153,7 @@ class AppService:
         self._numbers = itertools.count(1)
         self.recipe_choices = self._recipe_choices()
         self.sampler_controls: list[ParamControl] = sampler_controls()
+        self.output_controls: list[ParamControl] = output_controls()
         self.groups: list[StrategyGroup] = merge_groups(
             strategy_groups(resolved(self.recipe(name)), self.manager) for name in self.recipe_choices
         )
@@ -159,7 +161,7 @@ class AppService:
     @property
     def controls(self) -> list[ParamControl]:
         """Every control of the page, in the order the page passes their values."""
-        return self.sampler_controls + [c for g in self.groups for c in g.controls]
+        return self.sampler_controls + self.output_controls + [c for g in self.groups for c in g.controls]
 
     @property
     def model_label(self) -> str:

@@ -14,6 +14,7 @@ from typing import Protocol
 from PIL import Image
 
 from attnctl.errors import InputError
+from harmonpaint_recipe.progress import step_bar_config
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._+=-]+$")
 
@@ -77,6 +78,7 @@ def recipe_inpaint(method: Method) -> InpaintFn:
         raise InputError("this install has no recipe runner (harmonpaint_recipe.load_recipe/inpaint); use --external")
     recipe = hr.load_recipe(method.recipe, list(method.overrides))
     pipe = hr.load_pipeline(recipe)
+    pipe.set_progress_bar_config(**step_bar_config(own_bar=True))  # the runner's per-item bar is the one bar
 
     def run(image: Image.Image, mask: Image.Image, prompt: str, *, seed: int | None, item_id: str) -> Image.Image:
         return hr.inpaint(image, mask, prompt, recipe=recipe, pipe=pipe, seed=seed)

@@ -152,3 +152,14 @@ def test_bad_readings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
         attnctl.attach(build_tiny_inpaint_pipeline(0), {"strategies": {"steer": {"strategy": "latent_guidance", **settings}}},
                        manager())
+
+
+def test_the_paper_recipe_keeps_eq9_and_masked_step_is_the_table_row():
+    from harmonpaint_recipe.loading import load_recipe, resolved
+    from harmonpaint_recipe.testbed.evaluate import STEP_READINGS
+
+    paper = resolved(load_recipe("harmonpaint"))["strategies"]["steer"]
+    assert (paper["step_rule"], paper["step_region"], paper["step_size"]) == ("paper", "all", 20.0)
+    shipped = resolved(load_recipe("harmonpaint-masked-step"))
+    measured = resolved(load_recipe("harmonpaint", list(STEP_READINGS["full-masked-0.01"])))
+    assert shipped["strategies"] == measured["strategies"]  # the recipe is the row docs/testbed.md measured

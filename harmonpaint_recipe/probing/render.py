@@ -190,7 +190,7 @@ def curves_picture(runs: Sequence[tuple[ProbedRun, Curves]], image_index: int = 
               "masked queries -> appended bank keys (share)",
               f"masked vs background features, {bank_label}: RMS gap",
               "steer loss per gradient update (dotted: after it)",
-              "steer update RMS / latent std: in the mask (solid), outside (dashed)"]
+              "steer update RMS / std(z): in mask (solid), outside (dashed)"]
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("denoising step", fontsize=8)

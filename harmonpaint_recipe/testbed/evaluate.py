@@ -37,21 +37,27 @@ TABLE_VARIANTS = ("none", "+sams", "+sams+steer", "full")
 #: readings of the steer update (strategies.steer.*) applied to full HarmonPaint
 STEP_READINGS = {
     "full-normalized": ("strategies.steer.step_rule=normalized", "strategies.steer.step_size=0.1"),
+    "full-normalized-0.01": ("strategies.steer.step_rule=normalized", "strategies.steer.step_size=0.01"),
     "full-masked": ("strategies.steer.step_region=mask",),
+    # the shipped recipe harmonpaint-masked-step
+    "full-masked-0.01": ("strategies.steer.step_rule=normalized", "strategies.steer.step_size=0.01",
+                         "strategies.steer.step_region=mask"),
 }
 #: derived rows: name -> (method whose outputs they derive from, kind)
-DERIVED = {"none+paste": ("none", "paste"), "full+paste": ("full", "paste"), "full-masked+paste": ("full-masked", "paste"),
-           "none+noise": ("none", "noise")}
+DERIVED = {"none+paste": ("none", "paste"), "full+paste": ("full", "paste"),
+           "full-masked-0.01+paste": ("full-masked-0.01", "paste"), "none+noise": ("none", "noise")}
 LABELS = {
     "none": "SDI",
     "+sams": "+SAMS",
     "+sams+steer": "+SAMS+L_s",
     "full": "+SAMS+L_s+MAKVS (HarmonPaint)",
     "full-normalized": "HarmonPaint, normalized step (0.1 std)",
+    "full-normalized-0.01": "HarmonPaint, normalized step (0.01 std)",
     "full-masked": "HarmonPaint, step restricted to the mask",
+    "full-masked-0.01": "harmonpaint-masked-step (mask, 0.01 std)",
     "none+paste": "SDI + paste-back",
     "full+paste": "HarmonPaint + paste-back",
-    "full-masked+paste": "HarmonPaint, masked step + paste-back",
+    "full-masked-0.01+paste": "harmonpaint-masked-step + paste-back",
     "none+noise": "control: SDI + noise matched to HarmonPaint's, in the mask",
     "none+style-words": "SDI, prompt + \"in <style> style\"",
     "truth-flat": "ground truth, flat object",
@@ -230,7 +236,7 @@ def write_report(settings: EvalSettings, stats: dict[str, dict], rows: list[dict
         "",
         "## Readings of the steer update, and paste-back",
         "",
-        *table(["full", *STEP_READINGS, "none+paste", "full+paste", "full-masked+paste"]),
+        *table(["full", *STEP_READINGS, "none+paste", "full+paste", "full-masked-0.01+paste"]),
         "",
         "## MAKVS lambda sweep (SAMS + L_s + MAKVS)",
         "",
@@ -318,7 +324,7 @@ def run_testbed_eval(settings: EvalSettings) -> Path | None:
     lambda_methods = sorted([(FULL_LAMBDA, "full")] + [(m.meta["lambda"], m.name) for m in methods if "lambda" in m.meta])
     path = write_report(settings, stats, rows, records, lambda_methods, controls, noise, time.perf_counter() - started)
     report.lambda_plot(stats, lambda_methods, LABELS, settings.out / "lambda.png")
-    columns = ["truth-styled", *TABLE_VARIANTS, "full-masked", "none+style-words"]
+    columns = ["truth-styled", *TABLE_VARIANTS, "full-masked-0.01", "none+style-words"]
     grid = report.comparison_grid(_grid_folders(settings, columns), settings.out / "data", records, columns, LABELS,
                                   settings.grid_items)
     atomic_save_image(settings.out / "comparison.png", grid)

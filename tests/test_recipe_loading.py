@@ -9,7 +9,8 @@ from attnctl.errors import ConfigError
 from harmonpaint_recipe.api import keyword_overrides
 from harmonpaint_recipe.loading import load_recipe, recipe_names, resolved
 
-SHIPPED = ["harmonpaint", "harmonpaint-natural", "harmonpaint-sams", "harmonpaint-sams-steer", "harmonpaint-sdxl", "sdi"]
+SHIPPED = ["harmonpaint", "harmonpaint-masked-step", "harmonpaint-natural", "harmonpaint-sams", "harmonpaint-sams-steer",
+           "harmonpaint-sdxl", "sdi"]
 
 
 def enabled(cfg) -> set[str]:

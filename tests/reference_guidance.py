@@ -235,3 +235,20 @@ def run_guided(pipe, config, manager, steps, prompt="a red cat", latents=None, g
             generator=torch.Generator().manual_seed(0),
         )
         return state.scratch.get("steer", {}).get("history", []), n
+
+
+def first_main_call(pipe, config, manager, steps, latents):
+    """Run like :func:`run_guided` and also return the first main-pass UNet call's ``sample``,
+    timestep and text embeddings (what the guided first step fed the UNet)."""
+    from attnctl.guidance import UNetCall
+
+    first = {}
+
+    def record(ctl, args, kwargs):
+        if not ctl.state.in_guidance and not first:
+            call = UNetCall(pipe.unet, args, kwargs)
+            first.update(sample=call.get("sample").clone(), t=float(call.get("timestep")),
+                         emb=call.get("encoder_hidden_states").clone())
+
+    history, n = run_guided(pipe, config, manager, steps, latents=latents, on_unet=record)
+    return history, n, first

@@ -270,16 +270,8 @@ def test_guidance_runs_before_the_first_noise_prediction():
     pipe = build_tiny_inpaint_pipeline(0)
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(1, 4, *LATENT, generator=torch.Generator().manual_seed(5))
-    first = {}
-
-    def record(ctl, args, kwargs):
-        if not ctl.state.in_guidance and not first:
-            call = UNetCall(pipe.unet, args, kwargs)
-            first.update(sample=call.get("sample").clone(), t=float(call.get("timestep")),
-                         emb=call.get("encoder_hidden_states").clone())
-
     config = {"strategies": {"steer": {"strategy": "latent_guidance", "step_size": 5.0}}}
-    history, n = _run(pipe, config, steps=2, latents=noise, on_unet=record)
+    history, n, first = ref.first_main_call(pipe, config, manager(), 2, noise)
     assert [h["step"] for h in history] == [0, 1] and history[0]["alpha"] == pytest.approx(5.0)
     site_table = attnctl.describe_sites(pipe.unet)
     read = attnctl.select_sites("cross/4,cross/2", site_table)

@@ -10,7 +10,6 @@ import torch
 
 import attnctl
 from attnctl.errors import ConfigError
-from attnctl.guidance import UNetCall
 from attnctl.testing import build_tiny_inpaint_pipeline
 from strategies import latent_guidance
 from strategies.latent_steps import latent_update, soft_region, update_stats
@@ -88,16 +87,8 @@ def test_update_stats_split_the_update_by_the_mask():
 # ============================================================================ pipeline
 def _first_main_call(pipe, settings, steps=2):
     noise = torch.randn(1, 4, *ref.LATENT, generator=torch.Generator().manual_seed(5))
-    first = {}
-
-    def record(ctl, args, kwargs):
-        if not ctl.state.in_guidance and not first:
-            call = UNetCall(pipe.unet, args, kwargs)
-            first.update(sample=call.get("sample").clone(), t=float(call.get("timestep")),
-                         emb=call.get("encoder_hidden_states").clone())
-
     config = {"strategies": {"steer": {"strategy": "latent_guidance", "step_size": 5.0, **settings}}}
-    history, n = ref.run_guided(pipe, config, manager(), steps, latents=noise, on_unet=record)
+    history, n, first = ref.first_main_call(pipe, config, manager(), steps, noise)
     read = attnctl.select_sites("cross/4,cross/2", attnctl.describe_sites(pipe.unet))
     _, grad = ref.reference_loss_and_grad(pipe.unet, read, noise, first["sample"][1:], first["emb"][1:], first["t"],
                                           ref.mask_batch()[:1], [list(range(1, n + 1))])

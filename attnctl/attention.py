@@ -3,6 +3,7 @@
 ``compute(call, ops)`` replaces the core ``softmax(QK^T/sqrt(d)) V`` of one attention
 call and applies the active ops:
 
+- projection ops rewrite the queries and the own keys/values first;
 - key/value ops append keys, values and additive biases;
 - reweight ops contribute low-rank factors of ``W`` in ``(W ⊙ A) V``; with
   ``W = sum_r a_r b_r^T`` this is ``sum_r a_r ⊙ (A (b_r ⊙ V))``, so one fused SDPA call on
@@ -11,7 +12,9 @@ call and applies the active ops:
 - measure ops' key-side columns ride along as extra value columns of the same fused call
   (scaled by every reweight term like the values), so ``W_eff @ columns`` costs a few
   channels, not a map;
-- observe ops force an explicit fp32 softmax (only where they are active).
+- map ops (observers included) force an explicit fp32 softmax, one query chunk at a time
+  (only where they are active);
+- branch ops add further fused attention calls (or identity terms), weighted per query.
 
 ``project_attention`` / ``finish_attention`` mirror what diffusers' ``AttnProcessor2_0``
 does before and after the core (norms, projections, head split; output projection,
@@ -27,24 +30,73 @@ import torch.nn.functional as F
 
 from attnctl.call import AttentionCall
 from attnctl.errors import ConfigError
-from attnctl.ops import ActiveOps, MeasureOp, ReweightOp
+from attnctl.ops import ActiveOps, BranchOp, MeasureOp, ReweightOp
 
 
 def compute(call: AttentionCall, ops: ActiveOps) -> torch.Tensor:
     """Apply ``ops`` to ``call`` and return the attention output [B, h, Nq, d_v]."""
+    for op in ops.projection:
+        op.project(call)
     for op in ops.key_value:
         op.extend(call)
     factors = _weight_factors(call, ops.reweight)
     renormalize = any(op.renormalize for op in ops.reweight)
     columns, widths = _measure_columns(call, ops.measure)
     if ops.observe:
-        return _explicit(call, ops, factors, renormalize, columns, widths)
-    if factors is None and columns is None:
-        return F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=call.bias, scale=call.scale)
-    out, sums = _fused(call, factors, renormalize, columns)
-    if sums is not None:
-        _hand_out(call, ops.measure, widths, sums, out)
+        out = _explicit(call, ops, factors, renormalize, columns, widths)
+    elif factors is None and columns is None:
+        out = F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=call.bias, scale=call.scale)
+    else:
+        out, sums = _fused(call, factors, renormalize, columns)
+        if sums is not None:
+            _hand_out(call, ops.measure, widths, sums, out)
+    if ops.branch:
+        out = _with_branches(call, ops.branch, out)
     return out
+
+
+def _with_branches(call: AttentionCall, branch_ops: tuple[BranchOp, ...], main: torch.Tensor) -> torch.Tensor:
+    """``main_weight ⊙ main + sum_b weight_b ⊙ branch_b`` (one fused call per branch, on the rows it weighs)."""
+    dtype = main.dtype
+    main_weight, terms = None, []
+    for op in branch_ops:
+        w = op.main_weight(call)
+        if w is not None:
+            main_weight = w if main_weight is None else main_weight * w
+        terms.extend(op.branches(call))
+    out = main if main_weight is None else main_weight * main
+    batch, nq = call.query.shape[0], call.query.shape[-2]
+    for branch in terms:
+        query = call.query if branch.query is None else branch.query
+        key = call.key if branch.key is None else branch.key
+        value = call.value if branch.value is None else branch.value
+        bias = branch.bias if branch.bias is not None or branch.key is not None else call.bias
+        weight = branch.weight
+        if branch.identity:
+            if value.shape[-2] != nq:
+                raise ConfigError(f"{call.site.key}: an identity branch needs one value per query ({nq}), "
+                                  f"got {value.shape[-2]} values")
+            term = value
+        else:
+            term = _rows_sdpa(query, key, value, bias, call.scale, weight, batch)
+        out = out + weight * term
+    return out.to(dtype)
+
+
+def _rows_sdpa(query, key, value, bias, scale: float, weight: torch.Tensor, batch: int) -> torch.Tensor:
+    """Fused attention on the rows where ``weight`` is nonzero (zeros elsewhere)."""
+    if weight.shape[0] != batch:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
+    used = (weight != 0).reshape(batch, -1).any(dim=1)
+    if bool(used.all()):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
+    rows = used.nonzero().flatten()
+    if bias is not None and bias.shape[0] == batch:
+        bias = bias.index_select(0, rows)
+    part = F.scaled_dot_product_attention(query.index_select(0, rows), key.index_select(0, rows),
+                                          value.index_select(0, rows), attn_mask=bias, scale=scale)
+    out = value.new_zeros(batch, *part.shape[1:])
+    return out.index_copy(0, rows, part)
 
 
 def _fused(call: AttentionCall, factors, renormalize: bool, columns: torch.Tensor | None):
@@ -153,18 +205,43 @@ def probabilities(call: AttentionCall) -> torch.Tensor:
 
 def _explicit(call: AttentionCall, ops: ActiveOps, factors, renormalize: bool,
               columns: torch.Tensor | None, widths: list[int]) -> torch.Tensor:
-    weights = probabilities(call)
-    if factors is not None:
-        w = sum(a.float() * b.float().transpose(-1, -2) for a, b in factors)
-        weights = w * weights
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-    for op in ops.observe:
-        op.observe(call, weights)
-    out = torch.matmul(weights, call.value.float()).to(call.value.dtype)
+    """The site's attention with an explicit fp32 map, ``query_chunk`` queries at a time (map ops' contract)."""
+    nq = call.query.shape[-2]
+    chunk = min((op.query_chunk for op in ops.observe if op.query_chunk), default=None) or nq
+    note = getattr(call.state, "note_explicit", None)
+    if note is not None:
+        note(call.site, chunk, call.query.shape[0] * call.query.shape[1] * min(chunk, nq) * call.key.shape[-2] * 4)
+    key_t, value = call.key.float().transpose(-1, -2), call.value.float()
+    outs, sums = [], []
+    for start in range(0, nq, chunk):
+        queries = slice(start, min(nq, start + chunk))
+        logits = torch.matmul(call.query[..., queries, :].float(), key_t) * call.scale
+        if call.bias is not None:
+            logits = logits + _query_rows(call.bias, queries, nq).float()
+        for op in ops.observe:
+            logits = op.edit_logits(call, queries, logits)
+        weights = logits.softmax(dim=-1)
+        if factors is not None:
+            w = sum(_query_rows(a, queries, nq).float() * b.float().transpose(-1, -2) for a, b in factors)
+            weights = w * weights
+            if renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        for op in ops.observe:
+            weights = op.edit_probs(call, queries, weights)
+        for op in ops.observe:
+            op.read(call, queries, weights)
+        outs.append(torch.matmul(weights, value))
+        if columns is not None:
+            sums.append(torch.matmul(weights, columns))
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)).to(call.value.dtype)
     if columns is not None:
-        _hand_out(call, ops.measure, widths, torch.matmul(weights, columns), out)
+        _hand_out(call, ops.measure, widths, sums[0] if len(sums) == 1 else torch.cat(sums, dim=-2), out)
     return out
+
+
+def _query_rows(x: torch.Tensor, queries: slice, nq: int) -> torch.Tensor:
+    """The part of a tensor broadcastable over queries (dim -2) that belongs to ``queries``."""
+    return x[..., queries, :] if x.shape[-2] == nq and nq > 1 else x
 
 
 def _sdpa_wide_values(query, key, values, bias, scale: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The attention call ops act on: one site's head-split queries, keys and values in one run.
 
-This is the interface every op sees (``KeyValueOp.extend``, ``ReweightOp.factors``,
-``ObserveOp.observe``); the computation that applies the ops is ``attnctl.attention.compute``.
+This is the interface every site op sees (``ProjectionOp.project``, ``KeyValueOp.extend``,
+``ReweightOp.factors``, ``MapOp``, ``MeasureOp``, ``BranchOp``); the computation that applies
+the ops is ``attnctl.attention.compute``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ class AttentionCall:
     - ``bias``: an additive float bias broadcastable to [B, h, Nq, Nk] (the module's own
       attention mask, then the biases of appended keys), or None. Boolean masks are turned
       into 0 / -inf on creation.
-    - Ops never write into these tensors in place; key/value ops extend them only through
-      ``append_keys``.
+    - Ops never write into these tensors in place. Projection ops (stage 0) replace them
+      only through ``set_query`` / ``set_own_kv``; key/value ops (stage 1) extend them only
+      through ``append_keys``.
+    - Rows of other roles (a source or reference row a strategy added, see
+      ``attnctl.rows``) are in the same call: ``take(x, role)`` gives, for every row, the
+      tensor of that row's partner of ``role`` (same branch, same image if it has one).
     - ``mask()`` and ``memo()`` are keyed by this call's site level, rows and device, so an
       op's memo key only needs what else its value depends on (its own parameters).
 
@@ -96,6 +101,69 @@ class AttentionCall:
     def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per run for ``key`` at this site's level, rows and device; then the cached value."""
         return self.state.memo(("call", key, self.site.level, self.rows, self.query.device), compute)
+
+    def rows_of(self, role: str, branch: str | None = None) -> list[int]:
+        """Positions in this call's batch of the rows with ``role`` (and ``branch`` if given)."""
+        layout = self.layout
+        return [i for i, (ro, b) in enumerate(zip(layout.roles, layout.branches))
+                if ro == role and (branch is None or b == branch)]
+
+    def partners(self, role: str) -> list[int]:
+        """For every row of this call, the position in this call of its partner of ``role``.
+
+        Raises ``RunError`` if a partner is not in this call (e.g. in the guidance pass,
+        which runs the main conditional rows only).
+        """
+        from attnctl.errors import RunError
+
+        full = self.state.layout
+        where = {row: i for i, row in enumerate(self.rows)}
+        out = []
+        for row in self.rows:
+            try:
+                partner = full.partner(row, role)
+            except KeyError as exc:
+                raise RunError(f"{self.site.key}: {exc.args[0]}") from None
+            if partner not in where:
+                raise RunError(
+                    f"{self.site.key}: the {role!r} row beside row {row} is not in this attention call "
+                    f"(rows {list(self.rows)}); ops that read other rows act in the main pass only"
+                )
+            out.append(where[partner])
+        return out
+
+    def take(self, tensor: torch.Tensor, role: str) -> torch.Tensor:
+        """``tensor`` [B, ...] re-indexed so row i holds row i's partner of ``role`` (see ``partners``)."""
+        import torch
+
+        index = self.memo(("partners", role), lambda: torch.tensor(self.partners(role), device=tensor.device))
+        return tensor.index_select(0, index.to(tensor.device))
+
+    # ------------------------------------------------------------------ what projection ops do
+    def set_query(self, query: torch.Tensor) -> None:
+        """Replace the queries (stage 0 only); same shape as before."""
+        self._check_stage0("set_query")
+        if query.shape != self.query.shape:
+            raise ValueError(f"{self.site.key}: set_query needs shape {tuple(self.query.shape)}, got {tuple(query.shape)}")
+        self.query = query.to(self.query.dtype)
+
+    def set_own_kv(self, key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> None:
+        """Replace the own keys and/or values (stage 0 only); same shapes as before, so positions keep their meaning."""
+        self._check_stage0("set_own_kv")
+        if key is not None:
+            if key.shape != self.key.shape:
+                raise ValueError(f"{self.site.key}: set_own_kv needs keys of shape {tuple(self.key.shape)}, "
+                                 f"got {tuple(key.shape)}")
+            self.key = key.to(self.key.dtype)
+        if value is not None:
+            if value.shape != self.value.shape:
+                raise ValueError(f"{self.site.key}: set_own_kv needs values of shape {tuple(self.value.shape)}, "
+                                 f"got {tuple(value.shape)}")
+            self.value = value.to(self.value.dtype)
+
+    def _check_stage0(self, what: str) -> None:
+        if self.key.shape[-2] != self.num_own_keys:
+            raise ValueError(f"{self.site.key}: {what} after keys were appended; projections run before key/value ops")
 
     # ------------------------------------------------------------------ what key/value ops do
     def append_keys(self, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None = None) -> None:

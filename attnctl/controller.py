@@ -4,8 +4,10 @@
 plan, and wraps every site's processor (through its adapter, see ``attnctl.adapters``).
 ``Controller.run(...)`` is the context in which the pipeline is called: it creates the
 run state, follows the steps through a UNet forward pre-hook (wrapping any processor a
-pipeline swapped in, e.g. PAG's), applies latent guidance, and drops the state at the
-end. ``detach()`` puts the very same processor objects back.
+pipeline swapped in, e.g. PAG's), applies latent guidance, adds the rows strategies asked
+for (``attnctl.rows``) and takes them out again in a forward hook, runs the step ops
+around ``scheduler.step`` (``attnctl.step_ops``), and drops the state at the end.
+``detach()`` puts the very same processor objects back.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from attnctl.plugins import StrategyManager
 from attnctl.processor import ControlledProcessor, RunSlot, innermost, make_processor
 from attnctl.run_report import idle_instances, warn_idle_instances, warn_sites_not_run
 from attnctl.layout import BatchLayout
+from attnctl.row_driver import RowDriver, StepContext, pipeline_guidance_scale, prediction_only
 from attnctl.run_state import RunState
 from attnctl.sites import SiteTable, describe_sites
+from attnctl.step_ops import NoiseOp, PostStepOp, PredictionOp
 
 
 class Controller:
@@ -35,8 +39,9 @@ class Controller:
     """
 
     def __init__(self, unet: torch.nn.Module, plan: Plan, manager: StrategyManager, scheduler: Any = None,
-                 adapters: AdapterRegistry | None = None):
+                 adapters: AdapterRegistry | None = None, pipe: Any = None):
         self.unet = unet
+        self.pipe = pipe
         self.plan = plan
         self.sites: SiteTable = plan.sites
         self.manager = manager
@@ -55,6 +60,8 @@ class Controller:
         for name, wrapper in wrappers.items():
             self._install(name, wrapper)
         self._hook = unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._post_hook = unet.register_forward_hook(self._post_forward)
+        self._rows: RowDriver | None = None
 
     @property
     def state(self) -> RunState | None:
@@ -111,6 +118,7 @@ class Controller:
         if not self.attached:
             return
         self._hook.remove()
+        self._post_hook.remove()
         for name, module in self._modules.items():
             current = module.processor
             if isinstance(current, ControlledProcessor) and current.slot is self.slot:
@@ -159,26 +167,63 @@ class Controller:
             )
         if num_train_timesteps is None:
             num_train_timesteps = getattr(getattr(self.scheduler, "config", None), "num_train_timesteps", 1000)
+        token_indices = [list(t) for t in token_indices]
+        full_layout = self._with_rows(layout, token_indices)
         state = RunState(
             self.plan,
-            layout,
+            full_layout,
             mask=mask,
             token_indices=token_indices,
             num_train_timesteps=num_train_timesteps,
             timesteps=_LazyTimesteps(self.scheduler),
         )
         self.state = state
-        restore = self._wrap_scheduler(state) if self.plan.latent_ops else (lambda: None)
+        self._rows = None
+        needs_scheduler = self.plan.latent_ops or self.plan.rows or self.plan.step_ops
+        if needs_scheduler and self.scheduler is None:
+            raise ConfigError(
+                "strategies that add rows or act on the denoising loop need the pipeline's scheduler; attach to "
+                "the pipeline (attnctl.attach(pipe, ...)), not to the bare UNet"
+            )
+        restore = self._wrap_scheduler(state) if needs_scheduler else (lambda: None)
         try:
             self.manager.hook.attnctl_run_start(state=state, plan=self.plan)
             yield state
             warn_sites_not_run(state, {n: m.processor for n, m in self._modules.items()})
         finally:
             restore()
+            self._rows = None
             try:
                 self.manager.hook.attnctl_run_end(state=state, plan=self.plan)
             finally:
                 self.state = None
+
+    def _with_rows(self, layout: BatchLayout, token_indices: list[list[int]]) -> BatchLayout:
+        """``layout`` plus the rows the plan adds; their prompts' own tokens join ``token_indices``."""
+        if not self.plan.rows:
+            return layout
+        if "perturbed" in layout.branches:
+            raise ConfigError(
+                f"{', '.join(f'strategies.{i}' for i, _ in self.plan.rows)} add rows to the batch, which "
+                "perturbed-attention guidance (PAG) pipelines cannot take: their processors split the batch in "
+                "three equal parts; use the pipeline without PAG (or pag_scale=0)"
+            )
+        roles = []
+        for _, spec in self.plan.rows:
+            prompt_index = None
+            if spec.prompt is not None:
+                prompt_index = len(token_indices)
+                token_indices.append(self._prompt_tokens(spec.prompt))
+            roles.append((spec.role, spec.per_image, prompt_index))
+        return layout.with_rows(roles)
+
+    def _prompt_tokens(self, prompt: str) -> list[int]:
+        """Positions of ``prompt``'s own tokens (after the start token, before the end token)."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None:
+            return []
+        ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+        return list(range(1, len(ids) - 1))
 
     def _wrap_scheduler(self, state: RunState):
         """Record the unscaled latents and substitute guided ones in ``step``."""
@@ -199,7 +244,22 @@ class Controller:
                         "steps latents of another shape than it gives the UNet, which latent guidance does not support"
                     )
                 sample = pending.to(sample.dtype)
-            return step(model_output, timestep, sample, *a, **kw)
+            noise_ops = [op for op in state.active_step_ops if isinstance(op, NoiseOp)]
+            post_ops = [op for op in state.active_step_ops if isinstance(op, PostStepOp)]
+            if not noise_ops and not post_ops:
+                return step(model_output, timestep, sample, *a, **kw)
+            ctx = self._step_context(state)
+            if noise_ops:
+                _check_variance_noise(step, noise_ops)
+                kw["variance_noise"] = noise_ops[-1].noise(sample, ctx)
+            out = step(model_output, timestep, sample, *a, **kw)
+            latents = out[0] if isinstance(out, tuple) else out.prev_sample
+            for op in post_ops:
+                latents = op.apply(latents, ctx)
+            if isinstance(out, tuple):
+                return (latents, *out[1:])
+            out.prev_sample = latents
+            return out
 
         scheduler.scale_model_input, scheduler.step = recording_scale, substituting_step
 
@@ -228,7 +288,7 @@ class Controller:
         timestep = call.get("timestep")
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         sample = call.get("sample")
-        if sample.shape[0] != len(state.layout):
+        if sample.shape[0] != len(state.layout.main_rows):
             raise ConfigError(
                 f"the run's BatchLayout has {state.layout.describe()}, but the UNet got a batch of "
                 f"{sample.shape[0]}; build it with attnctl.BatchLayout.for_call(pipe, prompt=..., "
@@ -239,9 +299,31 @@ class Controller:
         state.begin_step(t, latent_hw=tuple(sample.shape[-2:]))
         if first:
             self._preview_gates(state, t)
-        if not state.active_latent_ops:
+        own = state.scratch_for("_attnctl")
+        unscaled = own.get("scale_inputs", {}).get(sample.shape[0])  # before guidance clears it
+        guided = self._guide(state, call, t) if state.active_latent_ops else None
+        if not self.plan.rows:
+            return guided
+        if guided is not None:
+            call = UNetCall(unet, *guided)
+        if self._rows is None:
+            self._rows = RowDriver(state, self.plan.rows, self.pipe, self.scheduler, own.get("scale"))
+        return self._rows.extend(call, t, unscaled)
+
+    def _post_forward(self, unet, args, output):
+        """After a main UNet call: step the added rows, apply the prediction op, return the main rows."""
+        state = self.state
+        if state is None or state.in_guidance:
             return None
-        return self._guide(state, call, t)
+        prediction = next((op for op in state.active_step_ops if isinstance(op, PredictionOp)), None)
+        if self._rows is not None:
+            return self._rows.split(output, prediction, self._step_context(state))
+        if prediction is not None:
+            return prediction_only(state, output, prediction, self._step_context(state))
+        return None
+
+    def _step_context(self, state: RunState) -> StepContext:
+        return StepContext(state, state.timestep, pipeline_guidance_scale(self.pipe), self._rows)
 
     def _preview_gates(self, state: RunState, t: float) -> None:
         """Warn now about strategies whose gates are closed for the rest of the run."""
@@ -278,11 +360,28 @@ class Controller:
         for op in state.active_latent_ops:
             x = op.guide(x, ctx).detach()
         state.pending_latents = x / c  # back to the scheduler's sample space for scheduler.step
-        images = torch.tensor(layout.images, device=x.device)
+        images = torch.tensor([layout.images[r] for r in layout.main_rows], device=x.device)
         x = x.index_select(0, images).to(sample.dtype)
         new_sample = torch.cat([x, sample[:, channels:]], dim=1) if sample.shape[1] > channels else x
         own["scale_inputs"] = {}
         return call.with_sample(new_sample)
+
+
+def _check_variance_noise(step, noise_ops) -> None:
+    """Refuse a noise op on a scheduler whose step takes no ``variance_noise``."""
+    import inspect
+
+    try:
+        accepted = "variance_noise" in inspect.signature(step).parameters
+    except (TypeError, ValueError):
+        accepted = False
+    if not accepted:
+        owner = type(getattr(step, "__self__", None)).__name__
+        raise ConfigError(
+            f"{', '.join(f'strategies.{op.strategy}' for op in noise_ops)} provide the variance noise of each step, "
+            f"but {owner}.step takes no variance_noise; use a scheduler that does (DDIM with eta > 0: "
+            "sampler.scheduler=ddim and eta in the pipeline call)"
+        )
 
 
 class _LazyTimesteps:
@@ -334,4 +433,4 @@ def attach(
     manager = manager or StrategyManager.default()
     plan = compile_plan(config or {}, sites, manager)
     registry = AdapterRegistry(*manager.processor_adapters(), adapters or {})
-    return Controller(unet, plan, manager, scheduler, registry)
+    return Controller(unet, plan, manager, scheduler, registry, pipe=target if target is not unet else None)

@@ -1,7 +1,10 @@
-"""The batch layout of a pipeline's UNet calls: what each row is (branch, image, prompt).
+"""The batch layout of a pipeline's UNet calls: what each row is (branch, image, prompt, role).
 
 Explicit, never guessed from ``batch // 2``: ``BatchLayout.for_call(pipe, prompt=..., ...)``
-follows the pipeline's own rules (classifier-free guidance, PAG's perturbed rows).
+follows the pipeline's own rules (classifier-free guidance, PAG's perturbed rows). Rows
+the pipeline makes have the role ``"main"``; rows a strategy adds (a source or reference
+image denoised beside the main ones, see ``attnctl.rows``) have the role it names, and
+come after the main rows.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ if TYPE_CHECKING:
 
 Branch = Literal["uncond", "cond", "perturbed"]
 BRANCHES: tuple[str, ...] = ("uncond", "cond", "perturbed")
+#: the role of the rows the pipeline itself makes
+MAIN_ROLE = "main"
 
 
 @dataclass(frozen=True)
@@ -28,17 +33,23 @@ class BatchLayout:
             that a guidance method such as PAG runs with perturbed attention).
         images: per row, the index of the output image it belongs to.
         prompts: per row, the index of the prompt it was conditioned on.
+        roles: per row, ``"main"`` (a row the pipeline makes) or the role of a row a
+            strategy added (default: every row is main). For an added row, ``images`` is
+            the main image it stands beside (its mask, its conditioning channels).
     """
 
     branches: tuple[Branch, ...]
     images: tuple[int, ...]
     prompts: tuple[int, ...]
+    roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not len(self.branches) == len(self.images) == len(self.prompts) or not self.branches:
+        if not self.roles:
+            object.__setattr__(self, "roles", (MAIN_ROLE,) * len(self.branches))
+        if not len(self.branches) == len(self.images) == len(self.prompts) == len(self.roles) or not self.branches:
             raise ConfigError(
-                f"BatchLayout needs one branch, image and prompt per row; got {len(self.branches)} branches, "
-                f"{len(self.images)} images, {len(self.prompts)} prompts"
+                f"BatchLayout needs one branch, image, prompt and role per row; got {len(self.branches)} branches, "
+                f"{len(self.images)} images, {len(self.prompts)} prompts, {len(self.roles)} roles"
             )
         unknown = sorted(set(self.branches) - set(BRANCHES))
         if unknown:
@@ -92,20 +103,77 @@ class BatchLayout:
 
     @property
     def num_images(self) -> int:
-        return max(self.images) + 1
+        """How many images the pipeline makes (main rows only)."""
+        return max((i for i, role in zip(self.images, self.roles) if role == MAIN_ROLE), default=-1) + 1
+
+    @property
+    def main_rows(self) -> tuple[int, ...]:
+        """Rows the pipeline makes (in batch order); rows strategies added come after them."""
+        return tuple(r for r, role in enumerate(self.roles) if role == MAIN_ROLE)
 
     @property
     def cond_rows(self) -> tuple[int, ...]:
-        """Rows of the conditional branch, in image order."""
-        return tuple(sorted((r for r, b in enumerate(self.branches) if b == "cond"), key=lambda r: self.images[r]))
+        """Main rows of the conditional branch, in image order."""
+        return tuple(sorted((r for r in self.main_rows if self.branches[r] == "cond"), key=lambda r: self.images[r]))
+
+    @property
+    def extra_roles(self) -> tuple[str, ...]:
+        """Roles of the rows strategies added, in batch order."""
+        return tuple(dict.fromkeys(role for role in self.roles if role != MAIN_ROLE))
+
+    def rows_of(self, role: str, branch: str | None = None) -> tuple[int, ...]:
+        """Rows with ``role`` (and ``branch`` if given), in batch order."""
+        return tuple(r for r, (ro, b) in enumerate(zip(self.roles, self.branches))
+                     if ro == role and (branch is None or b == branch))
+
+    def partner(self, row: int, role: str) -> int:
+        """The row of ``role`` that stands beside ``row``: same branch, same image if it has one.
+
+        A role with one row per branch (a reference shared by every image) is every
+        image's partner. ``KeyError`` if the role has no row in that branch.
+        """
+        branch, image = self.branches[row], self.images[row]
+        candidates = self.rows_of(role, branch)
+        if not candidates:
+            raise KeyError(f"no {branch} row has the role {role!r} (roles: {', '.join(dict.fromkeys(self.roles))})")
+        same_image = [r for r in candidates if self.images[r] == image]
+        return (same_image or candidates)[0]
 
     def describe(self) -> str:
         """E.g. ``2 rows (uncond x1, cond x1)``, for error messages."""
         counts = {b: self.branches.count(b) for b in BRANCHES if b in self.branches}
-        return f"{len(self)} rows ({', '.join(f'{b} x{n}' for b, n in counts.items())})"
+        text = f"{len(self)} rows ({', '.join(f'{b} x{n}' for b, n in counts.items())})"
+        extra = self.extra_roles
+        if extra:
+            text += f", of which {len(self) - len(self.main_rows)} added by strategies ({', '.join(extra)})"
+        return text
 
     def subset(self, rows: Sequence[int]) -> BatchLayout:
         """Layout of a batch made of ``rows`` of this one."""
         return BatchLayout(
-            tuple(self.branches[r] for r in rows), tuple(self.images[r] for r in rows), tuple(self.prompts[r] for r in rows)
+            tuple(self.branches[r] for r in rows), tuple(self.images[r] for r in rows),
+            tuple(self.prompts[r] for r in rows), tuple(self.roles[r] for r in rows),
         )
+
+    def with_rows(self, roles: Sequence[tuple[str, bool, int | None]]) -> BatchLayout:
+        """This layout plus added rows: per ``(role, per_image, prompt)``, one row per branch (and image).
+
+        Added rows follow the main rows, role by role, each role in the main rows' branch
+        order. ``per_image`` gives the role one row per main image per branch, else one
+        row per branch (standing beside image 0). ``prompt`` is the prompt index of the
+        role's conditional rows (None: the partner main row's); unconditional rows keep
+        the partner's.
+        """
+        if self.extra_roles:
+            raise ConfigError("rows were already added to this layout")
+        main_branches = list(dict.fromkeys(self.branches))
+        branches, images, prompts, role_names = list(self.branches), list(self.images), list(self.prompts), list(self.roles)
+        for role, per_image, prompt in roles:
+            for branch in main_branches:
+                for image in (range(self.num_images) if per_image else [0]):
+                    partner = next(r for r in self.main_rows if self.branches[r] == branch and self.images[r] == image)
+                    branches.append(branch)
+                    images.append(image)
+                    prompts.append(self.prompts[partner] if prompt is None or branch != "cond" else prompt)
+                    role_names.append(role)
+        return BatchLayout(tuple(branches), tuple(images), tuple(prompts), tuple(role_names))

@@ -1,21 +1,31 @@
 """Operations a strategy plans at attach time, and the contract each one follows.
 
-A strategy's plan is a list of ops. Site ops act inside one attention call, in three
-stages that always run in this order, whatever order strategies were registered in:
+A strategy's plan is a list of ops. Site ops act inside one attention call, in stages
+that always run in this order, whatever order strategies were registered in:
 
+0. ``ProjectionOp.project`` - rewrite the queries and the site's own keys/values before
+   anything else (copy them from another row, AdaIN against a reference row, scale them,
+   transform values along the text-token axis); the own-key count never changes, so
+   everything after keeps indexing the same grid positions or text tokens;
 1. ``KeyValueOp.extend``  - append keys/values (and their additive biases);
 2. ``ReweightOp.factors`` - post-softmax reweighting ``A <- W ⊙ A`` over the site's own
    keys, given as low-rank factors ``W = sum_r a_r b_r^T``, applied exactly with fused
    attention on scaled values. Keys appended in stage 1 keep weight 1;
-3. ``ObserveOp.observe``  - read the effective attention weights (forces an explicit
-   softmax at that site; only cross-attention maps are cheap enough for this);
+3. ``MapOp`` - edit the logits or probabilities explicitly (forces an explicit softmax at
+   that site, computed in query chunks); ``ObserveOp.observe`` - read the effective
+   attention weights (a map op that only reads, over all queries at once);
    ``MeasureOp.measure`` - read products of the effective weights with key-side columns
    (``W_eff @ columns``), computed inside the same fused call as extra value columns, so
-   scalar curves over all keys cost no map.
+   scalar curves over all keys cost no map;
+4. ``BranchOp.branches`` - the site's output becomes a per-query weighted sum of the
+   attention of stages 0-3 (the *main term*) and further fused attention calls or an
+   identity branch, each with its own queries, keys and values.
 
 Within a stage, ops run sorted by strategy instance name. Latent ops update the latent
-z_t before a step's noise prediction. Gate ops restrict when other strategies' ops are
-active. Each op has ``gates`` (predicates on the run state, all must hold) and
+z_t before a step's noise prediction; step ops (``attnctl.step_ops``) combine the noise
+predictions, edit the latent after ``scheduler.step`` and provide variance noise; row
+ops (``attnctl.rows``) add rows to the batch. Gate ops restrict when other strategies'
+ops are active. Each op has ``gates`` (predicates on the run state, all must hold) and
 ``passes`` (``"main"``: the pipeline's own UNet call, ``"guidance"``: the gradient pass of
 latent guidance).
 
@@ -64,6 +74,25 @@ class SiteOp(Op):
 
 
 @dataclass(eq=False)
+class ProjectionOp(SiteOp):
+    """Rewrites the queries and the site's own keys/values before every other stage. Main pass by default.
+
+    ``project(call)`` may read any tensor of the call (``call.take(x, role)`` gives, for
+    every row, the same-branch row of another role) and changes them only through
+    ``call.set_query(q)`` and ``call.set_own_kv(key, value)`` (same shapes as before: the
+    own-key count never changes). Projection ops at a site run in instance-name order, each
+    seeing the previous one's result; key/value banks, reweights, map edits and branches
+    all act on the projected tensors.
+    """
+
+    stage: ClassVar[int] = 0
+    passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
+
+    def project(self, call: AttentionCall) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
 class KeyValueOp(SiteOp):
     """Appends keys/values to the attention call.
 
@@ -72,7 +101,7 @@ class KeyValueOp(SiteOp):
     through ``call.append_keys(key, value, bias)``; it never writes into a tensor in place.
     """
 
-    stage: ClassVar[int] = 0
+    stage: ClassVar[int] = 1
 
     def extend(self, call: AttentionCall) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -96,7 +125,7 @@ class ReweightOp(SiteOp):
     their weights and the map is renormalized once if any of them asks for it.
     """
 
-    stage: ClassVar[int] = 1
+    stage: ClassVar[int] = 2
     renormalize: bool = field(default=False, kw_only=True)
 
     def factors(self, call: AttentionCall) -> list[tuple[torch.Tensor, torch.Tensor]]:  # pragma: no cover
@@ -105,16 +134,56 @@ class ReweightOp(SiteOp):
 
 
 @dataclass(eq=False)
-class ObserveOp(SiteOp):
-    """Reads the effective attention weights ``[B, heads, Nq, Nk]`` (fp32). Guidance pass only by default.
+class MapOp(SiteOp):
+    """Edits or reads the attention map explicitly, ``query_chunk`` queries at a time. Main pass by default.
 
-    ``probs`` are the weights the output is made of: the softmax over all keys (own and
-    appended), after every reweight op at the site and the renormalization if one asked
-    for it. Observers must not modify ``probs`` in place; it may carry gradients.
+    Where a map op is active the site computes ``softmax(Q K^T * scale + bias)`` explicitly in
+    fp32, for ``query_chunk`` queries at a time (None: all at once; the smallest chunk of the
+    ops at the site wins), so memory stays ``B x heads x query_chunk x Nk``. For each chunk,
+    ``queries`` is the slice of query positions it covers and, in this order:
+
+    1. ``edit_logits(call, queries, logits)`` returns the logits to use (all keys, own first);
+    2. softmax, then the reweight ops' ``W`` (and the renormalization, if one asked);
+    3. ``edit_probs(call, queries, probs)`` returns the weights to use (no renormalization follows);
+    4. ``read(call, queries, probs)`` sees the final weights (must not modify them in place).
+
+    The defaults leave the map unchanged. Sites where a map op ran are listed in the run
+    report with the chunk size, so the cost of an explicit map is never hidden.
     """
 
-    stage: ClassVar[int] = 2
+    stage: ClassVar[int] = 3
+    passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
+    query_chunk: int | None = field(default=None, kw_only=True)
+
+    def edit_logits(self, call: AttentionCall, queries: slice, logits: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, heads, q, Nk]`` (fp32) of the chunk's queries -> the logits to use."""
+        return logits
+
+    def edit_probs(self, call: AttentionCall, queries: slice, probs: torch.Tensor) -> torch.Tensor:
+        """Weights ``[B, heads, q, Nk]`` (fp32, after reweights) of the chunk's queries -> the weights to use."""
+        return probs
+
+    def read(self, call: AttentionCall, queries: slice, probs: torch.Tensor) -> None:
+        """See the chunk's final weights ``[B, heads, q, Nk]`` (fp32)."""
+
+
+@dataclass(eq=False)
+class ObserveOp(MapOp):
+    """Reads the effective attention weights ``[B, heads, Nq, Nk]`` (fp32). Guidance pass only by default.
+
+    A map op that only reads, over all queries at once. ``probs`` are the weights the
+    output is made of: the softmax over all keys (own and appended), after every reweight
+    op at the site and the renormalization if one asked for it, and after other map ops'
+    edits. Observers must not modify ``probs`` in place; it may carry gradients.
+    """
+
     passes: frozenset[str] = field(default=frozenset({GUIDANCE}), kw_only=True)
+
+    def __post_init__(self) -> None:
+        self.query_chunk = None  # an observer sees the whole map
+
+    def read(self, call: AttentionCall, queries: slice, probs: torch.Tensor) -> None:
+        self.observe(call, probs)
 
     def observe(self, call: AttentionCall, probs: torch.Tensor) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -141,7 +210,7 @@ class MeasureOp(SiteOp):
     ``sums`` or ``output`` in place.
     """
 
-    stage: ClassVar[int] = 2
+    stage: ClassVar[int] = 3
     passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
 
     def columns(self, call: AttentionCall) -> torch.Tensor:  # pragma: no cover - interface
@@ -150,6 +219,47 @@ class MeasureOp(SiteOp):
 
     def measure(self, call: AttentionCall, sums: torch.Tensor, output: torch.Tensor) -> None:  # pragma: no cover
         """Receive ``sums = W_eff @ columns`` [B, heads, Nq, m] (fp32) and the site's output."""
+        raise NotImplementedError
+
+
+@dataclass
+class Branch:
+    """One term of a site's output: ``weight ⊙ attention(query, key, value, bias)``.
+
+    ``weight`` broadcasts to ``[B, heads, Nq, 1]`` (any sign; rows where it is zero are not
+    computed). ``query``/``key``/``value``/``bias`` default to the call's tensors after
+    stages 0-1 (projections and appended keys; ``bias`` only when ``key`` is the call's).
+    ``identity=True`` makes the term ``weight ⊙ value`` (one value per query, as
+    perturbed-attention guidance uses; needs as many keys as queries). Branches are plain
+    fused attention: reweights, map edits and measurements act on the main term only.
+    """
+
+    weight: torch.Tensor
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    identity: bool = False
+
+
+@dataclass(eq=False)
+class BranchOp(SiteOp):
+    """Makes the site's output a per-query weighted sum of attention calls. Main pass by default.
+
+    ``out = main_weight ⊙ main + sum_b weight_b ⊙ branch_b`` where ``main`` is the site's
+    attention after stages 0-3. ``main_weight(call)`` (default None = 1) broadcasts to
+    ``[B, heads, Nq, 1]``; with several branch ops at a site the main weights multiply and
+    the branches add up.
+    """
+
+    stage: ClassVar[int] = 4
+    passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
+
+    def main_weight(self, call: AttentionCall) -> torch.Tensor | None:
+        """Weight of the main term (None: 1)."""
+        return None
+
+    def branches(self, call: AttentionCall) -> list[Branch]:  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -186,10 +296,25 @@ class GateOp(Op):
 class ActiveOps:
     """The ops active at one site for the current step and pass, split by stage."""
 
+    projection: tuple[ProjectionOp, ...] = ()
     key_value: tuple[KeyValueOp, ...] = ()
     reweight: tuple[ReweightOp, ...] = ()
-    observe: tuple[ObserveOp, ...] = ()
+    #: map ops, observers included (the field keeps the name observers had before map ops)
+    observe: tuple[MapOp, ...] = ()
     measure: tuple[MeasureOp, ...] = ()
+    branch: tuple[BranchOp, ...] = ()
+
+    @classmethod
+    def of(cls, ops) -> ActiveOps:
+        """Split ``ops`` (already in canonical order) by stage."""
+        return cls(
+            projection=tuple(op for op in ops if isinstance(op, ProjectionOp)),
+            key_value=tuple(op for op in ops if isinstance(op, KeyValueOp)),
+            reweight=tuple(op for op in ops if isinstance(op, ReweightOp)),
+            observe=tuple(op for op in ops if isinstance(op, MapOp)),
+            measure=tuple(op for op in ops if isinstance(op, MeasureOp)),
+            branch=tuple(op for op in ops if isinstance(op, BranchOp)),
+        )
 
 
 #: no op at all (a site that only needs its processor adapted, e.g. in the guidance pass)

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from attnctl.ops import ActiveOps, GateOp, KeyValueOp, LatentOp, MeasureOp, ObserveOp, ReweightOp, SiteOp
+from attnctl.ops import ActiveOps, GateOp, LatentOp, Op, SiteOp
 from attnctl.params import StrategySpec
+from attnctl.rows import RowSpec
 from attnctl.sites import SiteTable
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ class Plan:
         site_ops: site name -> ops at that site, in canonical order (stage, instance name).
         latent_ops: latent-guidance ops, sorted by instance name.
         gated_by: instance name -> the gate ops that restrict it (for messages).
+        rows: (instance, RowSpec) of every role strategies add to the batch, by role.
+        step_ops: prediction, post-step and noise ops (``attnctl.step_ops``), by instance name.
         probes: the enabled instances of the ``probes`` section (they only observe or
             measure; their results are in ``RunState.results`` after a run).
     """
@@ -36,11 +39,17 @@ class Plan:
     latent_ops: tuple[LatentOp, ...] = ()
     gated_by: dict[str, tuple[GateOp, ...]] = field(default_factory=dict)
     probes: frozenset[str] = frozenset()
+    rows: tuple[tuple[str, RowSpec], ...] = ()
+    step_ops: tuple[Op, ...] = ()
 
     @property
     def is_idle(self) -> bool:
         """True when no op was planned: attached processors only pass through."""
-        return not self.site_ops and not self.latent_ops
+        return not self.site_ops and not self.latent_ops and not self.rows and not self.step_ops
+
+    def active_step_ops(self, state: RunView) -> tuple[Op, ...]:
+        """Step ops active in ``state``'s current step."""
+        return tuple(op for op in self.step_ops if op.is_active(state))
 
     def active_site_ops(self, state: RunView) -> dict[str, ActiveOps]:
         """Ops active in ``state``'s current step and pass, per site (sites without any omitted)."""
@@ -48,12 +57,7 @@ class Plan:
         for name, ops in self.site_ops.items():
             on = [op for op in ops if op.is_active(state)]
             if on:
-                active[name] = ActiveOps(
-                    key_value=tuple(op for op in on if isinstance(op, KeyValueOp)),
-                    reweight=tuple(op for op in on if isinstance(op, ReweightOp)),
-                    observe=tuple(op for op in on if isinstance(op, ObserveOp)),
-                    measure=tuple(op for op in on if isinstance(op, MeasureOp)),
-                )
+                active[name] = ActiveOps.of(on)
         return active
 
     def active_latent_ops(self, state: RunView) -> tuple[LatentOp, ...]:

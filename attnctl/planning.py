@@ -18,7 +18,9 @@ from attnctl.ops import GateOp, LatentOp, MeasureOp, ObserveOp, Op, SiteOp
 from attnctl.params import StrategySpec, build_params
 from attnctl.plan import Plan
 from attnctl.plugins import StrategyManager, strategies_config
+from attnctl.rows import RowOp, check_roles
 from attnctl.sites import SiteTable
+from attnctl.step_ops import STEP_OP_TYPES, PredictionOp
 
 
 def _sort_key(op: Op) -> tuple:
@@ -138,8 +140,12 @@ def compile_plan(config: Any, sites: SiteTable, manager: StrategyManager) -> Pla
     plan = Plan(sites=sites, instances=instances, gated_by={k: tuple(v) for k, v in gated_by.items()}, probes=probes)
     per_site: dict[str, list[SiteOp]] = defaultdict(list)
     latent: list[LatentOp] = []
+    rows, step = [], []
     for op in planned:
         if isinstance(op, GateOp):
+            continue
+        if isinstance(op, RowOp):  # rows exist for the whole run; gates do not apply to them
+            rows.append((op.strategy, op.row))
             continue
         if gates.get(op.strategy):
             op = replace(op, gates=op.gates + tuple(gates[op.strategy]))
@@ -147,9 +153,21 @@ def compile_plan(config: Any, sites: SiteTable, manager: StrategyManager) -> Pla
             per_site[op.site.name].append(op)
         elif isinstance(op, LatentOp):
             latent.append(op)
+        elif isinstance(op, STEP_OP_TYPES):
+            step.append(op)
         else:
             raise ConfigError(f"strategies.{op.strategy} planned an op of unknown type {type(op).__name__}")
     # canonical order: sites in table order, ops by (stage, instance name)
     plan.site_ops = {s.name: tuple(sorted(per_site[s.name], key=_sort_key)) for s in sites if s.name in per_site}
     plan.latent_ops = tuple(sorted(latent, key=_sort_key))
+    check_roles(rows)
+    plan.rows = tuple(sorted(rows, key=lambda pair: pair[1].role))
+    predictions = sorted({op.strategy for op in step if isinstance(op, PredictionOp)})
+    if len(predictions) > 1:
+        raise ConfigError(
+            f"{' and '.join(f'strategies.{name}' for name in predictions)} each combine the noise predictions "
+            "(a PredictionOp); only one combination can make a step's prediction: enable one of them, or gate "
+            "them to different steps in one strategy"
+        )
+    plan.step_ops = tuple(sorted(step, key=lambda op: op.strategy))
     return plan

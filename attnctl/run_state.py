@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from attnctl.errors import InputError, RunError
 from attnctl.layout import BatchLayout
-from attnctl.ops import GUIDANCE, MAIN, ActiveOps, LatentOp
+from attnctl.ops import GUIDANCE, MAIN, ActiveOps, LatentOp, Op
+from attnctl.run_store import RunStore
 from attnctl.sites import Site, grid_at
 
 if TYPE_CHECKING:
@@ -65,7 +66,13 @@ class RunState:
         self.latent_hw: tuple[int, int] | None = None
         self.active: dict[str, ActiveOps] = {}
         self.active_latent_ops: tuple[LatentOp, ...] = ()
+        self.active_step_ops: tuple[Op, ...] = ()
         self.pending_latents: torch.Tensor | None = None
+        #: role -> final latents of rows added with ``output=True`` (see ``attnctl.rows``)
+        self.row_outputs: dict[str, torch.Tensor] = {}
+        self._stores: dict[str, RunStore] = {}
+        #: site key -> (query chunk, bytes of one chunk's map) for sites that computed an explicit map
+        self.explicit_sites: dict[str, tuple[int, int]] = {}
         self._active_by_pass: dict[str, dict[str, ActiveOps]] = {}
         self._rows: tuple[int, ...] = tuple(range(len(layout)))
         self._mask_cache: dict[tuple, torch.Tensor] = {}
@@ -102,6 +109,7 @@ class RunState:
         self.pass_kind = MAIN
         self.active = self._active_by_pass[MAIN]
         self.active_latent_ops = self.plan.active_latent_ops(self)
+        self.active_step_ops = self.plan.active_step_ops(self)
         self.sites_due.update(self.active)
 
     def _find_step_index(self, t: float) -> int | None:
@@ -180,6 +188,33 @@ class RunState:
         if key not in self._mask_cache:
             self._mask_cache[key] = compute()
         return self._mask_cache[key]
+
+    def store(self, instance: str) -> RunStore:
+        """The run store of one strategy instance (tensors by key, counted in ``report()``)."""
+        if instance not in self._stores:
+            self._stores[instance] = RunStore(instance)
+        return self._stores[instance]
+
+    def note_explicit(self, site: Site, query_chunk: int, chunk_bytes: int) -> None:
+        """Record that ``site`` computed an explicit attention map (called by the core)."""
+        old = self.explicit_sites.get(site.key, (query_chunk, 0))
+        self.explicit_sites[site.key] = (query_chunk, max(old[1], chunk_bytes))
+
+    def report(self) -> dict[str, Any]:
+        """What the run cost beyond the stock pipeline: added rows, explicit maps, stores.
+
+        ``rows``: role -> number of rows added to each UNet call; ``explicit_maps``: site key ->
+        ``{"query_chunk", "bytes"}`` (the largest map chunk held at once); ``stores``: instance ->
+        ``{"bytes", "peak_bytes"}``.
+        """
+        roles = self.layout.extra_roles
+        return {
+            "rows": {role: len(self.layout.rows_of(role)) for role in roles},
+            "explicit_maps": {key: {"query_chunk": chunk, "bytes": size}
+                              for key, (chunk, size) in sorted(self.explicit_sites.items())},
+            "stores": {name: {"bytes": store.nbytes, "peak_bytes": store.peak_bytes}
+                       for name, store in sorted(self._stores.items())},
+        }
 
     def scratch_for(self, instance: str) -> dict[str, Any]:
         """Per-run scratch space of one strategy instance."""

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import attnctl
-from attnctl import attention
 from attnctl.errors import ConfigError, InputError
 from attnctl.guidance import GuidanceContext, UNetCall
 from attnctl.sites import Site
@@ -174,23 +173,18 @@ def unet_case():
     layout = attnctl.BatchLayout.for_pipeline(2, 1, cfg=True)  # rows: uncond 0, 1; cond 2, 3
     z = sample[2:, :4].clone()
     calls: list[tuple] = []
-    real_probs = attention.probabilities
-
-    def counting(call):
-        probs = real_probs(call)
-        calls.append((call.site.key, tuple(probs.shape)))
-        return probs
 
     out = {}
     with ctl.run(layout, mask=_mask_batch(), token_indices=TOKENS) as state:
         state.begin_step(t, LATENT)
         ctx = GuidanceContext(state, UNetCall(pipe.unet, (), {"sample": sample, "timestep": t, "encoder_hidden_states": emb}), 4)
         op = ctl.plan.latent_ops[0]
-        attention.probabilities = counting
+        # every explicit map the core computes is reported to the run state with its size
+        state.note_explicit = lambda site, chunk, size: calls.append((site.key, chunk, size))
         try:
             out["loss"], out["grad"] = op.loss_and_grad(z, ctx)
         finally:
-            attention.probabilities = real_probs
+            del state.note_explicit
         full = dataclasses.replace(op, params=dataclasses.replace(op.params, stop_early=False))
         out["loss_full"], out["grad_full"] = full.loss_and_grad(z, ctx)
         out["alpha"] = step_size_at(op.params, state)
@@ -215,10 +209,10 @@ def test_only_read_sites_materialize_maps(unet_case):
     c = unet_case
     read = {s.key for s in c.op.read_sites}
     assert read == {f"cross[{i}]" for i in (2, 3, 4, 5, 7, 8, 9, 10, 11, 12)}
-    assert {key for key, _ in c.calls} == read and len(c.calls) == len(read)  # once each, stopped after the last
-    for key, shape in c.calls:
+    assert {key for key, *_ in c.calls} == read and len(c.calls) == len(read)  # once each, stopped after the last
+    for key, chunk, size in c.calls:
         hw = 16 if key in {"cross[2]", "cross[3]", "cross[10]", "cross[11]", "cross[12]"} else 4
-        assert shape == (2, 4, hw, 77)  # cond rows only, 4 heads, H*W x 77
+        assert (chunk, size) == (hw, 2 * 4 * hw * 77 * 4)  # cond rows only, 4 heads, H*W x 77, fp32, one chunk
 
 
 def test_stop_early_equals_full_pass(unet_case):

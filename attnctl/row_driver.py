@@ -1,0 +1,246 @@
+"""The UNet batch of a run with added rows: build it before each main call, split it after.
+
+``RowDriver`` implements what ``attnctl.rows`` promises. Before a main UNet call it appends
+the added rows (their latents from their driver, the rest of their conditioning taken
+from their partner main row, their own text embeddings); after the call it steps the
+``free`` rows with classifier-free guidance and a private copy of the scheduler, applies
+the run's prediction op, and hands the pipeline back its own rows only.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from attnctl.errors import ConfigError, UnsupportedModelError
+from attnctl.guidance import UNetCall
+from attnctl.layout import MAIN_ROLE
+from attnctl.rows import RowSpec
+from attnctl.step_ops import PredictionOp
+
+if TYPE_CHECKING:
+    from attnctl.run_state import RunState
+
+
+class StepContext:
+    """What step ops see (``attnctl.step_ops.StepView``)."""
+
+    def __init__(self, state: RunState, timestep: float, guidance_scale: float, driver: RowDriver | None):
+        self.state = state
+        self.timestep = timestep
+        self.guidance_scale = guidance_scale
+        self._driver = driver
+
+    def row_latents(self, role: str) -> torch.Tensor:
+        if self._driver is None or role not in self._driver.latents:
+            raise KeyError(f"no latents of rows with the role {role!r} in this run")
+        return self._driver.latents[role]
+
+
+def pipeline_guidance_scale(pipe: Any) -> float:
+    """The guidance scale of the pipeline call in progress (1 without a pipeline)."""
+    scale = getattr(pipe, "_guidance_scale", None)
+    return 1.0 if scale is None else float(scale)
+
+
+class RowDriver:
+    """Adds a run's rows to each main UNet call and steps the ``free`` ones.
+
+    Args:
+        state: the run (its layout already has the added rows after the main ones).
+        specs: (instance, spec) per role, in layout order.
+        pipe: the pipeline (encodes prompts, gives the guidance scale), or None for a bare UNet.
+        scheduler: the pipeline's scheduler (copied for ``free`` rows).
+        scale: the scheduler's own ``scale_model_input`` (not attnctl's recording wrapper).
+    """
+
+    def __init__(self, state: RunState, specs: tuple[tuple[str, RowSpec], ...], pipe: Any, scheduler: Any,
+                 scale: Callable | None):
+        self.state = state
+        self.specs = {spec.role: spec for _, spec in specs}
+        self.pipe = pipe
+        self.scheduler = scheduler
+        self.scale = scale
+        layout = state.layout
+        self.num_main = len(layout.main_rows)
+        self.extra = list(range(self.num_main, len(layout)))
+        self.partners = [layout.partner(r, MAIN_ROLE) for r in self.extra]
+        #: role -> sample-space latents [n, C, h, w] of the role's images (free, trajectory, noised)
+        self.latents: dict[str, torch.Tensor] = {}
+        self._schedulers: dict[str, Any] = {}
+        self._text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._in_flight: tuple[float, torch.Tensor] | None = None
+        self._eps: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ before the call
+    def extend(self, call: UNetCall, timestep: float, unscaled: torch.Tensor | None) -> tuple[tuple, dict]:
+        """Arguments of ``call`` with the added rows appended."""
+        sample = call.get("sample")
+        if sample.shape[0] != self.num_main:
+            raise ConfigError(f"the UNet got {sample.shape[0]} rows, the run's layout has {self.num_main} main rows")
+        channels = unscaled.shape[1] if unscaled is not None else sample.shape[1]
+        layout = self.state.layout
+        device, dtype = sample.device, sample.dtype
+        parts = []
+        for row, partner in zip(self.extra, self.partners):
+            spec = self.specs[layout.roles[row]]
+            if spec.driver == "shared":
+                latent = sample[partner, :channels]
+            else:
+                latent = self._model_input(spec, timestep, unscaled, device)[self._image_slot(row, spec)].to(dtype)
+            parts.append(torch.cat([latent, sample[partner, channels:]], dim=0))
+        full_sample = torch.cat([sample, torch.stack(parts)], dim=0)
+        index = torch.tensor(list(range(self.num_main)) + self.partners, device=device)
+        args, kwargs = call.subset(index, full_sample)
+        args, kwargs = self._own_text(UNetCall(call.unet, args, kwargs), device)
+        self._in_flight = (timestep, full_sample)
+        return args, kwargs
+
+    def _image_slot(self, row: int, spec: RowSpec) -> int:
+        return self.state.layout.images[row] if spec.per_image else 0
+
+    def _model_input(self, spec: RowSpec, timestep: float, unscaled: torch.Tensor | None, device) -> torch.Tensor:
+        """UNet-input latents [n, C, h, w] of a role's images this step."""
+        role = spec.role
+        if spec.driver == "free":
+            if role not in self.latents:
+                self.latents[role] = self._initial(spec, unscaled, device)
+                scheduler = copy.deepcopy(self.scheduler)
+                for name in ("step", "scale_model_input"):  # attnctl's wrappers live on the instance
+                    scheduler.__dict__.pop(name, None)
+                self._schedulers[role] = scheduler
+            return self._schedulers[role].scale_model_input(self.latents[role], timestep)
+        if spec.driver == "trajectory":
+            index = self.state.step_index
+            if index is None or index >= len(spec.trajectory):
+                raise ConfigError(f"rows {role!r}: the trajectory has {len(spec.trajectory)} latents, "
+                                  f"the run is at step {index}")
+            z = torch.as_tensor(spec.trajectory[index]).to(device)
+        else:  # noised
+            clean = torch.as_tensor(spec.clean).to(device)
+            noise = spec.noise if spec.noise is not None else torch.randn(
+                clean.shape, generator=torch.Generator().manual_seed(spec.noise_seed or 0))
+            t = torch.tensor([timestep], device=device)
+            z = self.scheduler.add_noise(clean, torch.as_tensor(noise).to(device, clean.dtype), t.long())
+        self.latents[role] = z
+        return self.scale(z, timestep) if self.scale is not None else z
+
+    def _initial(self, spec: RowSpec, unscaled: torch.Tensor | None, device) -> torch.Tensor:
+        """The first latent of ``free`` rows: the partner images' initial latent, or seeded noise."""
+        if unscaled is None:
+            raise UnsupportedModelError(
+                f"rows {spec.role!r}: could not find the pipeline's initial latents (it did not call "
+                "scheduler.scale_model_input on the UNet's batch); free rows need a pipeline that does"
+            )
+        layout = self.state.layout
+        cond = layout.cond_rows or layout.main_rows
+        n = layout.num_images if spec.per_image else 1
+        if spec.noise_seed is None:
+            by_image = {layout.images[r]: r for r in cond}
+            return torch.stack([unscaled[by_image[i]] for i in range(n)]).clone()
+        generator = torch.Generator().manual_seed(int(spec.noise_seed))
+        noise = torch.randn((n, *unscaled.shape[1:]), generator=generator, dtype=torch.float32)
+        return (noise * self.scheduler.init_noise_sigma).to(device, unscaled.dtype)
+
+    def _own_text(self, call: UNetCall, device) -> tuple[tuple, dict]:
+        """Put each role's own text embeddings into its conditional rows."""
+        layout = self.state.layout
+        hidden = call.get("encoder_hidden_states")
+        added = call.kwargs.get("added_cond_kwargs")
+        changed = False
+        for row in self.extra:
+            spec = self.specs[layout.roles[row]]
+            if layout.branches[row] != "cond" or (spec.prompt is None and spec.embeds is None):
+                continue
+            embeds, pooled = self._text_of(spec, device)
+            if not changed:
+                hidden = hidden.clone()
+                added = {**added, "text_embeds": added["text_embeds"].clone()} if added and "text_embeds" in added else added
+                changed = True
+            if embeds.shape[1:] != hidden.shape[1:]:
+                raise ConfigError(f"rows {spec.role!r}: text embeddings of shape {tuple(embeds.shape[1:])}, "
+                                  f"the pipeline's are {tuple(hidden.shape[1:])}")
+            hidden[row] = embeds[0].to(hidden.dtype)
+            if added is not None and "text_embeds" in added:
+                if pooled is None:
+                    raise ConfigError(f"rows {spec.role!r}: this UNet needs pooled text embeddings (SDXL); "
+                                      "give pooled= with embeds=, or a prompt")
+                added["text_embeds"][row] = pooled[0].to(added["text_embeds"].dtype)
+        if not changed:
+            return call.args, call.kwargs
+        args, kwargs = call.args, dict(call.kwargs)
+        if len(args) > 2:
+            args = (*args[:2], hidden, *args[3:])
+        else:
+            kwargs["encoder_hidden_states"] = hidden
+        if added is not None:
+            kwargs["added_cond_kwargs"] = added
+        return args, kwargs
+
+    def _text_of(self, spec: RowSpec, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if spec.role not in self._text:
+            if spec.embeds is not None:
+                pooled = None if spec.pooled is None else torch.as_tensor(spec.pooled).to(device)
+                self._text[spec.role] = (torch.as_tensor(spec.embeds).to(device), pooled)
+            else:
+                encode = getattr(self.pipe, "encode_prompt", None)
+                if encode is None:
+                    raise ConfigError(f"rows {spec.role!r}: a prompt needs a pipeline to encode it; attach to the "
+                                      "pipeline, or give embeds=")
+                with torch.no_grad():
+                    out = encode(prompt=spec.prompt, device=device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)
+                self._text[spec.role] = (out[0], out[2] if len(out) == 4 else None)
+        return self._text[spec.role]
+
+    # ------------------------------------------------------------------ after the call
+    def split(self, output: Any, prediction: PredictionOp | None, ctx: StepContext) -> Any:
+        """Step the free rows, apply ``prediction``, return ``output`` with the main rows only."""
+        if self._in_flight is None:
+            return output
+        timestep, _ = self._in_flight
+        self._in_flight = None
+        eps = output[0] if isinstance(output, tuple) else output.sample
+        layout = self.state.layout
+        for role, spec in self.specs.items():
+            if spec.driver == "free":
+                guided = self._guided(eps, role, ctx.guidance_scale)
+                self._eps[role] = guided
+                step = self._schedulers[role].step(guided, timestep, self.latents[role], return_dict=False)
+                self.latents[role] = step[0]
+            if spec.output and role in self.latents:
+                self.state.row_outputs[role] = self.latents[role]
+        main = eps[: self.num_main]
+        if prediction is not None:
+            combined = prediction.combine(eps, ctx)
+            images = torch.tensor([layout.images[r] for r in range(self.num_main)], device=main.device)
+            main = combined.index_select(0, images).to(main.dtype)
+        if isinstance(output, tuple):
+            return (main, *output[1:])
+        return output.__class__(sample=main)
+
+    def _guided(self, eps: torch.Tensor, role: str, scale: float) -> torch.Tensor:
+        """Classifier-free guidance of a role's rows, as the pipeline computes it for its own."""
+        layout = self.state.layout
+        per_branch = {}
+        for branch in ("uncond", "cond"):
+            rows = sorted(layout.rows_of(role, branch), key=lambda r: layout.images[r])
+            if rows:
+                per_branch[branch] = eps.index_select(0, torch.tensor(rows, device=eps.device))
+        if "uncond" in per_branch:
+            uncond, cond = per_branch["uncond"], per_branch["cond"]
+            return uncond + scale * (cond - uncond)
+        return per_branch["cond"]
+
+
+def prediction_only(state: RunState, output: Any, prediction: PredictionOp, ctx: StepContext) -> Any:
+    """Apply a prediction op to a main call without added rows."""
+    eps = output[0] if isinstance(output, tuple) else output.sample
+    combined = prediction.combine(eps, ctx)
+    images = torch.tensor(list(state.layout.images), device=eps.device)
+    main = combined.index_select(0, images).to(eps.dtype)
+    if isinstance(output, tuple):
+        return (main, *output[1:])
+    return output.__class__(sample=main)

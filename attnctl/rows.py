@@ -1,0 +1,105 @@
+"""Rows a strategy adds to the batch: a source or reference image denoised beside the main ones.
+
+Many attention-control methods read *another image* inside the same attention call: the
+source prompt's image (Prompt-to-Prompt, MasaCtrl), a style reference (StyleAligned). A
+strategy asks for such an image by planning a ``RowOp`` with a ``RowSpec``; attnctl then
+
+- appends its rows to every main UNet call, one per CFG branch (and per image with
+  ``per_image``), with the role ``spec.role`` in the run's ``BatchLayout``;
+- conditions them like their partner main row (same timestep, inpainting channels, SDXL
+  added conditions, ControlNet residuals, IP-Adapter embeddings) except for the text:
+  the conditional rows get ``spec.prompt``'s embeddings when one is given;
+- drives their latent with ``spec.driver``:
+
+  ``"free"``       denoised on their own (classifier-free guidance with the pipeline's
+                   scale, a copy of the pipeline's scheduler), starting from the partner
+                   image's initial latent or from ``noise_seed``'s Gaussian noise;
+  ``"shared"``     the partner main row's latent (a perturbed copy of the main image);
+  ``"trajectory"`` ``trajectory[i]``, the sample-space latent of step ``i`` (an inversion);
+  ``"noised"``     ``scheduler.add_noise(clean, noise, t)`` every step;
+
+- keeps them out of what the pipeline returns: the pipeline sees only its own rows. With
+  ``output=True`` the rows' final latents are in ``RunState.row_outputs[role]``.
+
+Rows are independent in a UNet except through attention ops, so an added row that no op
+reads across gives the main rows exactly what they would get alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+from attnctl.errors import ConfigError
+from attnctl.layout import MAIN_ROLE
+from attnctl.ops import Op
+
+if TYPE_CHECKING:
+    import torch
+
+Driver = Literal["free", "shared", "trajectory", "noised"]
+DRIVERS: tuple[str, ...] = ("free", "shared", "trajectory", "noised")
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """Rows one role adds to the batch (see the module docstring).
+
+    Attributes:
+        role: the rows' role in the layout (unique in a plan; ``"main"`` is the pipeline's).
+        prompt: text for the conditional rows (None: the partner main row's conditioning).
+        embeds: instead of ``prompt``, text embeddings ``[1, L, D]`` (and for SDXL a pooled
+            ``[1, P]`` as ``pooled``), for API use and bare UNets.
+        pooled: SDXL's pooled text embedding for ``embeds``.
+        driver: how the rows' latent is set each step (``DRIVERS``).
+        per_image: one row per main image per branch (True) or one per branch beside image 0.
+        noise_seed: ``free`` rows start from ``randn(seed) * init_noise_sigma`` instead of
+            the partner image's initial latent.
+        trajectory: ``trajectory`` driver: sample-space latents, one per step index.
+        clean: ``noised`` driver: the clean latent ``z_0`` ``[n, C, h, w]``.
+        noise: ``noised`` driver: the noise added each step (default ``randn(noise_seed or 0)``).
+        output: publish the rows' final latents in ``RunState.row_outputs[role]``.
+    """
+
+    role: str
+    prompt: str | None = None
+    embeds: Any = None
+    pooled: Any = None
+    driver: Driver = "free"
+    per_image: bool = True
+    noise_seed: int | None = None
+    trajectory: Sequence[torch.Tensor] | None = field(default=None, repr=False)
+    clean: Any = field(default=None, repr=False)
+    noise: Any = field(default=None, repr=False)
+    output: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.role or self.role == MAIN_ROLE:
+            raise ConfigError(f"a RowSpec needs a role other than {MAIN_ROLE!r} (got {self.role!r})")
+        if self.driver not in DRIVERS:
+            raise ConfigError(f"RowSpec {self.role!r}: driver must be one of {', '.join(DRIVERS)}, got {self.driver!r}")
+        if self.prompt is not None and self.embeds is not None:
+            raise ConfigError(f"RowSpec {self.role!r}: give prompt or embeds, not both")
+        if self.driver == "trajectory" and not self.trajectory:
+            raise ConfigError(f"RowSpec {self.role!r}: the trajectory driver needs trajectory=[latent per step]")
+        if self.driver == "noised" and self.clean is None:
+            raise ConfigError(f"RowSpec {self.role!r}: the noised driver needs clean=<z_0 latent>")
+
+
+@dataclass(eq=False)
+class RowOp(Op):
+    """Adds the rows of ``row`` to every main UNet call of the run (gates do not apply: rows exist all run)."""
+
+    row: RowSpec = field(kw_only=True)
+
+
+def check_roles(specs: Sequence[tuple[str, RowSpec]]) -> None:
+    """Refuse two instances declaring one role (``(instance, spec)`` pairs)."""
+    seen: dict[str, str] = {}
+    for instance, spec in specs:
+        if spec.role in seen:
+            raise ConfigError(
+                f"strategies.{instance} and strategies.{seen[spec.role]} both add rows with the role "
+                f"{spec.role!r}; roles name one set of rows, give each its own (strategies usually take the instance name)"
+            )
+        seen[spec.role] = instance

@@ -1,0 +1,76 @@
+"""Step ops: what a strategy does in the denoising loop itself, outside any attention call.
+
+- ``PredictionOp.combine`` turns the noise predictions of every row into the guided
+  prediction of each image (classifier-free guidance is what the pipeline does without
+  one; perturbed-attention guidance, scheduled CFG, SARG are others). attnctl writes the
+  result into every branch row of the image, so the pipeline's own combination
+  ``u + g (c - u)`` hands it on unchanged. At most one prediction op may be planned.
+- ``PostStepOp.apply`` edits the latents right after ``scheduler.step`` (every step,
+  the last one included, so the final latent is edited too), e.g. Prompt-to-Prompt's
+  local blend.
+- ``NoiseOp.noise`` provides the variance noise of a stochastic scheduler's step (DDIM
+  with eta > 0 takes ``variance_noise``).
+
+Each gets a ``StepView``: the run state, the step's noise predictions and timestep, the
+guidance scale, and the latents of rows strategies added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from attnctl.ops import MAIN, Op
+
+if TYPE_CHECKING:
+    import torch
+
+    from attnctl.interfaces import RunView
+
+
+class StepView(Protocol):
+    """What a step op sees of the step."""
+
+    state: RunView
+    timestep: float
+    guidance_scale: float
+
+    def row_latents(self, role: str) -> torch.Tensor:
+        """Sample-space latents ``[n, C, h, w]`` of the rows of ``role`` (after their step, in a post-step op)."""
+        ...
+
+
+@dataclass(eq=False)
+class PredictionOp(Op):
+    """Combines the rows' noise predictions into each image's guided prediction."""
+
+    passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
+
+    def combine(self, eps: torch.Tensor, ctx: StepView) -> torch.Tensor:  # pragma: no cover - interface
+        """``eps`` [rows of ``ctx.state.layout``, C, h, w] -> guided predictions [num_images, C, h, w]."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class PostStepOp(Op):
+    """Edits the main latents right after ``scheduler.step``."""
+
+    passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
+
+    def apply(self, latents: torch.Tensor, ctx: StepView) -> torch.Tensor:  # pragma: no cover - interface
+        """``latents`` [num_images, C, h, w] (sample space, z_{t-1}) -> the latents to continue from."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class NoiseOp(Op):
+    """Provides ``variance_noise`` for a stochastic scheduler's step."""
+
+    passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
+
+    def noise(self, sample: torch.Tensor, ctx: StepView) -> torch.Tensor:  # pragma: no cover - interface
+        """The variance noise, shaped like ``sample`` [num_images, C, h, w]."""
+        raise NotImplementedError
+
+
+STEP_OP_TYPES = (PredictionOp, PostStepOp, NoiseOp)

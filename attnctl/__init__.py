@@ -34,8 +34,10 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("ActiveOps", "GateOp", "KeyValueOp", "LatentOp", "MeasureOp", "ObserveOp", "ReweightOp",
-                     "SiteOp"), "attnctl.ops"),
+    **dict.fromkeys(("ActiveOps", "Branch", "BranchOp", "GateOp", "KeyValueOp", "LatentOp", "MapOp", "MeasureOp",
+                     "ObserveOp", "ProjectionOp", "ReweightOp", "SiteOp"), "attnctl.ops"),
+    **dict.fromkeys(("NoiseOp", "PostStepOp", "PredictionOp"), "attnctl.step_ops"),
+    **dict.fromkeys(("RowOp", "RowSpec"), "attnctl.rows"),
     **dict.fromkeys(("MIRROR", "AdapterRegistry", "CoreCall", "ProcessorAdapter", "SdpaAdapter"), "attnctl.adapters"),
     **dict.fromkeys(("Controller", "attach"), "attnctl.controller"),
     **dict.fromkeys(("StrategyManager", "hookimpl"), "attnctl.plugins"),
@@ -65,7 +67,10 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from attnctl.controller import Controller, attach
     from attnctl.guidance import GuidanceContext
     from attnctl.layout import BatchLayout
-    from attnctl.ops import ActiveOps, GateOp, KeyValueOp, LatentOp, MeasureOp, ObserveOp, ReweightOp, SiteOp
+    from attnctl.ops import (ActiveOps, Branch, BranchOp, GateOp, KeyValueOp, LatentOp, MapOp, MeasureOp, ObserveOp,
+                             ProjectionOp, ReweightOp, SiteOp)
+    from attnctl.rows import RowOp, RowSpec
+    from attnctl.step_ops import NoiseOp, PostStepOp, PredictionOp
     from attnctl.params import StrategySpec
     from attnctl.plan import Plan
     from attnctl.planning import compile_plan

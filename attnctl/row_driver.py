@@ -81,6 +81,10 @@ class RowDriver:
         if sample.shape[0] != self.num_main:
             raise ConfigError(f"the UNet got {sample.shape[0]} rows, the run's layout has {self.num_main} main rows")
         channels = unscaled.shape[1] if unscaled is not None else sample.shape[1]
+        raw = call.get("timestep")  # the scheduler's own timestep object (schedulers index with it)
+        if isinstance(raw, torch.Tensor) and raw.ndim > 0:
+            raw = raw.flatten()[0]
+        timestep = raw if raw is not None else timestep
         layout = self.state.layout
         device, dtype = sample.device, sample.dtype
         parts = []
@@ -122,8 +126,8 @@ class RowDriver:
             clean = torch.as_tensor(spec.clean).to(device)
             noise = spec.noise if spec.noise is not None else torch.randn(
                 clean.shape, generator=torch.Generator().manual_seed(spec.noise_seed or 0))
-            t = torch.tensor([timestep], device=device)
-            z = self.scheduler.add_noise(clean, torch.as_tensor(noise).to(device, clean.dtype), t.long())
+            t = torch.as_tensor(timestep, device=device).reshape(1)
+            z = self.scheduler.add_noise(clean, torch.as_tensor(noise).to(device, clean.dtype), t)
         self.latents[role] = z
         return self.scale(z, timestep) if self.scale is not None else z
 

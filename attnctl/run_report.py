@@ -27,7 +27,8 @@ def qualified(plan: Plan, instance: str) -> str:
 
 def planned_instances(plan: Plan) -> list[str]:
     """Instances that planned site or latent ops, in plan order."""
-    names = [op.strategy for ops in plan.site_ops.values() for op in ops] + [op.strategy for op in plan.latent_ops]
+    names = ([op.strategy for ops in plan.site_ops.values() for op in ops] + [op.strategy for op in plan.latent_ops]
+             + [op.strategy for op in plan.step_ops])
     return list(dict.fromkeys(names))
 
 
@@ -49,8 +50,9 @@ def idle_instances(plan: Plan, layout: BatchLayout, timesteps: Sequence[float], 
             return []
         for by_site in probe._active_by_pass.values():
             for ops in by_site.values():
-                active.update(op.strategy for op in ops.key_value + ops.reweight + ops.observe + ops.measure)
-        active.update(op.strategy for op in probe.active_latent_ops)
+                active.update(op.strategy for op in ops.projection + ops.key_value + ops.reweight + ops.observe
+                              + ops.measure + ops.branch)
+        active.update(op.strategy for op in probe.active_latent_ops + probe.active_step_ops)
     return [name for name in planned_instances(plan) if name not in active]
 
 

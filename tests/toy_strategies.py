@@ -146,3 +146,25 @@ def run_pipe(pipe, image, mask, prompts=("a cat",), cfg=True, num_images_per_pro
         generator=torch.Generator().manual_seed(seed),
         output_type="np",
     ).images
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+class FactoryPlugin:
+    """Provides strategy ``name`` whose ops are ``make(instance, sites)``: any op list, for core tests."""
+
+    def __init__(self, make, name: str = "toy_ops"):
+        self.make, self.name = make, name
+
+    @attnctl.hookimpl
+    def attnctl_add_strategies(self):
+        return [StrategySpec(self.name, "ops made by a test", NoParams)]
+
+    @attnctl.hookimpl
+    def attnctl_plan(self, instance, spec, params, sites):
+        if spec.name != self.name:
+            return None
+        return list(self.make(instance, sites))

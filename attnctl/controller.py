@@ -12,6 +12,7 @@ around ``scheduler.step`` (``attnctl.step_ops``), and drops the state at the end
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -214,7 +215,7 @@ class Controller:
             if spec.prompt is not None:
                 prompt_index = len(token_indices)
                 token_indices.append(self._prompt_tokens(spec.prompt))
-            roles.append((spec.role, spec.per_image, prompt_index))
+            roles.append((spec.role, spec.per_image, prompt_index, spec.branches))
         return layout.with_rows(roles)
 
     def _prompt_tokens(self, prompt: str) -> list[int]:
@@ -229,12 +230,17 @@ class Controller:
         """Record the unscaled latents and substitute guided ones in ``step``."""
         scheduler = self.scheduler
         scale, step = scheduler.scale_model_input, scheduler.step
+        own = {name: scheduler.__dict__[name] for name in ("scale_model_input", "step") if name in scheduler.__dict__}
 
+        # the wrappers present the originals' signatures: pipelines pass `eta`, `generator`, ... only to a
+        # step whose signature names them
+        @functools.wraps(scale)
         def recording_scale(sample, timestep, *a, **kw):
             # by batch size: a pipeline may scale other inputs too (ControlNet's guess mode does)
             state.scratch_for("_attnctl").setdefault("scale_inputs", {})[sample.shape[0]] = sample
             return scale(sample, timestep, *a, **kw)
 
+        @functools.wraps(step)
         def substituting_step(model_output, timestep, sample=None, *a, **kw):
             pending, state.pending_latents = state.pending_latents, None
             if pending is not None:
@@ -252,6 +258,7 @@ class Controller:
             if noise_ops:
                 _check_variance_noise(step, noise_ops)
                 kw["variance_noise"] = noise_ops[-1].noise(sample, ctx)
+                kw.pop("generator", None)  # the noise op's noise replaces what the generator would draw
             out = step(model_output, timestep, sample, *a, **kw)
             latents = out[0] if isinstance(out, tuple) else out.prev_sample
             for op in post_ops:
@@ -263,9 +270,13 @@ class Controller:
 
         scheduler.scale_model_input, scheduler.step = recording_scale, substituting_step
 
-        def restore():
-            del scheduler.scale_model_input
-            del scheduler.step
+
+        def restore():  # what the instance had before (a user's own wrapper), or the class's methods
+            for name in ("scale_model_input", "step"):
+                if name in own:
+                    setattr(scheduler, name, own[name])
+                else:
+                    delattr(scheduler, name)
 
         state.scratch_for("_attnctl")["scale"] = scale
         return restore

@@ -155,21 +155,26 @@ class BatchLayout:
             tuple(self.prompts[r] for r in rows), tuple(self.roles[r] for r in rows),
         )
 
-    def with_rows(self, roles: Sequence[tuple[str, bool, int | None]]) -> BatchLayout:
-        """This layout plus added rows: per ``(role, per_image, prompt)``, one row per branch (and image).
+    def with_rows(self, roles: Sequence[tuple]) -> BatchLayout:
+        """This layout plus added rows: per ``(role, per_image, prompt[, branches])``, one row per branch (and image).
 
         Added rows follow the main rows, role by role, each role in the main rows' branch
         order. ``per_image`` gives the role one row per main image per branch, else one
         row per branch (standing beside image 0). ``prompt`` is the prompt index of the
         role's conditional rows (None: the partner main row's); unconditional rows keep
-        the partner's.
+        the partner's. ``branches`` (default: all of the main rows') picks the branches that get rows.
         """
         if self.extra_roles:
             raise ConfigError("rows were already added to this layout")
         main_branches = list(dict.fromkeys(self.branches))
         branches, images, prompts, role_names = list(self.branches), list(self.images), list(self.prompts), list(self.roles)
-        for role, per_image, prompt in roles:
-            for branch in main_branches:
+        for role, per_image, prompt, *rest in roles:
+            wanted = rest[0] if rest and rest[0] is not None else main_branches
+            unknown = sorted(set(wanted) - set(main_branches))
+            if unknown:
+                raise ConfigError(f"rows {role!r}: the branches {unknown} have no main rows in this run "
+                                  f"({', '.join(main_branches)})")
+            for branch in [b for b in main_branches if b in wanted]:
                 for image in (range(self.num_images) if per_image else [0]):
                     partner = next(r for r in self.main_rows if self.branches[r] == branch and self.images[r] == image)
                     branches.append(branch)

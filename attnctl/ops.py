@@ -171,7 +171,8 @@ class MapOp(SiteOp):
 class ObserveOp(MapOp):
     """Reads the effective attention weights ``[B, heads, Nq, Nk]`` (fp32). Guidance pass only by default.
 
-    A map op that only reads, over all queries at once. ``probs`` are the weights the
+    A map op that only reads: over all queries at once, unless another map op at the site
+    asks for query chunks (then chunk by chunk, ``call``'s queries in order). ``probs`` are the weights the
     output is made of: the softmax over all keys (own and appended), after every reweight
     op at the site and the renormalization if one asked for it, and after other map ops'
     edits. Observers must not modify ``probs`` in place; it may carry gradients.

@@ -53,6 +53,8 @@ class RowSpec:
         pooled: SDXL's pooled text embedding for ``embeds``.
         driver: how the rows' latent is set each step (``DRIVERS``).
         per_image: one row per main image per branch (True) or one per branch beside image 0.
+        branches: the CFG branches that get rows (default: every branch of the main rows);
+            e.g. ``("cond",)`` for a perturbed copy of the conditional rows (PAG).
         noise_seed: ``free`` rows start from ``randn(seed) * init_noise_sigma`` instead of
             the partner image's initial latent.
         trajectory: ``trajectory`` driver: sample-space latents, one per step index.
@@ -67,6 +69,7 @@ class RowSpec:
     pooled: Any = None
     driver: Driver = "free"
     per_image: bool = True
+    branches: tuple[str, ...] | None = None
     noise_seed: int | None = None
     trajectory: Sequence[torch.Tensor] | None = field(default=None, repr=False)
     clean: Any = field(default=None, repr=False)

@@ -52,8 +52,10 @@ class CoreCall:
 
     def compute(self, query, key, value, bias, scale: float | None = None, rows=None) -> torch.Tensor:
         """The site's attention [B, h, Nq, d_v] with the ops applied (``rows``: default the state's)."""
-        scale = query.shape[-1] ** -0.5 if scale is None else scale
-        return compute(AttentionCall(self.site, self.state, query, key, value, bias, scale, rows=rows), self.ops)
+        default = scale is None
+        scale = query.shape[-1] ** -0.5 if default else scale
+        call = AttentionCall(self.site, self.state, query, key, value, bias, scale, rows=rows, scale_is_default=default)
+        return compute(call, self.ops)
 
 
 class ProcessorAdapter(Protocol):

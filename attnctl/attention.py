@@ -45,7 +45,7 @@ def compute(call: AttentionCall, ops: ActiveOps) -> torch.Tensor:
     if ops.observe:
         out = _explicit(call, ops, factors, renormalize, columns, widths)
     elif factors is None and columns is None:
-        out = F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=call.bias, scale=call.scale)
+        out = F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=call.bias, scale=call.sdpa_scale)
     else:
         out, sums = _fused(call, factors, renormalize, columns)
         if sums is not None:
@@ -78,7 +78,8 @@ def _with_branches(call: AttentionCall, branch_ops: tuple[BranchOp, ...], main: 
                                   f"got {value.shape[-2]} values")
             term = value
         else:
-            term = _rows_sdpa(query, key, value, bias, call.scale, weight, batch)
+            scale = call.sdpa_scale if query.shape[-1] == call.query.shape[-1] else call.scale
+            term = _rows_sdpa(query, key, value, bias, scale, weight, batch)
         out = out + weight * term
     return out.to(dtype)
 

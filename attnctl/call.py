@@ -63,6 +63,8 @@ class AttentionCall:
     bias: torch.Tensor | None
     scale: float
     rows: tuple[int, ...] | None = None
+    #: the processor left the scale to SDPA (1/sqrt(d)); fused calls then do too, bit for bit as the stock processor
+    scale_is_default: bool = field(default=False, kw_only=True)
     num_own_keys: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +74,11 @@ class AttentionCall:
         if self.bias is not None and not self.bias.dtype.is_floating_point:
             # SDPA's boolean form (True = attend) as an additive bias
             self.bias = self.query.new_zeros(self.bias.shape).masked_fill(~self.bias, -math.inf)
+
+    @property
+    def sdpa_scale(self) -> float | None:
+        """The ``scale`` argument for a fused call at the call's own head width (None: SDPA's default)."""
+        return None if self.scale_is_default and self.query.shape[-1] == self.key.shape[-1] else self.scale
 
     # ------------------------------------------------------------------ what ops read
     @property

@@ -148,6 +148,7 @@ class Controller:
         mask: Any = None,
         token_indices: Sequence[Sequence[int]] = (),
         num_train_timesteps: int | None = None,
+        prompts: Sequence[str] = (),
     ) -> Iterator[RunState]:
         """Context for one pipeline call: ``with ctl.run(layout, mask): pipe(...)``.
 
@@ -157,6 +158,8 @@ class Controller:
                 ``[K, H, W]``), a PIL image (white = inpaint), or a list, one per image (see ``RunState``).
             token_indices: per prompt, positions of the prompt's own tokens.
             num_train_timesteps: T_train; default: the scheduler's ``num_train_timesteps``.
+            prompts: the prompt texts, by prompt index (strategies that map words to tokens,
+                such as Prompt-to-Prompt, need them).
         """
         self.sync_processors()
         if self.state is not None:
@@ -169,7 +172,8 @@ class Controller:
         if num_train_timesteps is None:
             num_train_timesteps = getattr(getattr(self.scheduler, "config", None), "num_train_timesteps", 1000)
         token_indices = [list(t) for t in token_indices]
-        full_layout = self._with_rows(layout, token_indices)
+        prompts = list(prompts)
+        full_layout = self._with_rows(layout, token_indices, prompts)
         state = RunState(
             self.plan,
             full_layout,
@@ -178,6 +182,8 @@ class Controller:
             num_train_timesteps=num_train_timesteps,
             timesteps=_LazyTimesteps(self.scheduler),
         )
+        state.prompts = prompts
+        state.tokenizer = getattr(self.pipe, "tokenizer", None)
         self.state = state
         self._rows = None
         needs_scheduler = self.plan.latent_ops or self.plan.rows or self.plan.step_ops
@@ -199,8 +205,8 @@ class Controller:
             finally:
                 self.state = None
 
-    def _with_rows(self, layout: BatchLayout, token_indices: list[list[int]]) -> BatchLayout:
-        """``layout`` plus the rows the plan adds; their prompts' own tokens join ``token_indices``."""
+    def _with_rows(self, layout: BatchLayout, token_indices: list[list[int]], prompts: list[str]) -> BatchLayout:
+        """``layout`` plus the rows the plan adds; their prompts join ``prompts`` and their own tokens ``token_indices``."""
         if not self.plan.rows:
             return layout
         if "perturbed" in layout.branches:
@@ -213,8 +219,13 @@ class Controller:
         for _, spec in self.plan.rows:
             prompt_index = None
             if spec.prompt is not None:
-                prompt_index = len(token_indices)
+                prompt_index = max(len(token_indices), len(prompts), layout.prompts[-1] + 1 if layout.prompts else 0)
+                while len(token_indices) < prompt_index:
+                    token_indices.append([])
+                while len(prompts) < prompt_index:
+                    prompts.append("")
                 token_indices.append(self._prompt_tokens(spec.prompt))
+                prompts.append(spec.prompt)
             roles.append((spec.role, spec.per_image, prompt_index, spec.branches))
         return layout.with_rows(roles)
 

@@ -22,6 +22,8 @@ class RunView(Protocol):
 
     layout: BatchLayout
     token_indices: list[list[int]]
+    prompts: list[str]
+    tokenizer: Any
     num_train_timesteps: int
     step_index: int | None
     timestep: float | None

@@ -71,6 +71,10 @@ class RunState:
         #: role -> final latents of rows added with ``output=True`` (see ``attnctl.rows``)
         self.row_outputs: dict[str, torch.Tensor] = {}
         self._stores: dict[str, RunStore] = {}
+        #: prompt texts by prompt index (what the caller gave ``Controller.run``, then the added rows')
+        self.prompts: list[str] = []
+        #: the pipeline's tokenizer (None for a bare UNet), for strategies that map words to tokens
+        self.tokenizer: Any = None
         #: site key -> (query chunk, bytes of one chunk's map) for sites that computed an explicit map
         self.explicit_sites: dict[str, tuple[int, int]] = {}
         self._active_by_pass: dict[str, dict[str, ActiveOps]] = {}

@@ -161,7 +161,7 @@ class Runner:
             )
         kwargs.update(extra)
         start = time.perf_counter()
-        with self.controller.run(layout, mask=mask, token_indices=tokens) as state:
+        with self.controller.run(layout, mask=mask, token_indices=tokens, prompts=[prompt]) as state:
             image = self.pipe(**kwargs).images[0]
         output = self.config.get("output") or {}
         if output.get("paste_back"):

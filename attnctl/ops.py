@@ -147,6 +147,9 @@ class MapOp(SiteOp):
     3. ``edit_probs(call, queries, probs)`` returns the weights to use (no renormalization follows);
     4. ``read(call, queries, probs)`` sees the final weights (must not modify them in place).
 
+    Keys appended by key/value ops come as the bank made them (``kv_bank`` gathers the
+    unmasked keys and merges the masked ones into one key with a log-count bias), so an edit
+    meant for the site's own tokens should touch the first ``call.num_own_keys`` columns only.
     The defaults leave the map unchanged. Sites where a map op ran are listed in the run
     report with the chunk size, so the cost of an explicit map is never hidden.
     """

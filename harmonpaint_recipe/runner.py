@@ -32,12 +32,17 @@ class RunResult:
 
     ``probes`` maps each enabled probe instance (the recipe's ``probes`` section) to its
     result object (e.g. ``strategies.probe_curves.Curves``); empty when no probe is on.
+    ``rows`` holds the images of rows a strategy added and asked to keep (e.g. Prompt-to-Prompt's
+    source with ``keep_source: true``), by role; ``report`` is the run's cost report
+    (``attnctl.RunState.report``: added rows, explicit maps, stores).
     """
 
     image: Image.Image
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
     probes: dict[str, Any] = field(default_factory=dict)
+    rows: dict[str, Image.Image] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 def prompt_token_indices(tokenizer: Any, prompt: str) -> list[int]:
@@ -167,5 +172,13 @@ class Runner:
         if output.get("paste_back"):
             image = paste_back(image, inputs.image, inputs.mask_array, float(output.get("paste_blur", 2.0)))
         probes = {name: state.results[name] for name in sorted(self.controller.plan.probes) if name in state.results}
+        rows = {role: self._decode(latents[:1]) for role, latents in sorted(state.row_outputs.items())}
         return RunResult(image=image, seed=seed, timings={"inpaint_s": round(time.perf_counter() - start, 3)},
-                         probes=probes)
+                         probes=probes, rows=rows, report=state.report())
+
+    def _decode(self, latents: torch.Tensor) -> Image.Image:
+        """A row's final latent as the pipeline would decode its own image."""
+        vae = self.pipe.vae
+        with torch.no_grad():
+            pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]

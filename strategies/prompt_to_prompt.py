@@ -20,16 +20,17 @@ self window is ``[int(T s0), int(T s1))``; alpha has ``T + 1`` rows; reweight is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
-
-import torch
-import torch.nn.functional as F
+from typing import Any
 
 import attnctl
-from attnctl import Branch, BranchOp, MapOp, PostStepOp, ProjectionOp, RowOp, RowSpec, StrategySpec
 from attnctl.errors import ConfigError, InputError
+from attnctl.ops import Branch, BranchOp, MapOp, ProjectionOp
+from attnctl.params import StrategySpec
+from attnctl.rows import RowOp, RowSpec
 from attnctl.selectors import select_sites
-from strategies import p2p_tokens as tok
+from attnctl.step_ops import PostStepOp
+
+# torch is imported where tensors are made: listing strategies must not load it
 
 NAME = "prompt_to_prompt"
 EDITS = ("replace", "refine", "reweight")
@@ -66,6 +67,11 @@ class _Edit:
     """Per-run tensors of one instance: the column factors of both terms and the source mapper."""
 
     def __init__(self, state: Any, p: PromptToPromptParams, role: str):
+        import torch
+        import torch.nn.functional as F
+
+        from strategies import p2p_tokens as tok
+
         if state.tokenizer is None or not state.prompts:
             raise InputError(f"{NAME} needs the prompt texts and the tokenizer: attach to the pipeline and pass "
                              "prompts=[...] to controller.run (harmonpaint_recipe does)")
@@ -90,6 +96,8 @@ def _edit(call: Any, op: Any) -> _Edit:
 
 def _targets(call: Any) -> torch.Tensor:
     """[B, 1, 1, 1] 1 on the main images' conditional rows (the rows P2P edits)."""
+    import torch
+
     lay = call.layout
     on = [float(r == "main" and b == "cond") for r, b in zip(lay.roles, lay.branches)]
     return torch.tensor(on, device=call.query.device)[:, None, None, None]
@@ -105,6 +113,8 @@ class CrossEdit(BranchOp):
         return 1 - _targets(call).to(call.value.dtype)
 
     def branches(self, call):
+        import torch
+
         ed, on, i = _edit(call, self), _targets(call).to(call.value.dtype), call.state.step_index or 0
         c1, c2 = (c[i].to(call.value) for c in (ed.c1, ed.c2))
         v_src = torch.einsum("ij,bhjd->bhid", ed.mapper.to(call.value) * c1, call.value)
@@ -140,7 +150,7 @@ class SelfEdit(ProjectionOp):
         ed = _edit(call, self)
         if call.query.shape[-2] > self.params.self_max_tokens or not ed.self_window[0] <= call.state.step_index < ed.self_window[1]:
             return
-        rows = _targets(call).flatten().nonzero().flatten()
+        rows = _targets(call).flatten().nonzero().flatten()  # the main images' conditional rows
         # clones keep the tensors' strides, so the other rows run the very kernel they ran before
         query, key = call.query.clone(), call.key.clone()
         query[rows], key[rows] = call.take(call.query, ed.role)[rows], call.take(call.key, ed.role)[rows]
@@ -155,6 +165,11 @@ class LocalBlend(PostStepOp):
     params: Any = field(default=None, kw_only=True)
 
     def apply(self, latents, ctx):
+        import torch
+        import torch.nn.functional as F
+
+        from strategies import p2p_tokens as tok
+
         state, p = ctx.state, self.params
         store = state.store(self.strategy)
         sums = [store.get(k) for k in store.keys() if k[0] == "maps"]

@@ -9,8 +9,9 @@ from attnctl.errors import ConfigError
 from harmonpaint_recipe.api import keyword_overrides
 from harmonpaint_recipe.loading import load_recipe, recipe_names, resolved
 
-SHIPPED = ["harmonpaint", "harmonpaint-masked-step", "harmonpaint-natural", "harmonpaint-sams", "harmonpaint-sams-steer",
-           "harmonpaint-sdxl", "sdi"]
+SHIPPED = ["attend-excite", "harmonpaint", "harmonpaint-masked-step", "harmonpaint-natural", "harmonpaint-sams",
+           "harmonpaint-sams-steer", "harmonpaint-sdxl", "masactrl", "p2p-refine", "p2p-replace", "p2p-reweight", "sdi",
+           "style-aligned"]
 
 
 def enabled(cfg) -> set[str]:

@@ -32,7 +32,8 @@ class RunResult:
 
     ``probes`` maps each enabled probe instance (the recipe's ``probes`` section) to its
     result object (e.g. ``strategies.probe_curves.Curves``); empty when no probe is on.
-    ``rows`` holds the images of rows a strategy added and asked to keep (e.g. Prompt-to-Prompt's
+    ``results`` holds what every instance published (``state.publish``), probes included
+    (e.g. ``attend_excite``'s per-step losses). ``rows`` holds the images of rows a strategy added and asked to keep (e.g. Prompt-to-Prompt's
     source with ``keep_source: true``), by role; ``report`` is the run's cost report
     (``attnctl.RunState.report``: added rows, explicit maps, stores).
     """
@@ -43,6 +44,7 @@ class RunResult:
     probes: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, Image.Image] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
 
 
 def prompt_token_indices(tokenizer: Any, prompt: str) -> list[int]:
@@ -174,7 +176,7 @@ class Runner:
         probes = {name: state.results[name] for name in sorted(self.controller.plan.probes) if name in state.results}
         rows = {role: self._decode(latents[:1]) for role, latents in sorted(state.row_outputs.items())}
         return RunResult(image=image, seed=seed, timings={"inpaint_s": round(time.perf_counter() - start, 3)},
-                         probes=probes, rows=rows, report=state.report())
+                         probes=probes, rows=rows, report=state.report(), results=dict(state.results))
 
     def _decode(self, latents: torch.Tensor) -> Image.Image:
         """A row's final latent as the pipeline would decode its own image."""

@@ -89,37 +89,49 @@ class Pictures:
 
     def masactrl(self) -> None:
         rows = []
+        source = ["strategies.masa.source_prompt=a purple star", "strategies.masa.keep_source=true"]
+        everywhere = [*source, "strategies.masa.sites=self", "strategies.masa.start_step=0"]
         for seed in (1, 2, 3):
             inputs = scene_inputs(seed)
-            over = ["strategies.masactrl.source_prompt=a red star", "strategies.masactrl.keep_source=true"]
-            result = self.run("masactrl", over, inputs, "a red square", seed)
-            stock = self.run("sdi", [], inputs, "a red square", seed).image
-            rows.append([("input", outlined(inputs)), ("source\na red star", result.rows["masactrl"]),
-                         ("masactrl\na red square", result.image), ("sdi\na red square", stock)])
+            result = self.run("masactrl", source, inputs, "a square", seed)
+            wide = self.run("masactrl", everywhere, inputs, "a square", seed).image
+            stock = self.run("sdi", [], inputs, "a square", seed).image
+            rows.append([("input", outlined(inputs)), ("source\na purple star", result.rows["masa"]),
+                         ("masactrl (authors' sites)\na square", result.image),
+                         ("masactrl, every self site\nfrom step 0: a square", wide), ("sdi\na square", stock)])
         self.save("masactrl", rows)
 
     def style_aligned(self) -> None:
-        prompts = ["a blue square", "a green star", "a yellow triangle"]
+        prompts = ["a square", "a star", "a triangle"]
         over = ["strategies.style.reference_prompt=a purple circle", "strategies.style.keep_reference=true",
                 "strategies.style.reference_seed=7"]
-        aligned, stock = [], []
+        rows = {"defaults": [], "shift": [], "sdi": []}
         for k, prompt in enumerate(prompts):
             inputs = scene_inputs(10 + k)
             result = self.run("style-aligned", over, inputs, prompt, 10 + k)
-            aligned.append((f"style-aligned\n{prompt}", result.image))
-            stock.append((f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, 10 + k).image))
+            rows["defaults"].append((f"style-aligned\n{prompt}", result.image))
+            shifted = self.run("style-aligned", [*over, "strategies.style.shared_score_shift=2.0"], inputs, prompt, 10 + k)
+            rows["shift"].append((f"style-aligned, shift 2\n{prompt}", shifted.image))
+            rows["sdi"].append((f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, 10 + k).image))
             reference = result.rows["style"]
-        self.save("style-aligned", [[("reference\na purple circle", reference), *aligned], [("", Image.new("RGB", (8, 8), "white")), *stock]])
+        blank = ("", Image.new("RGB", (8, 8), "white"))
+        self.save("style-aligned", [[("reference\na purple circle", reference), *rows["defaults"]],
+                                    [blank, *rows["shift"]], [blank, *rows["sdi"]]])
 
     def attend_excite(self) -> None:
         rows = []
         prompt = "a red circle a blue square"
+        # the testbed's 64 px images put cross/4 at 4x4; cross/2 (8x8) is the grid closest to the paper's 16x16
+        base = ["strategies.excite.tokens=[3,6]", "strategies.excite.read_sites=cross/2"]
         for seed in (1, 2, 3):
             inputs = scene_inputs(seed)
-            result = self.run("attend-excite", ["strategies.excite.tokens=[3,6]"], inputs, prompt, seed)
-            stock = self.run("sdi", [], inputs, prompt, seed).image
-            rows.append([("input", outlined(inputs)), ("attend-excite\ncircle, square", result.image),
-                         (f"sdi\n{prompt}", stock)])
+            row = [("input", outlined(inputs)), (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image)]
+            for scale in (20, 200):
+                result = self.run("attend-excite", [*base, f"strategies.excite.scale_factor={scale}"], inputs, prompt,
+                                  seed)
+                losses = [h["loss"][0] for h in result.results["excite"]]
+                row.append((f"attend-excite, scale {scale}\nloss {losses[0]:.2f} -> {losses[-1]:.2f}", result.image))
+            rows.append(row)
         self.save("attend-excite", rows)
 
 

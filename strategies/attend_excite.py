@@ -131,8 +131,9 @@ class ExciteLatent(LatentOp):
                 loss, grad = self.loss_and_grad(z, ctx)  # next iteration's pass; an image's last is its final pass
         if i < p.max_iter_to_alter:
             z = step(z, grad, loss != 0)
-        ctx.state.scratch_for(self.strategy).setdefault("history", []).append(
-            {"step": i, "step_size": s, "loss_start": start, "iterations": iters.tolist(), "loss": loss.tolist()})
+        history = ctx.state.scratch_for(self.strategy).setdefault("history", [])
+        history.append({"step": i, "step_size": s, "loss_start": start, "iterations": iters.tolist(), "loss": loss.tolist()})
+        ctx.state.publish(self.strategy, history)  # RunResult.results[instance] after the run
         return z
 
     def loss_and_grad(self, z: torch.Tensor, ctx: GuidanceView) -> tuple[torch.Tensor, torch.Tensor]:

@@ -133,6 +133,8 @@ def _fused(call: AttentionCall, factors, renormalize: bool, columns: torch.Tenso
     if renormalize:
         base = len(terms) * width
         row_sums = sum(a * out[..., base + r : base + r + 1] for r, (a, _) in enumerate(terms))
+        # in fp16 a row whose kept mass is below ~6e-8 sums to 0 (its terms too): 0, not 0/0
+        row_sums = torch.where(row_sums == 0, torch.ones_like(row_sums), row_sums)
         result = result / row_sums
         if sums is not None:
             sums = sums / row_sums.float()

@@ -261,6 +261,7 @@ class Controller:
                         "steps latents of another shape than it gives the UNet, which latent guidance does not support"
                     )
                 sample = pending.to(sample.dtype)
+            state.steps_done += 1
             noise_ops = [op for op in state.active_step_ops if isinstance(op, NoiseOp)]
             post_ops = [op for op in state.active_step_ops if isinstance(op, PostStepOp)]
             if not noise_ops and not post_ops:
@@ -280,6 +281,7 @@ class Controller:
             return out
 
         scheduler.scale_model_input, scheduler.step = recording_scale, substituting_step
+        state.steps_done = 0
 
 
         def restore():  # what the instance had before (a user's own wrapper), or the class's methods

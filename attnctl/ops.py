@@ -123,6 +123,8 @@ class ReweightOp(SiteOp):
     row sums come out of the same fused call (extra value columns), so this stays exact
     without a map. At a site where several reweight ops compose, ``W`` is the product of
     their weights and the map is renormalized once if any of them asks for it.
+    In fp16, a row whose reweighted mass underflows (below about 6e-8 of the row) comes out
+    as zeros rather than 0/0.
     """
 
     stage: ClassVar[int] = 2

@@ -68,6 +68,10 @@ class RunState:
         self.active_latent_ops: tuple[LatentOp, ...] = ()
         self.active_step_ops: tuple[Op, ...] = ()
         self.pending_latents: torch.Tensor | None = None
+        #: scheduler steps taken so far (counted where attnctl wraps ``scheduler.step``; None elsewhere):
+        #: a UNet call after a step is a new step even when the timestep repeats
+        self.steps_done: int | None = None
+        self._steps_seen: int | None = None
         #: role -> final latents of rows added with ``output=True`` (see ``attnctl.rows``)
         self.row_outputs: dict[str, torch.Tensor] = {}
         self._stores: dict[str, RunStore] = {}
@@ -102,8 +106,10 @@ class RunState:
         if latent_hw is not None and latent_hw != self.latent_hw:
             self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
             self._mask_cache.clear()
-        if timestep == self.timestep and self._active_by_pass:
-            return
+        stepped = self.steps_done is not None and self.steps_done != self._steps_seen
+        if timestep == self.timestep and self._active_by_pass and not stepped:
+            return  # another UNet call within the same step
+        self._steps_seen = self.steps_done
         self.timestep = float(timestep)
         self.step_index = self._find_step_index(self.timestep)
         self._active_by_pass = {}
@@ -117,9 +123,15 @@ class RunState:
         self.sites_due.update(self.active)
 
     def _find_step_index(self, t: float) -> int | None:
+        """The index of ``t`` in the schedule: the one after the previous step's if it holds ``t``
+        (schedules may repeat a timestep, as PNDM's does), else its first occurrence."""
         if self._timesteps is None:
             return None
-        hits = [i for i, v in enumerate(self._timesteps) if float(v) == t]
+        schedule = [float(v) for v in self._timesteps]
+        prev = self.step_index
+        if prev is not None and prev + 1 < len(schedule) and schedule[prev + 1] == t:
+            return prev + 1
+        hits = [i for i, v in enumerate(schedule) if v == t]
         return hits[0] if hits else None
 
     @contextmanager

@@ -200,3 +200,24 @@ def test_pag_written_from_parts_equals_diffusers_pag_processor(ddim_pipe):
     assert torch.equal(out[0], out[1])
     assert (out[0] - expected[0]).abs().max() < 1e-5
     assert (expected - (u + 7.5 * (c - u))).abs().max() > 1e-3  # the perturbation matters here
+
+
+@dataclass(eq=False)
+class RecordSteps(PostStepOp):
+    seen: list = field(default_factory=list)
+
+    def apply(self, latents, ctx):
+        self.seen.append(ctx.state.step_index)
+        return latents
+
+
+def test_step_index_follows_a_schedule_that_repeats_a_timestep(tiny_pipe, image_and_mask):
+    """PNDM's schedule repeats a timestep; each UNet call after a scheduler step is the next index."""
+    from diffusers import PNDMScheduler
+
+    tiny_pipe.scheduler = PNDMScheduler.from_config(tiny_pipe.scheduler.config, skip_prk_steps=True)
+    op = RecordSteps("r")
+    _run(tiny_pipe, lambda inst, sites: [op], _kwargs(image_and_mask))
+    timesteps = [float(t) for t in tiny_pipe.scheduler.timesteps]
+    assert len(set(timesteps)) < len(timesteps)  # the schedule does repeat one
+    assert op.seen == list(range(len(timesteps)))

@@ -75,7 +75,8 @@ class RecipeVariant(Variant):
 
     def __call__(self) -> Any:
         inputs = self.inputs
-        with self.runner.controller.run(inputs.layout, mask=inputs.mask, token_indices=self.tokens):
+        with self.runner.controller.run(inputs.layout, mask=inputs.mask, token_indices=self.tokens,
+                                        prompts=[inputs.prompt]):
             return inputs.pipe(**inputs.call_kwargs()).images
 
     def teardown(self) -> None:
@@ -106,6 +107,9 @@ class NaiveVariant(Variant):
         self.naive.remove()
 
 
+#: the bench prompt (``harness.PROMPT``) with one word swapped: P2P's source; the others' source/reference
+_SOURCE = "a watercolor painting of a small grey fox sitting in tall grass"
+
 #: variant name -> factory, in report order
 VARIANTS: Registry[Callable[[], Variant]] = Registry("variant", {
     "stock": Variant,
@@ -119,9 +123,22 @@ VARIANTS: Registry[Callable[[], Variant]] = Registry("variant", {
         "probe-cross", "no strategy (recipe sdi), cross_maps probe at cross/4,cross/2 on every step", "sdi",
         ("probes.cross_maps.enabled=true", "probes.cross_maps.steps=all"),
     ),
+    # the methods (docs/methods.md), each with its recipe's defaults; the source or reference
+    # prompt is the bench prompt's own words, so every variant runs on any architecture
+    "p2p": lambda: RecipeVariant("p2p", "Prompt-to-Prompt word swap with local blend (recipe p2p-replace)",
+                                 "p2p-replace", (f"strategies.p2p.source_prompt={_SOURCE}",
+                                                 "strategies.p2p.blend_words=[grey,red]")),
+    "masactrl": lambda: RecipeVariant("masactrl", "MasaCtrl, the authors' sites and steps (recipe masactrl)",
+                                      "masactrl", (f"strategies.masa.source_prompt={_SOURCE}",)),
+    "style-aligned": lambda: RecipeVariant("style-aligned", "StyleAligned, every self site (recipe style-aligned)",
+                                           "style-aligned", (f"strategies.style.reference_prompt={_SOURCE}",)),
+    "attend-excite": lambda: RecipeVariant("attend-excite", "Attend-and-Excite on 'red fox' (recipe attend-excite)",
+                                           "attend-excite", ("strategies.excite.tokens=[7,8]",)),
 })
+#: the method variants (``--variants methods`` names them all)
+METHODS = ("p2p", "masactrl", "style-aligned", "attend-excite")
 #: variants run only when named in ``--variants`` (not part of ``all``)
-OPT_IN = ("probe-cross",)
+OPT_IN = ("probe-cross", *METHODS)
 
 
 def parse_variants(text: str | None) -> list[str]:
@@ -131,5 +148,9 @@ def parse_variants(text: str | None) -> list[str]:
     """
     if not text or text == "all":
         return [n for n in VARIANTS.names() if n not in OPT_IN]
-    names = {"stock", *VARIANTS.parse_list(text, "--variants")}
+    parts = [p.strip() for p in text.split(",")]
+    groups = {"all": [n for n in VARIANTS.names() if n not in OPT_IN], "methods": list(METHODS)}
+    named = [p for p in parts if p not in groups]
+    names = {"stock", *(n for p in parts for n in groups.get(p, ())),
+             *(VARIANTS.parse_list(",".join(named), "--variants") if named else ())}
     return [n for n in VARIANTS if n in names]

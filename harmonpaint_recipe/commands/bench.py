@@ -40,7 +40,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first [1]")
     parser.add_argument("--variants", default="all",
                         help="comma list of stock,idle,sams+makvs,harmonpaint,naive, and the opt-in probe-cross "
-                        "(cross-attention map probe; not in all); stock is always run [all]")
+                        "(cross-attention map probe) and p2p,masactrl,style-aligned,attend-excite (the methods; "
+                        "'methods' names the four); stock is always run [all]")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (all variants)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale [7.5]")
     parser.add_argument("--seed", type=int, default=0, help="weights, inputs and noise seed [0]")

@@ -12,7 +12,6 @@ around ``scheduler.step`` (``attnctl.step_ops``), and drops the state at the end
 
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -30,7 +29,8 @@ from attnctl.layout import BatchLayout
 from attnctl.row_driver import RowDriver, StepContext, pipeline_guidance_scale, prediction_only
 from attnctl.run_state import RunState
 from attnctl.sites import SiteTable, describe_sites
-from attnctl.step_ops import NoiseOp, PostStepOp, PredictionOp
+from attnctl.scheduler_hooks import wrap_scheduler
+from attnctl.step_ops import PredictionOp
 
 
 class Controller:
@@ -192,7 +192,8 @@ class Controller:
                 "strategies that add rows or act on the denoising loop need the pipeline's scheduler; attach to "
                 "the pipeline (attnctl.attach(pipe, ...)), not to the bare UNet"
             )
-        restore = self._wrap_scheduler(state) if needs_scheduler else (lambda: None)
+        restore = (wrap_scheduler(self.scheduler, state, self._step_context) if needs_scheduler
+                   else (lambda: None))
         try:
             self.manager.hook.attnctl_run_start(state=state, plan=self.plan)
             yield state
@@ -237,62 +238,6 @@ class Controller:
         ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
         return list(range(1, len(ids) - 1))
 
-    def _wrap_scheduler(self, state: RunState):
-        """Record the unscaled latents and substitute guided ones in ``step``."""
-        scheduler = self.scheduler
-        scale, step = scheduler.scale_model_input, scheduler.step
-        own = {name: scheduler.__dict__[name] for name in ("scale_model_input", "step") if name in scheduler.__dict__}
-
-        # the wrappers present the originals' signatures: pipelines pass `eta`, `generator`, ... only to a
-        # step whose signature names them
-        @functools.wraps(scale)
-        def recording_scale(sample, timestep, *a, **kw):
-            # by batch size: a pipeline may scale other inputs too (ControlNet's guess mode does)
-            state.scratch_for("_attnctl").setdefault("scale_inputs", {})[sample.shape[0]] = sample
-            return scale(sample, timestep, *a, **kw)
-
-        @functools.wraps(step)
-        def substituting_step(model_output, timestep, sample=None, *a, **kw):
-            pending, state.pending_latents = state.pending_latents, None
-            if pending is not None:
-                if sample is None or pending.shape != sample.shape:
-                    raise UnsupportedModelError(
-                        "the guided latents do not match the sample the scheduler steps from; this pipeline "
-                        "steps latents of another shape than it gives the UNet, which latent guidance does not support"
-                    )
-                sample = pending.to(sample.dtype)
-            state.steps_done += 1
-            noise_ops = [op for op in state.active_step_ops if isinstance(op, NoiseOp)]
-            post_ops = [op for op in state.active_step_ops if isinstance(op, PostStepOp)]
-            if not noise_ops and not post_ops:
-                return step(model_output, timestep, sample, *a, **kw)
-            ctx = self._step_context(state)
-            if noise_ops:
-                _check_variance_noise(step, noise_ops)
-                kw["variance_noise"] = noise_ops[-1].noise(sample, ctx)
-                kw.pop("generator", None)  # the noise op's noise replaces what the generator would draw
-            out = step(model_output, timestep, sample, *a, **kw)
-            latents = out[0] if isinstance(out, tuple) else out.prev_sample
-            for op in post_ops:
-                latents = op.apply(latents, ctx)
-            if isinstance(out, tuple):
-                return (latents, *out[1:])
-            out.prev_sample = latents
-            return out
-
-        scheduler.scale_model_input, scheduler.step = recording_scale, substituting_step
-        state.steps_done = 0
-
-
-        def restore():  # what the instance had before (a user's own wrapper), or the class's methods
-            for name in ("scale_model_input", "step"):
-                if name in own:
-                    setattr(scheduler, name, own[name])
-                else:
-                    delattr(scheduler, name)
-
-        state.scratch_for("_attnctl")["scale"] = scale
-        return restore
 
     # ------------------------------------------------------------------ per UNet call
     def _pre_forward(self, unet, args: tuple, kwargs: dict):
@@ -389,23 +334,6 @@ class Controller:
         new_sample = torch.cat([x, sample[:, channels:]], dim=1) if sample.shape[1] > channels else x
         own["scale_inputs"] = {}
         return call.with_sample(new_sample)
-
-
-def _check_variance_noise(step, noise_ops) -> None:
-    """Refuse a noise op on a scheduler whose step takes no ``variance_noise``."""
-    import inspect
-
-    try:
-        accepted = "variance_noise" in inspect.signature(step).parameters
-    except (TypeError, ValueError):
-        accepted = False
-    if not accepted:
-        owner = type(getattr(step, "__self__", None)).__name__
-        raise ConfigError(
-            f"{', '.join(f'strategies.{op.strategy}' for op in noise_ops)} provide the variance noise of each step, "
-            f"but {owner}.step takes no variance_noise; use a scheduler that does (DDIM with eta > 0: "
-            "sampler.scheduler=ddim and eta in the pipeline call)"
-        )
 
 
 class _LazyTimesteps:

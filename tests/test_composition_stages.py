@@ -28,7 +28,7 @@ from reference_attention import make_call, makvs_bank, random_case, sams_weights
 from strategies.kv_bank import KvBankOp
 from strategies.region_mask import RegionMaskOp
 from attnctl import MapOp
-from test_stage_ops import LAYOUT, SOURCE, ContrastClip, ScaleQuery, SwapKV
+from test_stage_ops import LAYOUT, SOURCE, ContrastClip, ScaleQuery, SwapKV, on_row
 
 SITE = Site("up_blocks.1.attentions.0.transformer_blocks.0.attn1", "self", "up", 7, 0)
 HW = (4, 6)
@@ -55,14 +55,10 @@ class HalfPlain(BranchOp):
     """Row 1 becomes half its output and half plain attention over its own keys."""
 
     def main_weight(self, call):
-        w = torch.ones(call.query.shape[0], 1, 1, 1)
-        w[1] = 0.5
-        return w
+        return on_row(call, 0.5, 1.0)
 
     def branches(self, call):
-        w = torch.zeros(call.query.shape[0], 1, 1, 1)
-        w[1] = 0.5
-        return [Branch(w, key=call.own_key, value=call.own_value)]
+        return [Branch(on_row(call, 0.5, 0.0), key=call.own_key, value=call.own_value)]
 
 
 @dataclass(eq=False)

@@ -139,6 +139,13 @@ def test_observer_is_a_map_op_that_sees_the_whole_map_after_edits():
     assert len(look2.seen) == 1 and look2.seen[0].shape == (4, 2, N, N)
 
 
+def on_row(call, value: float, others: float, row: int = 1) -> torch.Tensor:
+    """[B, 1, 1, 1]: ``value`` on batch row ``row``, ``others`` elsewhere (per-row branch weights)."""
+    w = torch.full((call.query.shape[0], 1, 1, 1), others)
+    w[row] = value
+    return w
+
+
 @dataclass(eq=False)
 class P2PLike(BranchOp):
     """Prompt-to-Prompt's cross edit as two terms on the cond main row: source map on alpha-scaled values + own map."""
@@ -146,13 +153,10 @@ class P2PLike(BranchOp):
     alpha: torch.Tensor = None
 
     def main_weight(self, call):
-        w = torch.ones(call.query.shape[0], 1, 1, 1)
-        w[1] = 0
-        return w
+        return on_row(call, 0.0, 1.0)
 
     def branches(self, call):
-        on = torch.zeros(call.query.shape[0], 1, 1, 1)
-        on[1] = 1
+        on = on_row(call, 1.0, 0.0)
         a = self.alpha.to(call.value.dtype)[:, None]
         return [Branch(on, query=call.take(call.query, "src"), key=call.take(call.key, "src"), value=a * call.value),
                 Branch(on, value=(1 - a) * call.value)]
@@ -175,14 +179,10 @@ class Identity(BranchOp):
     """Perturbed-attention guidance on row 1: its output is its values (identity map)."""
 
     def main_weight(self, call):
-        w = torch.ones(call.query.shape[0], 1, 1, 1)
-        w[1] = 0
-        return w
+        return on_row(call, 0.0, 1.0)
 
     def branches(self, call):
-        w = torch.zeros(call.query.shape[0], 1, 1, 1)
-        w[1] = 1
-        return [Branch(w, identity=True)]
+        return [Branch(on_row(call, 1.0, 0.0), identity=True)]
 
 
 def test_identity_branch_returns_the_values():

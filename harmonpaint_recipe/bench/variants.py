@@ -60,16 +60,18 @@ class Variant:
 class RecipeVariant(Variant):
     """Attached through ``harmonpaint_recipe.runner.Runner`` with a recipe and overrides."""
 
-    def __init__(self, name: str, description: str, recipe: str | None, overrides: tuple[str, ...] = ()):
+    def __init__(self, name: str, description: str, recipe: str | None,
+                 overrides: tuple[str, ...] | Callable[[str], tuple[str, ...]] = ()):
         self.name, self.description = name, description
-        self.recipe, self.overrides = recipe, overrides
+        self.recipe, self.overrides = recipe, overrides  # or a function of the bench prompt
 
     def setup(self, inputs: BenchInputs) -> None:
         from harmonpaint_recipe.loading import load_recipe
         from harmonpaint_recipe.runner import Runner
 
         self.inputs = inputs
-        cfg = load_recipe(self.recipe or inputs.recipe, list(self.overrides))
+        overrides = self.overrides(inputs.prompt) if callable(self.overrides) else self.overrides
+        cfg = load_recipe(self.recipe or inputs.recipe, list(overrides))
         self.runner = Runner(inputs.pipe, cfg)
         self.tokens = inputs.token_indices()
 
@@ -107,8 +109,12 @@ class NaiveVariant(Variant):
         self.naive.remove()
 
 
-#: the bench prompt (``harness.PROMPT``) with one word swapped: P2P's source; the others' source/reference
-_SOURCE = "a watercolor painting of a small grey fox sitting in tall grass"
+def _swap_last_word(prompt: str) -> tuple[str, ...]:
+    """P2P's settings for a bench prompt: the source has its last word swapped; the blend follows that word."""
+    *head, last = prompt.split(" ")
+    source = " ".join([*head, "stone" if last != "stone" else "grass"])
+    return (f"strategies.p2p.source_prompt={source}", f"strategies.p2p.blend_words=[{source.split(' ')[-1]},{last}]")
+
 
 #: variant name -> factory, in report order
 VARIANTS: Registry[Callable[[], Variant]] = Registry("variant", {
@@ -125,15 +131,14 @@ VARIANTS: Registry[Callable[[], Variant]] = Registry("variant", {
     ),
     # the methods (docs/methods.md), each with its recipe's defaults; the source or reference
     # prompt is the bench prompt's own words, so every variant runs on any architecture
-    "p2p": lambda: RecipeVariant("p2p", "Prompt-to-Prompt word swap with local blend (recipe p2p-replace)",
-                                 "p2p-replace", (f"strategies.p2p.source_prompt={_SOURCE}",
-                                                 "strategies.p2p.blend_words=[grey,red]")),
+    "p2p": lambda: RecipeVariant("p2p", "Prompt-to-Prompt, last word swapped, local blend (recipe p2p-replace)",
+                                 "p2p-replace", _swap_last_word),
     "masactrl": lambda: RecipeVariant("masactrl", "MasaCtrl, the authors' sites and steps (recipe masactrl)",
-                                      "masactrl", (f"strategies.masa.source_prompt={_SOURCE}",)),
+                                      "masactrl", lambda prompt: (f"strategies.masa.source_prompt={prompt}, seen from above",)),
     "style-aligned": lambda: RecipeVariant("style-aligned", "StyleAligned, every self site (recipe style-aligned)",
-                                           "style-aligned", (f"strategies.style.reference_prompt={_SOURCE}",)),
-    "attend-excite": lambda: RecipeVariant("attend-excite", "Attend-and-Excite on 'red fox' (recipe attend-excite)",
-                                           "attend-excite", ("strategies.excite.tokens=[7,8]",)),
+                                           "style-aligned", lambda prompt: (f"strategies.style.reference_prompt={prompt}, in origami style",)),
+    "attend-excite": lambda: RecipeVariant("attend-excite", "Attend-and-Excite on the first two tokens (recipe attend-excite)",
+                                           "attend-excite", ("strategies.excite.tokens=[1,2]",)),
 })
 #: the method variants (``--variants methods`` names them all)
 METHODS = ("p2p", "masactrl", "style-aligned", "attend-excite")

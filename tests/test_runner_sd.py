@@ -43,9 +43,9 @@ def test_run_gets_explicit_layout_mask_and_tokens(tiny_pipe, image_and_mask, mon
         with Runner(tiny_pipe, recipe) as runner:
             original = runner.controller.run
 
-            def spy(layout, mask=None, token_indices=()):
-                seen.update(layout=layout, mask=mask, tokens=token_indices)
-                return original(layout, mask=mask, token_indices=token_indices)
+            def spy(layout, mask=None, token_indices=(), prompts=()):
+                seen.update(layout=layout, mask=mask, tokens=token_indices, prompts=prompts)
+                return original(layout, mask=mask, token_indices=token_indices, prompts=prompts)
 
             monkeypatch.setattr(runner.controller, "run", spy)
             runner(inputs, "a cat", 0)
@@ -53,6 +53,7 @@ def test_run_gets_explicit_layout_mask_and_tokens(tiny_pipe, image_and_mask, mon
         assert seen["layout"].images == (0,) * len(branches)
         assert torch.equal(seen["mask"], torch.from_numpy(np.asarray(inputs.mask) / 255.0).float())
         assert seen["tokens"] == [prompt_token_indices(tiny_pipe.tokenizer, "a cat")]
+        assert seen["prompts"] == ["a cat"]
 
 
 def test_harmonpaint_changes_the_output(tiny_pipe, image_and_mask):

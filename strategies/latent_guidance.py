@@ -39,7 +39,7 @@ from attnctl.params import StrategySpec
 from attnctl.selectors import select_sites
 from attnctl.sites import Site, SiteTable
 from strategies.guidance_losses import GridMaps, get_loss
-from strategies.latent_steps import STEP_REGIONS, STEP_RULES, latent_update, soft_region, update_stats
+from strategies.latent_steps import STEP_REGIONS, STEP_RULES, is_fake, latent_update, soft_region, update_stats
 
 if TYPE_CHECKING:
     import torch
@@ -189,12 +189,14 @@ class SteerLatent(LatentOp):
         for it in range(params.iterations):
             loss, grad = self.loss_and_grad(z, ctx)
             update = latent_update(grad.float(), z.float(), alpha, params.step_rule, weights, region)
-            entry = {"step": ctx.state.step_index, "iteration": it, "alpha": alpha, "loss": float(loss),
-                     **update_stats(update, z.float(), mask)}
-            z = (z.float() - update).to(z.dtype)
-            if params.record_loss_after:
-                entry["loss_after"] = float(self.loss_and_grad(z, ctx, with_grad=False)[0])
-            history.append(entry)
+            z_new = (z.float() - update).to(z.dtype)
+            if not is_fake(update):  # a memory/FLOP prediction runs on fake tensors: no values to log
+                entry = {"step": ctx.state.step_index, "iteration": it, "alpha": alpha, "loss": float(loss),
+                         **update_stats(update, z.float(), mask)}
+                if params.record_loss_after:
+                    entry["loss_after"] = float(self.loss_and_grad(z_new, ctx, with_grad=False)[0])
+                history.append(entry)
+            z = z_new
         return z
 
     @staticmethod

@@ -77,6 +77,13 @@ def latent_update(grad: torch.Tensor, z: torch.Tensor, alpha: float, rule: str,
     raise ValueError(f"unknown step rule '{rule}'; use one of {', '.join(STEP_RULES)}")
 
 
+def is_fake(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a fake tensor (shapes and dtypes only, as memory and FLOP predictions use)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
+
+
 def update_stats(update: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """How big the update is inside and outside the (binary, ``[N, 1, h, w]``) mask, as RMS over
     all images in units of the latent's standard deviation, and that standard deviation."""

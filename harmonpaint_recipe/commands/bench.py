@@ -7,7 +7,39 @@ import argparse
 from attnctl.cli import Command
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from harmonpaint_recipe.bench.predict import DEFAULT_TARGETS, run_predictions
+    from harmonpaint_recipe.bench.archs import ARCHITECTURES
+    from harmonpaint_recipe.files import atomic_write_text
+
+    if args.arch is None:
+        targets = DEFAULT_TARGETS
+    else:
+        targets = [(args.arch, args.size or ARCHITECTURES.get(args.arch).default_size)]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype, torch.float16)
+    groups = {"all": ["stock", "idle", "sams+makvs", "harmonpaint"], "methods": ["p2p", "masactrl", "style-aligned"]}
+    variants = [v for part in args.variants.split(",") for v in groups.get(part.strip(), [part.strip()]) if v]
+    result = run_predictions(targets, variants, args.steps or 50, dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n\n".join("\n".join(r["table"]) for r in result.values()) + "\n"
+    atomic_write_text(out / "predict.md", text)
+    atomic_write_text(out / "predict.json", json.dumps(result, indent=2))
+    print(text)
+    print(f"wrote {out / 'predict.json'}, {out / 'predict.md'}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.predict:
+        return _predict(args)
+    args.arch = args.arch or "mid"
+    args.steps = args.steps or 10
     from harmonpaint_recipe.extras import require
 
     require("bench", "psutil", "matplotlib", what="attnctl bench (memory sampling, the PNG chart)")
@@ -31,9 +63,13 @@ def _bench(args: argparse.Namespace) -> int:
 def _arguments(parser: argparse.ArgumentParser) -> None:
     from harmonpaint_recipe.bench.archs import ARCHITECTURES
 
-    parser.add_argument("--arch", default="mid", choices=list(ARCHITECTURES), help="architecture [mid]")
+    parser.add_argument("--arch", default=None, choices=list(ARCHITECTURES),
+                        help="architecture [mid; with --predict: sd15-inpaint 512, sd2-inpaint 768, sdxl-inpaint 1024]")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels [the arch's: 512, 1024 for sdxl, 256 mid, 64 tiny]")
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps [10]")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps [10; 50 with --predict]")
+    parser.add_argument("--predict", action="store_true",
+                        help="predict peak memory and FLOPs at full size on fake tensors (nothing allocated, "
+                             "no timing); writes predict.json and predict.md")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="[auto: fp16 on CUDA, fp32 on CPU]")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N [auto]")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds [3]")

@@ -12,8 +12,9 @@ The updated latent replaces the UNet input of this step and, through
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -131,7 +132,8 @@ class GuidanceContext:
         x = z
         extra = sample.index_select(0, idx)[:, self._channels :]
         if extra.shape[1]:
-            x = torch.cat([x, extra.to(x.dtype)], dim=1)
+            with torch.enable_grad():  # the input must keep z's graph even when called under no_grad
+                x = torch.cat([x, extra.to(x.dtype)], dim=1)
         args, kwargs = self._call.subset(idx, x)
         kwargs["return_dict"] = False
         handle = None
@@ -139,13 +141,27 @@ class GuidanceContext:
             module = self._call.unet.get_submodule(stop_after.name)
             handle = module.register_forward_hook(_stop_pass)
         try:
-            with state.guidance_pass(rows), torch.enable_grad():
+            with state.guidance_pass(rows), torch.enable_grad(), _weights_without_grad(self._call.unet):
                 return self._call.unet(*args, **kwargs)[0]
         except _StopPass:
             return None
         finally:
             if handle is not None:
                 handle.remove()
+
+
+@contextmanager
+def _weights_without_grad(module: torch.nn.Module) -> Iterator[None]:
+    """The pass differentiates with respect to the latent only: weights that require grad would make
+    autograd keep every layer's input for a weight gradient nobody asks for (SDXL at 1024 px: GiBs)."""
+    frozen = [p for p in module.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 class _StopPass(Exception):

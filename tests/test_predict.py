@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from harmonpaint_recipe.bench.predict import TensorBytes, predict
+from harmonpaint_recipe.bench.predict import TensorBytes, flop_counter, predict
 
 
 def test_the_byte_counter_sees_an_allocation_and_its_release():
@@ -28,11 +28,22 @@ def test_the_byte_counter_sees_an_allocation_and_its_release():
     del c
 
 
+def test_attention_flops_are_counted_on_the_cpu_kernel():
+    """torch counts no FLOPs for CPU attention; the predictor's formula counts QK^T and AV (and twice that
+    and more backward), or attention-heavy variants would look free."""
+    b, h, s, d = 2, 4, 64, 16
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    with flop_counter() as flops:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert flops.get_total_flops() == 2 * (2 * b * h * s * s * d)
+    with flop_counter() as flops:
+        out.sum().backward()
+    assert flops.get_total_flops() > 2 * (2 * b * h * s * s * d)
+
+
 def _real_stock_step(size: int = 64):
     """The predictor's stock step with real tensors (fp32, tiny): bytes and FLOPs as measured."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
-
     from attnctl.testing import SD_DDIM_SCHEDULER_CONFIG
     from attnctl.testing.tiny import TINY_UNET_CONFIG
 
@@ -44,7 +55,7 @@ def _real_stock_step(size: int = 64):
     latents, extra, text = torch.randn(1, 4, h, h), torch.randn(2, 5, h, h), torch.randn(2, 77, 32)
     meter = TensorBytes()
     meter.add(*unet.parameters(), *unet.buffers(), latents, extra, text)
-    with meter, FlopCounterMode(display=False) as flops, torch.no_grad():
+    with meter, flop_counter() as flops, torch.no_grad():
         sample = scheduler.scale_model_input(torch.cat([latents] * 2), t)
         eps = unet(torch.cat([sample, extra], dim=1), t, text).sample
         scheduler.step(eps.chunk(2)[-1], t, latents)

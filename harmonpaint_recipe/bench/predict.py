@@ -11,7 +11,9 @@ dispatch modes watch every aten operation, forward and backward:
   attention's), the CUDA context, the VAE and text encoders;
 - ``torch.utils.flop_counter.FlopCounterMode`` counts the FLOPs of matrix products,
   convolutions and attention (elementwise work and norms are not counted: they are memory
-  bound, and a few percent of the FLOPs).
+  bound, and a few percent of the FLOPs). torch has no formula for the CPU attention kernel
+  (``_scaled_dot_product_flash_attention_for_cpu``, the one fake tensors dispatch to here), so
+  ``FLOP_FORMULAS`` gives it the CUDA kernels' formula: ``QK^T`` and ``AV``, forward and backward.
 
 One denoising step is simulated for every distinct set of active ops in the run's
 schedule (steps whose ops are the same cost the same), so a 50-step run costs a few steps
@@ -48,6 +50,32 @@ PREDICT_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "style-aligned": ("style-aligned", ("strategies.style.reference_prompt=a red fox",)),
 }
 PROMPT = "a red fox"
+
+
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+#: FLOP formulas torch lacks (``FlopCounterMode(custom_mapping=...)``)
+FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
+}
+
+
+def flop_counter():
+    """A ``FlopCounterMode`` that also counts the CPU attention kernel."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
 
 
 class TensorBytes(TorchDispatchMode):
@@ -151,7 +179,6 @@ def _predict_variant(stub: _Stub, name: str, size: int, steps: int, sdxl: bool, 
 
 def _predict_one(stub: _Stub, name: str, size: int, steps: int, sdxl: bool, progress) -> Prediction:
     from diffusers import DDIMScheduler
-    from torch.utils.flop_counter import FlopCounterMode
 
     from attnctl.testing import SD_DDIM_SCHEDULER_CONFIG
     from harmonpaint_recipe.loading import load_recipe, resolved
@@ -183,7 +210,7 @@ def _predict_one(stub: _Stub, name: str, size: int, steps: int, sdxl: bool, prog
             meter = TensorBytes()
             meter.add(*stub.unet.parameters(), *stub.unet.buffers(), latents, extra, text, *(added or {}).values())
             with ctl.run(layout, mask=mask, token_indices=[[1, 2, 3]], prompts=[PROMPT]):
-                with meter, FlopCounterMode(display=False) as flops, torch.no_grad():
+                with meter, flop_counter() as flops, torch.no_grad():
                     sample = stub.scheduler.scale_model_input(torch.cat([latents] * len(layout)), t)
                     eps = stub.unet(torch.cat([sample, extra], dim=1), t, text, added_cond_kwargs=added).sample
                     guided = eps.chunk(len(layout))[-1]

@@ -263,7 +263,7 @@ def predict_table(arch: str, size: int, steps: int, dtype: torch.dtype, predicti
              "|---|---:|---:|---:|---:|"]
     for p in predictions:
         lines.append(f"| {p.variant} | {p.peak_bytes / 2**30:.2f} | {p.peak_bytes / stock.peak_bytes:.3f} | "
-                     f"{p.flops / 1e12:.1f} | {p.flops / stock.flops:.3f} |")
+                     f"{p.flops / 1e12:.4g} | {p.flops / stock.flops:.3f} |")
     return lines
 
 

@@ -54,7 +54,6 @@ class ControlledProcessor:
         self.adapter = adapter
         # processors that split the batch by the pipeline's layout cannot run on the guidance pass's subset
         self._guidance_mirror = bool(adapter is not None and adapter.guidance_mirror)
-        _present_signature(self, original)
 
     def __call__(self, attn, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         state = self.slot.state
@@ -135,32 +134,43 @@ class ControlledModuleProcessor(torch.nn.Module, ControlledProcessor):
     __call__ = torch.nn.Module.__call__
 
 
-def _present_signature(wrapper: ControlledProcessor, original: Any) -> None:
-    """Make ``inspect.signature(wrapper.__call__)`` equal the original's.
+#: (wrapper base, original class) -> the wrapper class that presents that class's call signature
+_PRESENTING: dict[tuple[type, type], type] = {}
+
+
+def _presenting_class(base: type, original: Any) -> type:
+    """A subclass of ``base`` whose ``__call__`` carries the original's call signature.
 
     diffusers' ``Attention.forward`` filters ``cross_attention_kwargs`` by the parameter
-    names of ``processor.__call__``; an instance attribute that carries the original's
-    signature makes the wrapper receive exactly what the original would. Calls still go
-    through the class's ``__call__``.
+    names of ``inspect.signature(processor.__call__)``, so the wrapper must present the
+    original's. It does so with a class-level ``__call__`` (one class per original class),
+    not an instance attribute: ``torch.compile`` traces a class's call, and an attached but
+    idle UNet compiles to one graph. The function has a default (``hidden_states=None``):
+    dynamo guards the length of ``__defaults__``.
     """
-    try:
-        signature = inspect.signature(original.__call__)
-    except (TypeError, ValueError):  # a builtin callable without a signature: nothing to present
-        return
-    cls_call = type(wrapper).__call__
+    key = (base, type(original))
+    if key not in _PRESENTING:
+        try:
+            bound = inspect.signature(original.__call__)
+        except (TypeError, ValueError):  # a builtin callable without a signature: present the base's
+            bound = None
+        call = base.__call__
 
-    def presented(*args, **kwargs):
-        return cls_call(wrapper, *args, **kwargs)
+        def __call__(self, attn, hidden_states=None, *args, **kwargs):
+            return call(self, attn, hidden_states, *args, **kwargs)
 
-    presented.__signature__ = signature  # type: ignore[attr-defined]
-    object.__setattr__(wrapper, "__call__", presented)
+        if bound is not None:
+            this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            __call__.__signature__ = bound.replace(parameters=[this, *bound.parameters.values()])  # type: ignore[attr-defined]
+        _PRESENTING[key] = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
+                                                         "__qualname__": base.__qualname__})
+    return _PRESENTING[key]
 
 
 def make_processor(slot: RunSlot, site: Site, original: Any, adapter: ProcessorAdapter | None) -> ControlledProcessor:
-    """The right wrapper class for ``original``."""
-    if isinstance(original, torch.nn.Module):
-        return ControlledModuleProcessor(slot, site, original, adapter)
-    return ControlledProcessor(slot, site, original, adapter)
+    """The right wrapper class for ``original``, presenting its call signature."""
+    base = ControlledModuleProcessor if isinstance(original, torch.nn.Module) else ControlledProcessor
+    return _presenting_class(base, original)(slot, site, original, adapter)
 
 
 def innermost(processor: Any) -> Any:

@@ -178,7 +178,8 @@ def _weight_factors(
     for op in reweight:
         new = op.factors(call)
         for _, b in new:
-            if b.shape[-2] not in (1, call.num_own_keys):
+            # checked eagerly; a compiled graph skips it (a traced f-string with symbolic sizes breaks the graph)
+            if not torch.compiler.is_compiling() and b.shape[-2] not in (1, call.num_own_keys):
                 raise ConfigError(
                     f"strategies.{op.strategy} at {call.site.key}: a reweight factor b has {b.shape[-2]} keys, "
                     f"but factors cover the site's {call.num_own_keys} own keys (or 1 to broadcast); keys "
@@ -210,7 +211,10 @@ def _explicit(call: AttentionCall, ops: ActiveOps, factors, renormalize: bool,
               columns: torch.Tensor | None, widths: list[int]) -> torch.Tensor:
     """The site's attention with an explicit fp32 map, ``query_chunk`` queries at a time (map ops' contract)."""
     nq = call.query.shape[-2]
-    chunk = min((op.query_chunk for op in ops.observe if op.query_chunk), default=None) or nq
+    chunk = nq  # the smallest chunk any map op asks for (a loop: dynamo traces no min() over a generator)
+    for op in ops.observe:
+        if op.query_chunk and op.query_chunk < chunk:
+            chunk = op.query_chunk
     note = getattr(call.state, "note_explicit", None)
     if note is not None:
         note(call.site, chunk, call.query.shape[0] * call.query.shape[1] * min(chunk, nq) * call.key.shape[-2] * 4)

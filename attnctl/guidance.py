@@ -137,7 +137,9 @@ class GuidanceContext:
         args, kwargs = self._call.subset(idx, x)
         kwargs["return_dict"] = False
         handle = None
-        if stop_after is not None:
+        # a compiled forward cannot be left by an exception from a hook (dynamo would run the whole frame
+        # eagerly and compile the blocks one by one): the compiled pass runs to the end instead
+        if stop_after is not None and not _is_compiled(self._call.unet.forward):
             module = self._call.unet.get_submodule(stop_after.name)
             handle = module.register_forward_hook(_stop_pass)
         try:
@@ -162,6 +164,11 @@ def _weights_without_grad(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for p in frozen:
             p.requires_grad_(True)
+
+
+def _is_compiled(forward: Any) -> bool:
+    """Whether ``forward`` was replaced by ``torch.compile(...)`` (what docs/benchmarks.md shows)."""
+    return hasattr(forward, "_torchdynamo_orig_callable") or hasattr(forward, "_torchdynamo_inline")
 
 
 class _StopPass(Exception):

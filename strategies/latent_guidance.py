@@ -88,7 +88,8 @@ class LatentGuidanceParams:
     )
     token_scale: float = field(default=100.0, metadata={"help": "factor before the softmax over tokens"})
     eps: float = field(default=1e-4, metadata={"help": "epsilon in log(1 - A + eps)"})
-    stop_early: bool = field(default=True, metadata={"help": "end the gradient pass after the last read site"})
+    stop_early: bool = field(default=True, metadata={"help": "end the gradient pass after the last read site "
+                                                                    "(eager forward; a compiled one runs to the end)"})
 
     def __post_init__(self) -> None:
         get_loss(self.loss)  # unknown names fail here, with the list of known ones

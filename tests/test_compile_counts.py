@@ -51,3 +51,27 @@ def test_an_idle_controller_compiles_like_stock(tiny_pipe, image_and_mask):
     # the wrapper presents the original's signature with a class-level __call__, which dynamo traces
     assert (graphs, breaks) == (1, 0)
     assert torch.equal(idle, stock)
+
+
+def test_harmonpaint_compiles_without_graph_breaks(tiny_pipe, image_and_mask):
+    """The steer pass runs to the end of the UNet when the forward is compiled (an exception from a hook
+    would drop the frame to eager): no graph break, one graph per grad mode and per set of active ops
+    (structure phase, guidance pass, style phase), not one per step; the same image as eager."""
+    from diffusers import DDIMScheduler
+
+    from harmonpaint_recipe.loading import load_recipe, resolved
+    from harmonpaint_recipe.runner import attach_config
+
+    tiny_pipe.scheduler = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    config = attach_config(resolved(load_recipe("harmonpaint")))
+    with attnctl.attach(tiny_pipe, config) as ctl:
+        image, mask = image_and_mask
+        layout = attnctl.BatchLayout.for_call(tiny_pipe, prompt="a cat", guidance_scale=7.5)
+        with ctl.run(layout, mask=torch.from_numpy(np.asarray(mask) / 255.0), token_indices=[[1, 2, 3, 4, 5]],
+                     prompts=["a cat"]):
+            eager = tiny_pipe(prompt="a cat", image=image, mask_image=mask, num_inference_steps=6, guidance_scale=7.5,
+                              output_type="latent", generator=torch.Generator().manual_seed(0)).images
+        compiled, graphs, breaks = _compiled_run(tiny_pipe, image_and_mask, ctl)
+    assert breaks == 0
+    assert graphs <= 6
+    assert (compiled - eager).abs().max() < 1e-4

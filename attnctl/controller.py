@@ -26,7 +26,7 @@ from attnctl.plugins import StrategyManager
 from attnctl.processor import ControlledProcessor, RunSlot, innermost, make_processor
 from attnctl.run_report import idle_instances, warn_idle_instances, warn_sites_not_run
 from attnctl.layout import BatchLayout
-from attnctl.row_driver import RowDriver, StepContext, pipeline_guidance_scale, prediction_only
+from attnctl.row_driver import RowDriver, StepContext, main_output, pipeline_guidance_scale
 from attnctl.run_state import RunState
 from attnctl.sites import SiteTable, describe_sites
 from attnctl.scheduler_hooks import wrap_scheduler
@@ -288,7 +288,7 @@ class Controller:
         if self._rows is not None:
             return self._rows.split(output, prediction, self._step_context(state))
         if prediction is not None:
-            return prediction_only(state, output, prediction, self._step_context(state))
+            return main_output(output, len(state.layout), prediction, self._step_context(state))
         return None
 
     def _step_context(self, state: RunState) -> StepContext:

@@ -71,8 +71,7 @@ class RowDriver:
         self.latents: dict[str, torch.Tensor] = {}
         self._schedulers: dict[str, Any] = {}
         self._text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._in_flight: tuple[float, torch.Tensor] | None = None
-        self._eps: dict[str, torch.Tensor] = {}
+        self._in_flight: Any = None  # the timestep of the extended call the forward hook has not split yet
 
     # ------------------------------------------------------------------ before the call
     def extend(self, call: UNetCall, timestep: float, unscaled: torch.Tensor | None) -> tuple[tuple, dict]:
@@ -99,7 +98,7 @@ class RowDriver:
         index = torch.tensor(list(range(self.num_main)) + self.partners, device=device)
         args, kwargs = call.subset(index, full_sample)
         args, kwargs = self._own_text(UNetCall(call.unet, args, kwargs), device)
-        self._in_flight = (timestep, full_sample)
+        self._in_flight = timestep
         return args, kwargs
 
     def _image_slot(self, row: int, spec: RowSpec) -> int:
@@ -204,26 +203,16 @@ class RowDriver:
         """Step the free rows, apply ``prediction``, return ``output`` with the main rows only."""
         if self._in_flight is None:
             return output
-        timestep, _ = self._in_flight
-        self._in_flight = None
-        eps = output[0] if isinstance(output, tuple) else output.sample
-        layout = self.state.layout
+        timestep, self._in_flight = self._in_flight, None
+        eps = unet_sample(output)
         for role, spec in self.specs.items():
             if spec.driver == "free":
                 guided = self._guided(eps, role, ctx.guidance_scale)
-                self._eps[role] = guided
                 step = self._schedulers[role].step(guided, timestep, self.latents[role], return_dict=False)
                 self.latents[role] = step[0]
             if spec.output and role in self.latents:
                 self.state.row_outputs[role] = self.latents[role]
-        main = eps[: self.num_main]
-        if prediction is not None:
-            combined = prediction.combine(eps, ctx)
-            images = torch.tensor([layout.images[r] for r in range(self.num_main)], device=main.device)
-            main = combined.index_select(0, images).to(main.dtype)
-        if isinstance(output, tuple):
-            return (main, *output[1:])
-        return output.__class__(sample=main)
+        return main_output(output, self.num_main, prediction, ctx)
 
     def _guided(self, eps: torch.Tensor, role: str, scale: float) -> torch.Tensor:
         """Classifier-free guidance of a role's rows, as the pipeline computes it for its own."""
@@ -239,12 +228,17 @@ class RowDriver:
         return per_branch["cond"]
 
 
-def prediction_only(state: RunState, output: Any, prediction: PredictionOp, ctx: StepContext) -> Any:
-    """Apply a prediction op to a main call without added rows."""
-    eps = output[0] if isinstance(output, tuple) else output.sample
-    combined = prediction.combine(eps, ctx)
-    images = torch.tensor(list(state.layout.images), device=eps.device)
-    main = combined.index_select(0, images).to(eps.dtype)
-    if isinstance(output, tuple):
-        return (main, *output[1:])
-    return output.__class__(sample=main)
+def unet_sample(output: Any) -> torch.Tensor:
+    """The noise prediction in a UNet's output (``return_dict=False`` tuple or ``UNet2DConditionOutput``)."""
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def main_output(output: Any, num_main: int, prediction: PredictionOp | None, ctx: StepContext) -> Any:
+    """The UNet output as the pipeline gets it: its own (first ``num_main``) rows, holding the prediction op's
+    guided prediction of their image if one is active."""
+    eps = unet_sample(output)
+    main = eps[:num_main]
+    if prediction is not None:
+        images = torch.tensor(ctx.state.layout.images[:num_main], device=main.device)
+        main = prediction.combine(eps, ctx).index_select(0, images).to(main.dtype)
+    return (main, *output[1:]) if isinstance(output, tuple) else output.__class__(sample=main)

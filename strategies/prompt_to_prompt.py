@@ -86,7 +86,6 @@ class _Edit:
         else:
             self.mapper = tok.replacement_mapper(source, target, t) if p.edit == "replace" else torch.eye(77)
             self.c1, self.c2 = alpha * e, 1 - alpha
-        self.self_window = (0, int(steps * p.self_replace_steps))
         self.role = role
 
 
@@ -95,12 +94,29 @@ def _edit(call: Any, op: Any) -> _Edit:
 
 
 def _targets(call: Any) -> torch.Tensor:
-    """[B, 1, 1, 1] 1 on the main images' conditional rows (the rows P2P edits)."""
+    """[B, 1, 1, 1] 1 on the main images' conditional rows (the rows P2P edits); made once per run and rows."""
     import torch
 
-    lay = call.layout
-    on = [float(r == "main" and b == "cond") for r, b in zip(lay.roles, lay.branches)]
-    return torch.tensor(on, device=call.query.device)[:, None, None, None]
+    def make():
+        lay = call.layout
+        on = [float(r == "main" and b == "cond") for r, b in zip(lay.roles, lay.branches)]
+        return torch.tensor(on, device=call.query.device)[:, None, None, None]
+
+    return call.memo("p2p-targets", make)
+
+
+@dataclass(frozen=True)
+class _SelfWindow:
+    """Gate of the self-map replacement: step index < int(T * fraction) (the authors' window from step 0)."""
+
+    fraction: float
+
+    def __call__(self, state: Any) -> bool:
+        i = state.step_index
+        return i is not None and i < int((state.num_inference_steps or 1) * self.fraction)
+
+    def __str__(self) -> str:
+        return f"step < int(T * {self.fraction})"
 
 
 @dataclass(eq=False)
@@ -148,7 +164,7 @@ class SelfEdit(ProjectionOp):
 
     def project(self, call):
         ed = _edit(call, self)
-        if call.query.shape[-2] > self.params.self_max_tokens or not ed.self_window[0] <= call.state.step_index < ed.self_window[1]:
+        if call.query.shape[-2] > self.params.self_max_tokens:  # the grid depends on the run's size: checked here
             return
         rows = _targets(call).flatten().nonzero().flatten()  # the main images' conditional rows
         # clones keep the tensors' strides, so the other rows run the very kernel they ran before
@@ -205,9 +221,12 @@ def attnctl_plan(instance: str, spec: StrategySpec, params: PromptToPromptParams
         return None
     blend = {s.name for s in select_sites(params.blend_sites, sites)} if params.blend_words else set()
     ops: list[Any] = [RowOp(instance, row=RowSpec(instance, prompt=params.source_prompt, output=params.keep_source))]
+    window = _SelfWindow(params.self_replace_steps)
     for site in sites:
-        kind = SelfEdit if site.kind == "self" else CrossEditStored if site.name in blend else CrossEdit
-        ops.append(kind(instance, site=site, params=params))
+        if site.kind == "self":
+            ops.append(SelfEdit(instance, site=site, params=params, gates=(window,)))
+        else:
+            ops.append((CrossEditStored if site.name in blend else CrossEdit)(instance, site=site, params=params))
     if blend:
         ops.append(LocalBlend(instance, params=params))
     return ops

@@ -235,20 +235,9 @@ def _step_groups(plan: Any, layout: BatchLayout, timesteps: list[int]) -> list[t
         active = tuple(sorted((site, tuple(id(op) for ops in (a.projection, a.key_value, a.reweight, a.observe,
                                                               a.measure, a.branch) for op in ops))
                               for site, a in probe._active_by_pass.get("main", {}).items()))
-        key = (active, tuple(id(op) for op in probe.active_latent_ops), tuple(id(op) for op in probe.active_step_ops),
-               _windows(plan, probe))
+        key = (active, tuple(id(op) for op in probe.active_latent_ops), tuple(id(op) for op in probe.active_step_ops))
         groups.setdefault(key, []).append(i)
     return [(steps[0], len(steps)) for steps in groups.values()]
-
-
-def _windows(plan: Any, state: RunState) -> tuple:
-    """Step-dependent switches inside ops that gates do not show (Prompt-to-Prompt's self-map window)."""
-    out = []
-    for name, (spec, params) in plan.instances.items():
-        if spec.name == "prompt_to_prompt":
-            n = state.num_inference_steps or 1
-            out.append((name, state.step_index < int(n * params.self_replace_steps)))
-    return tuple(out)
 
 
 #: what ``attnctl bench --predict`` predicts by default: the three full-size models at their own sizes

@@ -25,7 +25,7 @@ from attnctl.planning import compile_plan
 from attnctl.plugins import StrategyManager
 from attnctl.processor import ControlledProcessor, RunSlot, innermost, make_processor
 from attnctl.run_report import idle_instances, warn_idle_instances, warn_sites_not_run
-from attnctl.layout import BatchLayout
+from attnctl.layout import BatchLayout, prompt_token_indices
 from attnctl.row_driver import RowDriver, StepContext, main_output, pipeline_guidance_scale
 from attnctl.run_state import RunState
 from attnctl.sites import SiteTable, describe_sites
@@ -225,19 +225,11 @@ class Controller:
                     token_indices.append([])
                 while len(prompts) < prompt_index:
                     prompts.append("")
-                token_indices.append(self._prompt_tokens(spec.prompt))
+                tokenizer = getattr(self.pipe, "tokenizer", None)
+                token_indices.append([] if tokenizer is None else prompt_token_indices(tokenizer, spec.prompt))
                 prompts.append(spec.prompt)
             roles.append((spec.role, spec.per_image, prompt_index, spec.branches))
         return layout.with_rows(roles)
-
-    def _prompt_tokens(self, prompt: str) -> list[int]:
-        """Positions of ``prompt``'s own tokens (after the start token, before the end token)."""
-        tokenizer = getattr(self.pipe, "tokenizer", None)
-        if tokenizer is None:
-            return []
-        ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-        return list(range(1, len(ids) - 1))
-
 
     # ------------------------------------------------------------------ per UNet call
     def _pre_forward(self, unet, args: tuple, kwargs: dict):

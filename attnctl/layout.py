@@ -182,3 +182,13 @@ class BatchLayout:
                     prompts.append(self.prompts[partner] if prompt is None or branch != "cond" else prompt)
                     role_names.append(role)
         return BatchLayout(tuple(branches), tuple(images), tuple(prompts), tuple(role_names))
+
+
+def prompt_token_indices(tokenizer: Any, prompt: str) -> list[int]:
+    """Positions of the prompt's own tokens: 1..n (no start, end or padding token).
+
+    Prompts longer than the text encoder's window are truncated as the pipeline does.
+    """
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    # unpadded: [start, t_1 .. t_n, end]
+    return list(range(1, len(ids) - 1))

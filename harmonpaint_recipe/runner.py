@@ -19,7 +19,7 @@ from PIL import Image
 
 import attnctl
 from attnctl.errors import ConfigError
-from attnctl.layout import BatchLayout
+from attnctl.layout import BatchLayout, prompt_token_indices  # noqa: F401 - re-exported for callers
 from harmonpaint_recipe.inputs import PreparedInputs
 from harmonpaint_recipe.loading import resolved
 from harmonpaint_recipe.model import check_pipeline
@@ -45,16 +45,6 @@ class RunResult:
     rows: dict[str, Image.Image] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
-
-
-def prompt_token_indices(tokenizer: Any, prompt: str) -> list[int]:
-    """Positions of the prompt's own tokens: 1..n (no start, end or padding token).
-
-    Prompts longer than the text encoder's window are truncated as the pipeline does.
-    """
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    # unpadded: [start, t_1 .. t_n, end]
-    return list(range(1, len(ids) - 1))
 
 
 def new_seed() -> int:

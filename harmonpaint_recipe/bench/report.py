@@ -45,13 +45,18 @@ def markdown_table(result: dict[str, Any]) -> str:
         if cpu:
             row += f" {_mem(pm.get('hwm_median_bytes'))} | {_ratio(v.get('hwm_memory_ratio'))} |"
         lines.append(row)
-    compiled = {n: v["dynamo"] for n, v in result["variants"].items() if "dynamo" in v}
+    compiled = {n: v for n, v in result["variants"].items() if "dynamo" in v}
     if compiled:
-        lines += ["", "| variant (torch.compile) | graphs compiled | graph breaks | frames left eager | unsupported |",
-                  "|---|---:|---:|---:|---:|"]
-        for n, d in compiled.items():
-            lines.append(f"| {n} | {d.get('graphs', 0)} | {d.get('graph_breaks', 0)} | {d.get('frames_failed', 0)} | "
-                         f"{d.get('unsupported', 0)} |")
+        eager = result["variants"].get("stock-eager", {}).get("sec_per_image", {}).get("median")
+        lines += ["", "| variant (torch.compile) | compile time (warm-up beyond steady) | time vs eager stock | "
+                  "graphs compiled | graph breaks | frames left eager | unsupported |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for n, v in compiled.items():
+            d, warm, steady = v["dynamo"], v.get("warmup_seconds") or [], v["sec_per_image"]["median"]
+            compile_s = f"{sum(warm) - len(warm) * steady:.1f} s" if warm and n != "stock-eager" else "-"
+            vs_eager = _ratio(steady / eager) if eager else "-"
+            lines.append(f"| {n} | {compile_s} | {vs_eager} | {d.get('graphs', 0)} | {d.get('graph_breaks', 0)} | "
+                         f"{d.get('frames_failed', 0)} | {d.get('unsupported', 0)} |")
         why = {n: v["dynamo_unsupported"] for n, v in result["variants"].items() if v.get("dynamo_unsupported")}
         for n, reasons in why.items():
             lines.append("")

@@ -57,6 +57,23 @@ class Variant:
         pass
 
 
+class EagerStockVariant(Variant):
+    """Stock, with the UNet's own (uncompiled) forward even under ``--compile``: the baseline
+    a compiled variant must beat. Without ``--compile`` it is the same as ``stock``."""
+
+    name = "stock-eager"
+    description = "diffusers pipeline, no attnctl, UNet not compiled"
+
+    def setup(self, inputs: BenchInputs) -> None:
+        super().setup(inputs)
+        # --compile sets the compiled forward as an instance attribute; without it the class's forward runs
+        self._compiled = inputs.pipe.unet.__dict__.pop("forward", None)
+
+    def teardown(self) -> None:
+        if self._compiled is not None:
+            self.inputs.pipe.unet.forward = self._compiled
+
+
 class RecipeVariant(Variant):
     """Attached through ``harmonpaint_recipe.runner.Runner`` with a recipe and overrides."""
 
@@ -119,6 +136,7 @@ def _swap_last_word(prompt: str) -> tuple[str, ...]:
 #: variant name -> factory, in report order
 VARIANTS: Registry[Callable[[], Variant]] = Registry("variant", {
     "stock": Variant,
+    "stock-eager": EagerStockVariant,
     "idle": lambda: RecipeVariant("idle", "attached, no active strategy (recipe sdi)", "sdi"),
     "sams+makvs": lambda: RecipeVariant(
         "sams+makvs", "HarmonPaint without the steer loss", None, ("strategies.steer.enabled=false",)
@@ -143,7 +161,7 @@ VARIANTS: Registry[Callable[[], Variant]] = Registry("variant", {
 #: the method variants (``--variants methods`` names them all)
 METHODS = ("p2p", "masactrl", "style-aligned", "attend-excite")
 #: variants run only when named in ``--variants`` (not part of ``all``)
-OPT_IN = ("probe-cross", *METHODS)
+OPT_IN = ("stock-eager", "probe-cross", *METHODS)
 
 
 def parse_variants(text: str | None) -> list[str]:

@@ -50,7 +50,7 @@ def _bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         arch=args.arch, size=args.size, steps=args.steps, dtype=args.dtype, device=args.device,
         repeats=args.repeats, warmup=args.warmup, variants=parse_variants(args.variants),
-        compile=args.compile, guidance_scale=args.guidance_scale, seed=args.seed, recipe=args.recipe,
+        compile=args.compile, compile_backend=args.compile_backend, guidance_scale=args.guidance_scale, seed=args.seed, recipe=args.recipe,
     )
     result = run_benchmark(cfg)
     paths = write_reports(result, args.out)
@@ -75,10 +75,14 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds [3]")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first [1]")
     parser.add_argument("--variants", default="all",
-                        help="comma list of stock,idle,sams+makvs,harmonpaint,naive, and the opt-in probe-cross "
+                        help="comma list of stock,idle,sams+makvs,harmonpaint,naive, and the opt-in stock-eager (stock with "
+                        "the UNet uncompiled under --compile), probe-cross "
                         "(cross-attention map probe) and p2p,masactrl,style-aligned,attend-excite (the methods; "
                         "'methods' names the four); stock is always run [all]")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (all variants)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet's forward (every variant but stock-eager, the uncompiled baseline)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend with --compile; 'eager' only traces (graph counts in minutes) [inductor]")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale [7.5]")
     parser.add_argument("--seed", type=int, default=0, help="weights, inputs and noise seed [0]")
     parser.add_argument("--recipe", default=None, help="HarmonPaint recipe [harmonpaint; harmonpaint-sdxl for sdxl]")

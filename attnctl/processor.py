@@ -60,7 +60,7 @@ class ControlledProcessor:
         if state is not None:
             ops = state.active.get(self.site.name)
             if ops is not None:
-                state.sites_run.add(self.site.name)
+                state.sites_run[self.site.name] = True
                 adapter = MIRROR if self._guidance_mirror and state.in_guidance else self.adapter
                 return adapter.run(CoreCall(self.site, state, ops), self.original, attn, hidden_states, *args, **kwargs)
             if self._guidance_mirror and state.in_guidance:

@@ -45,7 +45,7 @@ def idle_instances(plan: Plan, layout: BatchLayout, timesteps: Sequence[float], 
     active: set[str] = set()
     for t in remaining:
         try:
-            probe.begin_step(float(t))
+            probe.begin_step(float(t), prepare=False)
         except Exception:  # a gate that needs more than the time cannot be previewed
             return []
         for by_site in probe._active_by_pass.values():
@@ -74,7 +74,7 @@ def warn_idle_instances(plan: Plan, names: list[str], remaining: Sequence[float]
 
 def warn_sites_not_run(state: RunState, processors: dict[str, object]) -> None:
     """One warning per site whose ops were due in some step but never ran."""
-    missed = [name for name in state.plan.site_ops if name in state.sites_due and name not in state.sites_run]
+    missed = [name for name in state.plan.site_ops if name in state.sites_due and not state.sites_run.get(name)]
     for name in missed:
         site = state.plan.sites.by_name(name)
         instances = sorted({op.strategy for op in state.plan.site_ops[name]})

@@ -74,19 +74,28 @@ class RunState:
         self._steps_seen: int | None = None
         #: role -> final latents of rows added with ``output=True`` (see ``attnctl.rows``)
         self.row_outputs: dict[str, torch.Tensor] = {}
-        self._stores: dict[str, RunStore] = {}
+        #: every instance's store exists from the start: creating one inside a compiled forward
+        #: would change what dynamo guards on between the first step and the next
+        self._stores: dict[str, RunStore] = {name: RunStore(name) for name in plan.instances}
         #: prompt texts by prompt index (what the caller gave ``Controller.run``, then the added rows')
         self.prompts: list[str] = []
         #: the pipeline's tokenizer (None for a bare UNet), for strategies that map words to tokens
         self.tokenizer: Any = None
-        #: site key -> (query chunk, bytes of one chunk's map) for sites that computed an explicit map
-        self.explicit_sites: dict[str, tuple[int, int]] = {}
+        #: (site key, pass kind) -> (query chunk, bytes of one chunk's map) once that site computed an
+        #: explicit map in that kind of pass; every slot exists from the start (None), so that
+        #: noting one is a plain store which torch.compile does not guard on
+        self._explicit: dict[tuple[str, str], tuple[int, int] | None] = {
+            (plan.sites.by_name(name).key, kind): None for name in plan.site_ops for kind in (MAIN, GUIDANCE)
+        }
         self._active_by_pass: dict[str, dict[str, ActiveOps]] = {}
         self._rows: tuple[int, ...] = tuple(range(len(layout)))
         self._mask_cache: dict[tuple, torch.Tensor] = {}
-        #: sites whose ops were active in some main-pass step / that applied ops (run report)
+        #: sites whose ops were active in some main-pass step / that applied ops (run report); the
+        #: latter has every planned site as a key from the start, so that marking one is a plain
+        #: store (a growing set would make torch.compile guard on its contents, step by step)
+        self._preparing = plan.preparing
         self.sites_due: set[str] = set()
-        self.sites_run: set[str] = set()
+        self.sites_run: dict[str, bool] = dict.fromkeys(plan.site_ops, False)
 
     # ---------------------------------------------------------------- time
     @property
@@ -101,8 +110,10 @@ class RunState:
             return None
         return len(list(self._timesteps)) or None
 
-    def begin_step(self, timestep: float, latent_hw: tuple[int, int] | None = None) -> None:
-        """Enter the step with timestep value ``timestep``; compute which ops are active."""
+    def begin_step(self, timestep: float, latent_hw: tuple[int, int] | None = None, prepare: bool = True) -> None:
+        """Enter the step with timestep value ``timestep``; compute which ops are active and, with
+        ``prepare``, let the ops get ready for it (``Op.prepare``; off for states that only
+        preview which ops act when)."""
         if latent_hw is not None and latent_hw != self.latent_hw:
             self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
             self._mask_cache.clear()
@@ -121,6 +132,10 @@ class RunState:
         self.active_latent_ops = self.plan.active_latent_ops(self)
         self.active_step_ops = self.plan.active_step_ops(self)
         self.sites_due.update(self.active)
+        for op in self._preparing if prepare else ():
+            op.prepare(self)
+        for store in self._stores.values():
+            store.count()
 
     def _find_step_index(self, t: float) -> int | None:
         """The index of ``t`` in the schedule: the one after the previous step's if it holds ``t``
@@ -169,17 +184,18 @@ class RunState:
 
     def mask(self, level: int) -> torch.Tensor:
         """Binary masks ``[K, H*W]`` (float32, row-major) at the grid of ``level``."""
-        key = ("mask", level)
-        if key not in self._mask_cache:
-            if self._mask_input is None:
-                raise InputError("a strategy needs the inpainting mask, but the run was started without one")
-            if self.latent_hw is None:
-                raise RunError("the latent size is not known yet")
+        if self._mask_input is None:
+            raise InputError("a strategy needs the inpainting mask, but the run was started without one")
+        if self.latent_hw is None:
+            raise RunError("the latent size is not known yet")
+
+        def compute() -> torch.Tensor:
             latent = F.interpolate(self._mask_input, size=self.latent_hw, mode="nearest")
             grid = grid_at(level, self.latent_hw)
             m = latent if grid == self.latent_hw else F.interpolate(latent, size=grid, mode="nearest")
-            self._mask_cache[key] = m.flatten(1)
-        return self._mask_cache[key]
+            return m.flatten(1)
+
+        return self._cached(("mask", level), compute)
 
     def row_mask(self, site: Site, device: torch.device | None = None) -> torch.Tensor:
         """Masks ``[R, H*W]`` (float32) for the rows of the current UNet call at ``site``'s grid."""
@@ -187,12 +203,12 @@ class RunState:
 
     def masks_for_rows(self, level: int, rows: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
         """Masks ``[len(rows), H*W]`` (float32) at the grid of ``level``: row ``r`` gets its image's mask."""
-        key = ("rows", level, tuple(rows), device)
-        if key not in self._mask_cache:
+        def compute() -> torch.Tensor:
             masks = self.mask(level)
             idx = torch.tensor([self.layout.images[r] % masks.shape[0] for r in rows])
-            self._mask_cache[key] = masks[idx].to(device) if device is not None else masks[idx]
-        return self._mask_cache[key]
+            return masks[idx].to(device) if device is not None else masks[idx]
+
+        return self._cached(("rows", level, tuple(rows), device), compute)
 
     def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per run and latent size for ``key``, then the cached value.
@@ -201,6 +217,14 @@ class RunState:
         only on the grid and the rows, so attention calls after the first do no mask work
         (and on CUDA, no host-device syncs).
         """
+        return self._cached(key, compute)
+
+    def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        # Under torch.compile the value is computed inside the graph instead: reading the cache
+        # would make dynamo guard on which keys it holds, and the first step (empty cache) and
+        # the later ones (full) would compile different graphs.
+        if torch.compiler.is_compiling():
+            return compute()
         if key not in self._mask_cache:
             self._mask_cache[key] = compute()
         return self._mask_cache[key]
@@ -213,8 +237,17 @@ class RunState:
 
     def note_explicit(self, site: Site, query_chunk: int, chunk_bytes: int) -> None:
         """Record that ``site`` computed an explicit attention map (called by the core)."""
-        old = self.explicit_sites.get(site.key, (query_chunk, 0))
-        self.explicit_sites[site.key] = (query_chunk, max(old[1], chunk_bytes))
+        # a site's map has the same size at every call of one kind of pass (same rows, same grid)
+        self._explicit[(site.key, self.pass_kind)] = (query_chunk, chunk_bytes)
+
+    @property
+    def explicit_sites(self) -> dict[str, tuple[int, int]]:
+        """Site key -> (query chunk, bytes of the largest map chunk) for sites that computed an explicit map."""
+        sites: dict[str, tuple[int, int]] = {}
+        for (key, _), noted in self._explicit.items():
+            if noted is not None and noted[1] >= sites.get(key, (0, -1))[1]:
+                sites[key] = noted
+        return sites
 
     def report(self) -> dict[str, Any]:
         """What the run cost beyond the stock pipeline: added rows, explicit maps, stores.
@@ -229,7 +262,7 @@ class RunState:
             "explicit_maps": {key: {"query_chunk": chunk, "bytes": size}
                               for key, (chunk, size) in sorted(self.explicit_sites.items())},
             "stores": {name: {"bytes": store.nbytes, "peak_bytes": store.peak_bytes}
-                       for name, store in sorted(self._stores.items())},
+                       for name, store in sorted(self._stores.items()) if store.peak_bytes or store.nbytes},
         }
 
     def scratch_for(self, instance: str) -> dict[str, Any]:

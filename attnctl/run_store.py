@@ -8,10 +8,9 @@ the run, and counted: the run report lists every store's size and its peak.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Hashable, Iterator
+from typing import Any, Hashable, Iterator
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
 
 class RunStore:
@@ -60,4 +59,11 @@ class RunStore:
         return sum(t.numel() * t.element_size() for t in self._items.values())
 
     def _count(self) -> None:
+        # inside a compiled forward the peak is not read (dynamo would bake the number into its
+        # guards); the run counts it eagerly at every step's start instead (``RunState.begin_step``)
+        if not torch.compiler.is_compiling():
+            self.count()
+
+    def count(self) -> None:
+        """Update ``peak_bytes`` with what is held now."""
         self.peak_bytes = max(self.peak_bytes, self.nbytes)

@@ -79,19 +79,28 @@ def _with_branches(call: AttentionCall, branch_ops: tuple[BranchOp, ...], main: 
             term = value
         else:
             scale = call.sdpa_scale if query.shape[-1] == call.query.shape[-1] else call.scale
-            term = _rows_sdpa(query, key, value, bias, scale, weight, batch)
+            term = _rows_sdpa(query, key, value, bias, scale, weight, batch, branch.rows)
         out = out + weight * term
     return out.to(dtype)
 
 
-def _rows_sdpa(query, key, value, bias, scale: float, weight: torch.Tensor, batch: int) -> torch.Tensor:
-    """Fused attention on the rows where ``weight`` is nonzero (zeros elsewhere)."""
-    if weight.shape[0] != batch:
+def _rows_sdpa(query, key, value, bias, scale: float, weight: torch.Tensor, batch: int,
+               rows: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Fused attention on ``rows``, or on the rows where ``weight`` is nonzero (zeros elsewhere)."""
+    if rows is None:
+        if weight.shape[0] != batch:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
+        used = (weight != 0).reshape(batch, -1).any(dim=1)
+        if torch.compiler.is_compiling():  # every row: a data-dependent row set would break the graph
+            full = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
+            return torch.where(used[:, None, None, None], full, torch.zeros_like(full))
+        if bool(used.all()):
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
+        rows = used.nonzero().flatten()
+    elif len(rows) == batch:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
-    used = (weight != 0).reshape(batch, -1).any(dim=1)
-    if bool(used.all()):
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
-    rows = used.nonzero().flatten()
+    else:
+        rows = torch.tensor(rows, device=query.device)
     if bias is not None and bias.shape[0] == batch:
         bias = bias.index_select(0, rows)
     part = F.scaled_dot_product_attention(query.index_select(0, rows), key.index_select(0, rows),

@@ -65,6 +65,17 @@ class Op:
         """Whether this op acts in the state's current step and pass."""
         return state.pass_kind in self.passes and all(g(state) for g in self.gates)
 
+    def prepare(self, state: RunView) -> None:
+        """Get ready for the step that starts (optional; the base does nothing).
+
+        Called eagerly at the start of every step (``state.step_index`` and ``timestep`` set,
+        before the step's first UNet call), on one op per strategy instance and op class that
+        overrides it, whether or not it is active in that step. Work that cannot be traced by
+        ``torch.compile`` (tokenizers, host-side tables, picking this step's row of a
+        schedule) belongs here: put the results in ``state.scratch_for(self.strategy)`` under
+        the same keys every step, and read them in the attention call.
+        """
+
 
 @dataclass(eq=False)
 class SiteOp(Op):
@@ -232,8 +243,11 @@ class MeasureOp(SiteOp):
 class Branch:
     """One term of a site's output: ``weight ⊙ attention(query, key, value, bias)``.
 
-    ``weight`` broadcasts to ``[B, heads, Nq, 1]`` (any sign; rows where it is zero are not
-    computed). ``query``/``key``/``value``/``bias`` default to the call's tensors after
+    ``weight`` broadcasts to ``[B, heads, Nq, 1]`` (any sign). Rows where it is zero are not
+    computed: ``rows`` names the others when the op knows them from the layout (Python ints;
+    no host sync, and ``torch.compile`` keeps one graph); without it, eager mode finds them
+    from ``weight`` and a compiled forward computes every row (a data-dependent row set
+    would break the graph). ``query``/``key``/``value``/``bias`` default to the call's tensors after
     stages 0-1 (projections and appended keys; ``bias`` only when ``key`` is the call's).
     ``identity=True`` makes the term ``weight ⊙ value`` (one value per query, as
     perturbed-attention guidance uses; needs as many keys as queries). Branches are plain
@@ -246,6 +260,7 @@ class Branch:
     value: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     identity: bool = False
+    rows: tuple[int, ...] | None = None
 
 
 @dataclass(eq=False)

@@ -43,6 +43,15 @@ class Plan:
     step_ops: tuple[Op, ...] = ()
 
     @property
+    def preparing(self) -> tuple[Op, ...]:
+        """One op per (instance, op class) that overrides ``Op.prepare``, in instance-name order."""
+        found: dict[tuple[str, type], Op] = {}
+        for op in (*(o for ops in self.site_ops.values() for o in ops), *self.latent_ops, *self.step_ops):
+            if type(op).prepare is not Op.prepare:
+                found.setdefault((op.strategy, type(op)), op)
+        return tuple(op for _, op in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1].__qualname__)))
+
+    @property
     def is_idle(self) -> bool:
         """True when no op was planned: attached processors only pass through."""
         return not self.site_ops and not self.latent_ops and not self.rows and not self.step_ops

@@ -231,7 +231,7 @@ def _step_groups(plan: Any, layout: BatchLayout, timesteps: list[int]) -> list[t
     probe = RunState(plan, layout, timesteps=timesteps)
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(timesteps):
-        probe.begin_step(float(t))
+        probe.begin_step(float(t), prepare=False)
         active = tuple(sorted((site, tuple(id(op) for ops in (a.projection, a.key_value, a.reweight, a.observe,
                                                               a.measure, a.branch) for op in ops))
                               for site, a in probe._active_by_pass.get("main", {}).items()))

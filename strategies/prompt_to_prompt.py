@@ -89,18 +89,36 @@ class _Edit:
         self.role = role
 
 
-def _edit(call: Any, op: Any) -> _Edit:
-    return call.state.memo(("p2p", op.strategy), lambda: _Edit(call.state, op.params, op.strategy))
+def _prepare(op: Any, state: Any) -> None:
+    """The run's tables (tokenizer work) once, and this step's column factors ``c1``, ``c2`` [77]:
+    done eagerly before the step, so the attention call only reads tensors (and ``torch.compile``
+    neither breaks on the tokenizer nor bakes the step index into its graph)."""
+    scratch = state.scratch_for(op.strategy)
+    if "edit" not in scratch:
+        scratch["edit"] = _Edit(state, op.params, op.strategy)
+    edit, i = scratch["edit"], state.step_index or 0
+    scratch["c1"], scratch["c2"] = edit.c1[i], edit.c2[i]
+
+
+def _edit(call: Any, op: Any) -> tuple[_Edit, Any, Any]:
+    """The run's tables and this step's ``c1``, ``c2`` (see ``_prepare``)."""
+    scratch = call.state.scratch_for(op.strategy)
+    return scratch["edit"], scratch["c1"], scratch["c2"]
+
+
+def _target_rows(call: Any) -> list[int]:
+    """The rows P2P edits: the main images' conditional rows."""
+    lay = call.layout
+    return [k for k, (r, b) in enumerate(zip(lay.roles, lay.branches)) if r == "main" and b == "cond"]
 
 
 def _targets(call: Any) -> torch.Tensor:
-    """[B, 1, 1, 1] 1 on the main images' conditional rows (the rows P2P edits); made once per run and rows."""
+    """[B, 1, 1, 1] 1 on the rows P2P edits (``_target_rows``); made once per run and rows."""
     import torch
 
     def make():
-        lay = call.layout
-        on = [float(r == "main" and b == "cond") for r, b in zip(lay.roles, lay.branches)]
-        return torch.tensor(on, device=call.query.device)[:, None, None, None]
+        rows = set(_target_rows(call))
+        return torch.tensor([float(k in rows) for k in range(len(call.layout))], device=call.query.device)[:, None, None, None]
 
     return call.memo("p2p-targets", make)
 
@@ -125,17 +143,21 @@ class CrossEdit(BranchOp):
 
     params: Any = field(default=None, kw_only=True)
 
+    def prepare(self, state):
+        _prepare(self, state)
+
     def main_weight(self, call):
         return 1 - _targets(call).to(call.value.dtype)
 
     def branches(self, call):
         import torch
 
-        ed, on, i = _edit(call, self), _targets(call).to(call.value.dtype), call.state.step_index or 0
-        c1, c2 = (c[i].to(call.value) for c in (ed.c1, ed.c2))
+        (ed, c1, c2), on = _edit(call, self), _targets(call).to(call.value.dtype)
+        c1, c2 = c1.to(call.value), c2.to(call.value)
         v_src = torch.einsum("ij,bhjd->bhid", ed.mapper.to(call.value) * c1, call.value)
-        return [Branch(on, query=call.take(call.query, ed.role), key=call.take(call.key, ed.role), value=v_src),
-                Branch(on, value=c2[:, None] * call.value)]
+        rows = tuple(_target_rows(call))
+        return [Branch(on, query=call.take(call.query, ed.role), key=call.take(call.key, ed.role), value=v_src, rows=rows),
+                Branch(on, value=c2[:, None] * call.value, rows=rows)]
 
 
 @dataclass(eq=False)
@@ -144,16 +166,21 @@ class CrossEditStored(MapOp):
 
     params: Any = field(default=None, kw_only=True)
 
+    def prepare(self, state):
+        _prepare(self, state)
+
     def edit_probs(self, call, queries, probs):
-        ed, on, i = _edit(call, self), _targets(call), call.state.step_index or 0
+        (ed, c1, c2), on = _edit(call, self), _targets(call)
         source = call.take(probs, ed.role)
-        edited = (source @ ed.mapper.to(probs)) * ed.c1[i].to(probs) + probs * ed.c2[i].to(probs)
+        edited = (source @ ed.mapper.to(probs)) * c1.to(probs) + probs * c2.to(probs)
         return on * edited + (1 - on) * probs
 
     def read(self, call, queries, probs):
+        # this step's maps only, under the same keys every step: the local blend moves them into its
+        # sums eagerly after the step, so a compiled forward always finds the store as it left it
         cond = [k for k, b in enumerate(call.layout.branches) if b == "cond"]
         key = tuple(call.rows[k] for k in cond)
-        call.state.store(self.strategy).add(("maps", key, call.site.key), probs[cond].mean(1).detach())
+        call.state.store(self.strategy).put((key, call.site.key), probs[cond].mean(1).detach())
 
 
 @dataclass(eq=False)
@@ -162,11 +189,14 @@ class SelfEdit(ProjectionOp):
 
     params: Any = field(default=None, kw_only=True)
 
+    def prepare(self, state):
+        _prepare(self, state)
+
     def project(self, call):
-        ed = _edit(call, self)
+        ed = _edit(call, self)[0]
         if call.query.shape[-2] > self.params.self_max_tokens:  # the grid depends on the run's size: checked here
             return
-        rows = _targets(call).flatten().nonzero().flatten()  # the main images' conditional rows
+        rows = _target_rows(call)
         # clones keep the tensors' strides, so the other rows run the very kernel they ran before
         query, key = call.query.clone(), call.key.clone()
         query[rows], key[rows] = call.take(call.query, ed.role)[rows], call.take(call.key, ed.role)[rows]
@@ -187,11 +217,13 @@ class LocalBlend(PostStepOp):
         from strategies import p2p_tokens as tok
 
         state, p = ctx.state, self.params
-        store = state.store(self.strategy)
-        sums = [store.get(k) for k in store.keys() if k[0] == "maps"]
+        step, store = state.store(self.strategy), state.store(f"{self.strategy}/blend")
+        for key in step.keys():  # this step's maps join the sums over steps
+            store.add(key, step.pop(key))
+        sums = [store.get(k) for k in store.keys()]
         if not sums:
             return latents
-        rows = next(k[1] for k in store.keys() if k[0] == "maps")
+        rows = store.keys()[0][0]
         words = [tok.word_token_positions(state.prompts[state.layout.prompts[r]], p.blend_words[
             0 if state.layout.roles[r] != "main" else 1], state.tokenizer) for r in rows]
         masks = []

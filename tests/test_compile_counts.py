@@ -39,13 +39,15 @@ GRAPHS = {
     "p2p-refine": 2,
     "p2p-reweight": 2,
     "attend-excite": 2,            # main pass; the gradient pass on the latent
+    "pag": 1,                      # a perturbed row, every step alike
+    "seg": 1,
 }
 #: what a recompilation may be caused by: the grad mode or the set of active ops changed
 PHASE_GUARDS = ("grad_mode", "state.active")
 
 
 #: compiled here; every other recipe's phases are among theirs (test_the_other_recipes_...)
-MEASURED = ("sdi", "harmonpaint", "p2p-replace", "masactrl", "style-aligned", "attend-excite")
+MEASURED = ("sdi", "harmonpaint", "p2p-replace", "masactrl", "style-aligned", "attend-excite", "pag", "seg")
 
 
 def test_every_shipped_recipe_is_listed():

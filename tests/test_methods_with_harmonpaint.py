@@ -31,6 +31,9 @@ METHODS = {
                                         "strategies.masa.sites=self"]),
     "style": ("style-aligned", "a small owl", ["strategies.style.reference_prompt=an owl in origami style"]),
     "excite": ("attend-excite", "a small owl", ["strategies.excite.tokens=[2,3]"]),
+    # every self site: at 64 px the mid block's single token attends only to itself
+    "pag": ("pag", "a small owl", ["strategies.pag.sites=self"]),
+    "seg": ("seg", "a small owl", ["strategies.seg.sites=self"]),
 }
 
 

@@ -71,6 +71,8 @@ class RowDriver:
         self.latents: dict[str, torch.Tensor] = {}
         self._schedulers: dict[str, Any] = {}
         self._text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        #: (what, role) -> made once per run: a noised row's encoded image, its noise generator
+        self._once: dict[tuple[str, str], Any] = {}
         self._in_flight: Any = None  # the timestep of the extended call the forward hook has not split yet
 
     # ------------------------------------------------------------------ before the call
@@ -86,13 +88,15 @@ class RowDriver:
         timestep = raw if raw is not None else timestep
         layout = self.state.layout
         device, dtype = sample.device, sample.dtype
-        parts = []
+        parts, inputs = [], {}
         for row, partner in zip(self.extra, self.partners):
             spec = self.specs[layout.roles[row]]
             if spec.driver == "shared":
                 latent = sample[partner, :channels]
             else:
-                latent = self._model_input(spec, timestep, unscaled, device)[self._image_slot(row, spec)].to(dtype)
+                if spec.role not in inputs:  # once per role and call: every branch's row gets the same latent
+                    inputs[spec.role] = self._model_input(spec, timestep, unscaled, device)
+                latent = inputs[spec.role][self._image_slot(row, spec)].to(dtype)
             parts.append(torch.cat([latent, sample[partner, channels:]], dim=0))
         full_sample = torch.cat([sample, torch.stack(parts)], dim=0)
         index = torch.tensor(list(range(self.num_main)) + self.partners, device=device)
@@ -122,13 +126,31 @@ class RowDriver:
                                   f"the run is at step {index}")
             z = torch.as_tensor(spec.trajectory[index]).to(device)
         else:  # noised
-            clean = torch.as_tensor(spec.clean).to(device)
-            noise = spec.noise if spec.noise is not None else torch.randn(
-                clean.shape, generator=torch.Generator().manual_seed(spec.noise_seed or 0))
+            clean = self._clean(spec, unscaled, device)
+            noise = spec.noise if spec.noise is not None else self._noise(spec, clean.shape)
             t = torch.as_tensor(timestep, device=device).reshape(1)
             z = self.scheduler.add_noise(clean, torch.as_tensor(noise).to(device, clean.dtype), t)
         self.latents[role] = z
         return self.scale(z, timestep) if self.scale is not None else z
+
+    def _clean(self, spec: RowSpec, unscaled: torch.Tensor | None, device) -> torch.Tensor:
+        """``noised`` rows' z_0: ``spec.clean``, or ``spec.image`` encoded once at the run's latent size."""
+        if spec.clean is not None:
+            return torch.as_tensor(spec.clean).to(device)
+        key = ("clean", spec.role)
+        if key not in self._once:
+            hw = tuple(unscaled.shape[-2:]) if unscaled is not None else self.state.latent_hw
+            self._once[key] = encode_image(self.pipe, spec.image, hw, spec.role)
+        return self._once[key].to(device)
+
+    def _noise(self, spec: RowSpec, shape: torch.Size) -> torch.Tensor:
+        """``noised`` rows' noise this step: one seeded draw for the run, or a new draw every step."""
+        if not spec.fresh_noise:
+            return torch.randn(shape, generator=torch.Generator().manual_seed(spec.noise_seed or 0))
+        key = ("generator", spec.role)
+        if key not in self._once:
+            self._once[key] = torch.Generator().manual_seed(spec.noise_seed or 0)
+        return torch.randn(shape, generator=self._once[key])
 
     def _initial(self, spec: RowSpec, unscaled: torch.Tensor | None, device) -> torch.Tensor:
         """The first latent of ``free`` rows: the partner images' initial latent, or seeded noise."""
@@ -242,3 +264,28 @@ def main_output(output: Any, num_main: int, prediction: PredictionOp | None, ctx
         images = torch.tensor(ctx.state.layout.images[:num_main], device=main.device)
         main = prediction.combine(eps, ctx).index_select(0, images).to(main.dtype)
     return (main, *output[1:]) if isinstance(output, tuple) else output.__class__(sample=main)
+
+
+def encode_image(pipe: Any, image: Any, latent_hw: tuple[int, int], role: str) -> torch.Tensor:
+    """``image`` (PIL image or path) as the VAE's latent ``[1, C, h, w]`` at ``latent_hw``: resized to the
+    run's pixel size, the mean of the latent distribution times the scaling factor, in the VAE's dtype."""
+    from PIL import Image
+
+    from attnctl.errors import InputError
+
+    vae = getattr(pipe, "vae", None)
+    processor = getattr(pipe, "image_processor", None)
+    if vae is None or processor is None:
+        raise ConfigError(f"rows {role!r}: an image reference needs a pipeline with a VAE; give clean=<latent> instead")
+    if not isinstance(image, Image.Image):
+        try:
+            with Image.open(image) as opened:
+                image = opened.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise InputError(f"rows {role!r}: cannot read the image {image!r}: {exc}") from None
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    pixels = processor.preprocess(image.convert("RGB"), height=latent_hw[0] * factor, width=latent_hw[1] * factor)
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mode() * vae.config.scaling_factor
+

@@ -59,7 +59,12 @@ class RowSpec:
             the partner image's initial latent.
         trajectory: ``trajectory`` driver: sample-space latents, one per step index.
         clean: ``noised`` driver: the clean latent ``z_0`` ``[n, C, h, w]``.
+        image: ``noised`` driver, instead of ``clean``: an image (PIL image or file path) that
+            the pipeline's VAE encodes at the run's size when the run starts (the mean of the
+            latent distribution, times the VAE's scaling factor).
         noise: ``noised`` driver: the noise added each step (default ``randn(noise_seed or 0)``).
+        fresh_noise: ``noised`` driver: draw new noise every step (from one generator seeded
+            with ``noise_seed``) instead of adding the same noise at every step.
         output: publish the rows' final latents in ``RunState.row_outputs[role]``.
     """
 
@@ -74,6 +79,8 @@ class RowSpec:
     trajectory: Sequence[torch.Tensor] | None = field(default=None, repr=False)
     clean: Any = field(default=None, repr=False)
     noise: Any = field(default=None, repr=False)
+    image: Any = field(default=None, repr=False)
+    fresh_noise: bool = False
     output: bool = False
 
     def __post_init__(self) -> None:
@@ -85,8 +92,11 @@ class RowSpec:
             raise ConfigError(f"RowSpec {self.role!r}: give prompt or embeds, not both")
         if self.driver == "trajectory" and not self.trajectory:
             raise ConfigError(f"RowSpec {self.role!r}: the trajectory driver needs trajectory=[latent per step]")
-        if self.driver == "noised" and self.clean is None:
-            raise ConfigError(f"RowSpec {self.role!r}: the noised driver needs clean=<z_0 latent>")
+        if self.driver == "noised" and (self.clean is None) == (self.image is None):
+            raise ConfigError(f"RowSpec {self.role!r}: the noised driver needs clean=<z_0 latent> or image=<image "
+                              "or path>, one of them")
+        if self.fresh_noise and self.noise is not None:
+            raise ConfigError(f"RowSpec {self.role!r}: fresh_noise draws the noise; do not give noise as well")
 
 
 @dataclass(eq=False)

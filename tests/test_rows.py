@@ -158,6 +158,12 @@ def test_rows_are_refused_with_pag_and_roles_must_be_unique(ddim_pipe):
         RowSpec("main")
     with pytest.raises(ConfigError, match="trajectory driver needs"):
         RowSpec("x", driver="trajectory")
+    with pytest.raises(ConfigError, match="clean=<z_0 latent> or image="):
+        RowSpec("x", driver="noised")
+    with pytest.raises(ConfigError, match="clean=<z_0 latent> or image="):
+        RowSpec("x", driver="noised", clean=torch.zeros(1, 4, 8, 8), image="a.png")
+    with pytest.raises(ConfigError, match="fresh_noise draws the noise"):
+        RowSpec("x", driver="noised", image="a.png", fresh_noise=True, noise=torch.zeros(1, 4, 8, 8))
 
 
 def test_trajectory_and_noised_drivers_set_the_rows_latent(ddim_pipe, image_and_mask):

@@ -41,13 +41,15 @@ GRAPHS = {
     "attend-excite": 2,            # main pass; the gradient pass on the latent
     "pag": 1,                      # a perturbed row, every step alike
     "seg": 1,
+    "reference-only": 1,           # a re-noised reference row, every step alike
 }
 #: what a recompilation may be caused by: the grad mode or the set of active ops changed
 PHASE_GUARDS = ("grad_mode", "state.active")
 
 
 #: compiled here; every other recipe's phases are among theirs (test_the_other_recipes_...)
-MEASURED = ("sdi", "harmonpaint", "p2p-replace", "masactrl", "style-aligned", "attend-excite", "pag", "seg")
+MEASURED = ("sdi", "harmonpaint", "p2p-replace", "masactrl", "style-aligned", "attend-excite", "pag", "seg",
+            "reference-only")
 
 
 def test_every_shipped_recipe_is_listed():

@@ -12,6 +12,8 @@ and in each method's test file.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -22,6 +24,7 @@ from harmonpaint_recipe.loading import load_recipe
 from harmonpaint_recipe.runner import Runner
 
 STEPS = 4
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 #: images are uint8; the control below differs by exactly 0
 EFFECT = 0.1
 
@@ -34,6 +37,7 @@ METHODS = {
     # every self site: at 64 px the mid block's single token attends only to itself
     "pag": ("pag", "a small owl", ["strategies.pag.sites=self"]),
     "seg": ("seg", "a small owl", ["strategies.seg.sites=self"]),
+    "ref": ("reference-only", "a small owl", [f"strategies.ref.image={EXAMPLES / 'rocket.png'}"]),
 }
 
 

@@ -48,6 +48,7 @@ PREDICT_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "p2p": ("p2p-replace", ("strategies.p2p.source_prompt=a red fox", "strategies.p2p.blend_words=[red,red]")),
     "masactrl": ("masactrl", ("strategies.masa.source_prompt=a red fox",)),
     "style-aligned": ("style-aligned", ("strategies.style.reference_prompt=a red fox",)),
+    "pag": ("pag", ()),
 }
 PROMPT = "a red fox"
 

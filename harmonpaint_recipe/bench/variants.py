@@ -157,9 +157,10 @@ VARIANTS: Registry[Callable[[], Variant]] = Registry("variant", {
                                            "style-aligned", lambda prompt: (f"strategies.style.reference_prompt={prompt}, in origami style",)),
     "attend-excite": lambda: RecipeVariant("attend-excite", "Attend-and-Excite on the first two tokens (recipe attend-excite)",
                                            "attend-excite", ("strategies.excite.tokens=[1,2]",)),
+    "pag": lambda: RecipeVariant("pag", "perturbed-attention guidance at the mid block (recipe pag)", "pag"),
 })
 #: the method variants (``--variants methods`` names them all)
-METHODS = ("p2p", "masactrl", "style-aligned", "attend-excite")
+METHODS = ("p2p", "masactrl", "style-aligned", "attend-excite", "pag")
 #: variants run only when named in ``--variants`` (not part of ``all``)
 OPT_IN = ("stock-eager", "probe-cross", *METHODS)
 

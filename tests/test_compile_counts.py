@@ -42,6 +42,7 @@ GRAPHS = {
     "pag": 1,                      # a perturbed row, every step alike
     "seg": 1,
     "reference-only": 1,           # a re-noised reference row, every step alike
+    "attentive-eraser": 2,         # similarity suppression (steps 0..9); after it
 }
 #: what a recompilation may be caused by: the grad mode or the set of active ops changed
 PHASE_GUARDS = ("grad_mode", "state.active")
@@ -49,7 +50,7 @@ PHASE_GUARDS = ("grad_mode", "state.active")
 
 #: compiled here; every other recipe's phases are among theirs (test_the_other_recipes_...)
 MEASURED = ("sdi", "harmonpaint", "p2p-replace", "masactrl", "style-aligned", "attend-excite", "pag", "seg",
-            "reference-only")
+            "reference-only", "attentive-eraser")
 
 
 def test_every_shipped_recipe_is_listed():

@@ -158,6 +158,7 @@ RECIPE_PROMPTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "masactrl": ("a small owl spreading its wings", ()),
     "style-aligned": ("a cat", ()),
     "attend-excite": ("a cat and a dog", ("strategies.excite.tokens=[2,5]",)),
+    "attentive-eraser": ("", ("strategies.erase.ss_steps=2",)),  # the suppression ends inside 6 steps
 }
 
 

@@ -33,7 +33,7 @@ def read_manifest(path: str | Path, out_dir: str | Path, seed: int | None = None
     jobs: list[Job] = []
     names: dict[str, int] = {}
     for lineno, where, row in iter_jsonl_objects(path, lambda n: f"{path}:{n}"):
-        missing = [k for k in REQUIRED if not row.get(k)]
+        missing = [k for k in REQUIRED if row.get(k) is None or (k != "prompt" and not row[k])]  # "" is a prompt
         if missing:
             raise InputError(f"{where}: missing {', '.join(missing)}; every row needs {', '.join(REQUIRED)}")
         unknown = sorted(set(row) - set(REQUIRED) - set(OPTIONAL))

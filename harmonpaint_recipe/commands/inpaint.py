@@ -21,7 +21,9 @@ def _single(args: argparse.Namespace, overrides: list[str]) -> int:
     from harmonpaint_recipe.jobs import Job, JobRunner
     from harmonpaint_recipe.loading import load_recipe
 
-    missing = [f"--{k}" for k in ("image", "mask", "prompt", "out") if getattr(args, k) in (None, "")]
+    # an empty prompt, given as --prompt "", is a prompt (object removal runs with one)
+    missing = [f"--{k}" for k in ("image", "mask", "prompt", "out")
+               if getattr(args, k) is None or (k != "prompt" and getattr(args, k) == "")]
     if missing:
         raise InputError(
             f"missing {', '.join(missing)}; give --image, --mask, --prompt and --out "

@@ -103,6 +103,27 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _removal(args: argparse.Namespace) -> int:
+    from harmonpaint_recipe.testbed.removal import RemovalSettings, run_removal_eval
+
+    _threads(args.threads)
+    settings = RemovalSettings(out=Path(args.out), items=args.items, start=args.start, mask_kind=args.mask_kind,
+                               steps=args.steps, seed=args.seed, bootstrap=args.bootstrap)
+    print(run_removal_eval(settings).read_text(encoding="utf-8"))
+    return 0
+
+
+def _removal_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (removal.md, removal.json, removal.png)")
+    parser.add_argument("--items", type=int, default=50, help="held-out scenes [50]")
+    parser.add_argument("--start", type=int, default=0, help="first held-out scene number [0]")
+    parser.add_argument("--mask-kind", choices=("box", "shape"), default="shape", help="mask type [shape]")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps [the recipes': 50]")
+    parser.add_argument("--seed", type=int, default=0, help="added to each scene's number as its noise seed [0]")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs [2000]")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
+
+
 def _float_list(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -180,5 +201,8 @@ COMMAND = Command(
         "eval": Command(help="Table III (SDI, +SAMS, +SAMS+L_s, full, step readings, paste-back, lambda sweep, "
                         "controls) on held-out scenes",
                         add_arguments=_eval_arguments, run=_eval),
+        "removal": Command(help="object removal: Attentive Eraser and stock inpainting with empty prompts, judged "
+                           "(no object seen, harmony, background error) with controls",
+                           add_arguments=_removal_arguments, run=_removal),
     },
 )

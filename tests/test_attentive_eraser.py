@@ -127,3 +127,16 @@ def test_classifier_free_guidance_is_refused_with_the_fix(tiny_pipe, image_and_m
     config = load_recipe("attentive-eraser", ["sampler.steps=2", "sampler.guidance_scale=7.5"])
     with Runner(tiny_pipe, config) as runner, pytest.raises(RunError, match="sampler.guidance_scale=1"):
         runner(prepare_inputs(*image_and_mask, warn=False), "", seed=0)
+
+
+def test_runs_on_sdxl(image_and_mask):
+    """The recipe as shipped on an SDXL-shaped inpainting pipeline (the authors' primary model)."""
+    import numpy as np
+
+    from attnctl.testing.tiny import tiny_sdxl_model
+
+    pipe = tiny_sdxl_model()
+    with Runner(pipe, load_recipe("attentive-eraser", ["sampler.steps=2"])) as runner:
+        result = runner(prepare_inputs(*image_and_mask, warn=False), "", seed=0)
+    assert result.image.size == (64, 64) and np.isfinite(np.asarray(result.image, dtype=np.float64)).all()
+    assert result.report["rows"] == {"erase": 1}

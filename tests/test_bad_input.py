@@ -67,7 +67,7 @@ def test_empty_mask(capsys, files):
 
 def test_unknown_recipe(capsys, files):
     assert error(capsys, files, recipe="harmonpant").startswith(
-        "unknown recipe 'harmonpant' (did you mean 'harmonpaint'?); shipped recipes: attend-excite, harmonpaint, ")
+        "unknown recipe 'harmonpant' (did you mean 'harmonpaint'?); shipped recipes: attend-excite, attentive-eraser, harmonpaint, ")
 
 
 def test_unknown_override_key(capsys, files):

@@ -267,25 +267,16 @@ def main_output(output: Any, num_main: int, prediction: PredictionOp | None, ctx
 
 
 def encode_image(pipe: Any, image: Any, latent_hw: tuple[int, int], role: str) -> torch.Tensor:
-    """``image`` (PIL image or path) as the VAE's latent ``[1, C, h, w]`` at ``latent_hw``: resized to the
+    """``image`` (a PIL image) as the VAE's latent ``[1, C, h, w]`` at ``latent_hw``: resized to the
     run's pixel size, the mean of the latent distribution times the scaling factor, in the VAE's dtype."""
-    from PIL import Image
-
-    from attnctl.errors import InputError
-
     vae = getattr(pipe, "vae", None)
     processor = getattr(pipe, "image_processor", None)
     if vae is None or processor is None:
         raise ConfigError(f"rows {role!r}: an image reference needs a pipeline with a VAE; give clean=<latent> instead")
-    if not isinstance(image, Image.Image):
-        try:
-            with Image.open(image) as opened:
-                image = opened.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise InputError(f"rows {role!r}: cannot read the image {image!r}: {exc}") from None
+    if not hasattr(image, "convert"):
+        raise ConfigError(f"rows {role!r}: image must be a PIL image (open files in the strategy), got {type(image).__name__}")
     factor = getattr(pipe, "vae_scale_factor", 8)
     pixels = processor.preprocess(image.convert("RGB"), height=latent_hw[0] * factor, width=latent_hw[1] * factor)
     with torch.no_grad():
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     return dist.mode() * vae.config.scaling_factor
-

@@ -59,9 +59,9 @@ class RowSpec:
             the partner image's initial latent.
         trajectory: ``trajectory`` driver: sample-space latents, one per step index.
         clean: ``noised`` driver: the clean latent ``z_0`` ``[n, C, h, w]``.
-        image: ``noised`` driver, instead of ``clean``: an image (PIL image or file path) that
-            the pipeline's VAE encodes at the run's size when the run starts (the mean of the
-            latent distribution, times the VAE's scaling factor).
+        image: ``noised`` driver, instead of ``clean``: a PIL image that the pipeline's VAE
+            encodes at the run's size when the run starts (the mean of the latent
+            distribution, times the VAE's scaling factor).
         noise: ``noised`` driver: the noise added each step (default ``randn(noise_seed or 0)``).
         fresh_noise: ``noised`` driver: draw new noise every step (from one generator seeded
             with ``noise_seed``) instead of adding the same noise at every step.

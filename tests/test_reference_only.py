@@ -142,5 +142,5 @@ def test_a_missing_reference_is_named(tiny_pipe, image_and_mask, tmp_path):
     from attnctl.errors import InputError
 
     config = load_recipe("reference-only", ["sampler.steps=2", f"strategies.ref.image={tmp_path / 'nope.png'}"])
-    with Runner(tiny_pipe, config) as runner, pytest.raises(InputError, match="nope.png"):
-        runner(prepare_inputs(*image_and_mask, warn=False), PROMPT, seed=0)
+    with pytest.raises(InputError, match="strategies.ref.image: cannot read .*nope.png"):
+        Runner(tiny_pipe, config)  # at attach time, before any step runs

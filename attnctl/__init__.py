@@ -36,7 +36,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("ActiveOps", "Branch", "BranchOp", "GateOp", "KeyValueOp", "LatentOp", "MapOp", "MeasureOp",
                      "ObserveOp", "ProjectionOp", "ReweightOp", "SiteOp"), "attnctl.ops"),
-    **dict.fromkeys(("NoiseOp", "PostStepOp", "PredictionOp"), "attnctl.step_ops"),
+    **dict.fromkeys(("GuidanceTermOp", "NoiseOp", "PostStepOp", "PredictionOp"), "attnctl.step_ops"),
     **dict.fromkeys(("RowOp", "RowSpec"), "attnctl.rows"),
     **dict.fromkeys(("MIRROR", "AdapterRegistry", "CoreCall", "ProcessorAdapter", "SdpaAdapter"), "attnctl.adapters"),
     **dict.fromkeys(("Controller", "attach"), "attnctl.controller"),
@@ -70,7 +70,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from attnctl.ops import (ActiveOps, Branch, BranchOp, GateOp, KeyValueOp, LatentOp, MapOp, MeasureOp, ObserveOp,
                              ProjectionOp, ReweightOp, SiteOp)
     from attnctl.rows import RowOp, RowSpec
-    from attnctl.step_ops import NoiseOp, PostStepOp, PredictionOp
+    from attnctl.step_ops import GuidanceTermOp, NoiseOp, PostStepOp, PredictionOp
     from attnctl.params import StrategySpec
     from attnctl.plan import Plan
     from attnctl.planning import compile_plan

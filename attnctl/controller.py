@@ -30,7 +30,7 @@ from attnctl.row_driver import RowDriver, StepContext, main_output, pipeline_gui
 from attnctl.run_state import RunState
 from attnctl.sites import SiteTable, describe_sites
 from attnctl.scheduler_hooks import wrap_scheduler
-from attnctl.step_ops import PredictionOp
+from attnctl.step_ops import GuidanceTermOp, PredictionOp
 
 
 class Controller:
@@ -272,15 +272,16 @@ class Controller:
         return self._rows.extend(call, t, unscaled)
 
     def _post_forward(self, unet, args, output):
-        """After a main UNet call: step the added rows, apply the prediction op, return the main rows."""
+        """After a main UNet call: step the added rows, apply the prediction op and guidance terms, return the main rows."""
         state = self.state
         if state is None or state.in_guidance:
             return None
         prediction = next((op for op in state.active_step_ops if isinstance(op, PredictionOp)), None)
+        terms = tuple(op for op in state.active_step_ops if isinstance(op, GuidanceTermOp))  # in instance order
         if self._rows is not None:
-            return self._rows.split(output, prediction, self._step_context(state))
-        if prediction is not None:
-            return main_output(output, len(state.layout), prediction, self._step_context(state))
+            return self._rows.split(output, prediction, self._step_context(state), terms)
+        if prediction is not None or terms:
+            return main_output(output, len(state.layout), prediction, self._step_context(state), terms)
         return None
 
     def _step_context(self, state: RunState) -> StepContext:

@@ -10,7 +10,7 @@ the run's prediction op, and hands the pipeline back its own rows only.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from attnctl.errors import ConfigError, UnsupportedModelError
 from attnctl.guidance import UNetCall
 from attnctl.layout import MAIN_ROLE
 from attnctl.rows import RowSpec
-from attnctl.step_ops import PredictionOp
+from attnctl.step_ops import GuidanceTermOp, PredictionOp
 
 if TYPE_CHECKING:
     from attnctl.run_state import RunState
@@ -221,8 +221,9 @@ class RowDriver:
         return self._text[spec.role]
 
     # ------------------------------------------------------------------ after the call
-    def split(self, output: Any, prediction: PredictionOp | None, ctx: StepContext) -> Any:
-        """Step the free rows, apply ``prediction``, return ``output`` with the main rows only."""
+    def split(self, output: Any, prediction: PredictionOp | None, ctx: StepContext,
+              terms: Sequence[GuidanceTermOp] = ()) -> Any:
+        """Step the free rows, apply ``prediction`` and ``terms``, return ``output`` with the main rows only."""
         if self._in_flight is None:
             return output
         timestep, self._in_flight = self._in_flight, None
@@ -234,7 +235,7 @@ class RowDriver:
                 self.latents[role] = step[0]
             if spec.output and role in self.latents:
                 self.state.row_outputs[role] = self.latents[role]
-        return main_output(output, self.num_main, prediction, ctx)
+        return main_output(output, self.num_main, prediction, ctx, terms)
 
     def _guided(self, eps: torch.Tensor, role: str, scale: float) -> torch.Tensor:
         """Classifier-free guidance of a role's rows, as the pipeline computes it for its own."""
@@ -255,15 +256,36 @@ def unet_sample(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output.sample
 
 
-def main_output(output: Any, num_main: int, prediction: PredictionOp | None, ctx: StepContext) -> Any:
-    """The UNet output as the pipeline gets it: its own (first ``num_main``) rows, holding the prediction op's
-    guided prediction of their image if one is active."""
+def main_output(output: Any, num_main: int, prediction: PredictionOp | None, ctx: StepContext,
+                terms: Sequence[GuidanceTermOp] = ()) -> Any:
+    """The UNet output as the pipeline gets it: its own (first ``num_main``) rows, holding their image's
+    guided prediction when a prediction op or guidance terms are active (in every branch row, so the
+    pipeline's own ``u + g (c - u)`` hands it on unchanged)."""
     eps = unet_sample(output)
     main = eps[:num_main]
-    if prediction is not None:
+    if prediction is not None or terms:
+        guided = prediction.combine(eps, ctx) if prediction is not None else pipeline_prediction(eps, ctx)
+        for op in terms:
+            guided = guided + op.term(eps, guided, ctx)
         images = torch.tensor(ctx.state.layout.images[:num_main], device=main.device)
-        main = prediction.combine(eps, ctx).index_select(0, images).to(main.dtype)
+        main = guided.index_select(0, images).to(main.dtype)
     return (main, *output[1:]) if isinstance(output, tuple) else output.__class__(sample=main)
+
+
+def pipeline_prediction(eps: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """[num_images, C, h, w] what the pipeline makes of its rows: ``u + g (c - u)`` (its arithmetic) with
+    classifier-free guidance, ``c`` without."""
+    layout = ctx.state.layout
+    out = []
+    for image in range(layout.num_images):
+        rows = {layout.branches[r]: r for r in layout.main_rows if layout.images[r] == image}
+        cond = eps[rows["cond"]]
+        if "uncond" in rows:
+            uncond = eps[rows["uncond"]]
+            out.append(uncond + ctx.guidance_scale * (cond - uncond))
+        else:
+            out.append(cond)
+    return torch.stack(out)
 
 
 def encode_image(pipe: Any, image: Any, latent_hw: tuple[int, int], role: str) -> torch.Tensor:

@@ -5,6 +5,8 @@
   one; perturbed-attention guidance, scheduled CFG, SARG are others). attnctl writes the
   result into every branch row of the image, so the pipeline's own combination
   ``u + g (c - u)`` hands it on unchanged. At most one prediction op may be planned.
+- ``GuidanceTermOp.term`` adds a term to that prediction (perturbed-attention guidance
+  ``s (c - c_perturbed)``, redirection guidance); several compose, in instance-name order.
 - ``PostStepOp.apply`` edits the latents right after ``scheduler.step`` (every step,
   the last one included, so the final latent is edited too), e.g. Prompt-to-Prompt's
   local blend.
@@ -52,6 +54,23 @@ class PredictionOp(Op):
 
 
 @dataclass(eq=False)
+class GuidanceTermOp(Op):
+    """Adds a guidance term to each image's prediction (perturbed-attention guidance, redirection guidance).
+
+    The step's prediction of image ``i`` is ``base_i + sum of the active terms``, the terms in
+    instance-name order, ``base`` being the prediction op's result if one is active, else the
+    pipeline's own combination (``u + g (c - u)`` with classifier-free guidance, ``c``
+    without). Several term ops compose; each reads the rows it needs from ``eps``.
+    """
+
+    passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
+
+    def term(self, eps: torch.Tensor, base: torch.Tensor, ctx: StepView) -> torch.Tensor:  # pragma: no cover
+        """``eps`` [rows of ``ctx.state.layout``, C, h, w], ``base`` [num_images, C, h, w] -> the term to add."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
 class PostStepOp(Op):
     """Edits the main latents right after ``scheduler.step``."""
 
@@ -73,4 +92,4 @@ class NoiseOp(Op):
         raise NotImplementedError
 
 
-STEP_OP_TYPES = (PredictionOp, PostStepOp, NoiseOp)
+STEP_OP_TYPES = (PredictionOp, GuidanceTermOp, PostStepOp, NoiseOp)

@@ -32,7 +32,7 @@ from attnctl.ops import MAIN, ProjectionOp, ReweightOp
 from attnctl.params import StrategySpec
 from attnctl.rows import RowOp, RowSpec
 from attnctl.sites import SiteTable
-from attnctl.step_ops import PredictionOp
+from attnctl.step_ops import GuidanceTermOp
 from strategies._attention_sites import self_attention_sites
 
 if TYPE_CHECKING:
@@ -153,12 +153,12 @@ class _UpTo:
 
 
 @dataclass(eq=False)
-class RedirectionGuidance(PredictionOp):
-    """SARG: ``eps_wo + s (eps_w - eps_wo)`` per image."""
+class RedirectionGuidance(GuidanceTermOp):
+    """SARG, ``eps_wo + s (eps_w - eps_wo)``, as the term ``(s - 1) (eps_w - eps_wo)`` added to ``eps_w``."""
 
     scale: float = field(default=9.0, kw_only=True)
 
-    def combine(self, eps, ctx):
+    def term(self, eps, base, ctx):
         import torch
 
         lay = ctx.state.layout
@@ -168,8 +168,7 @@ class RedirectionGuidance(PredictionOp):
         out = []
         for image in range(lay.num_images):
             w = next(r for r in lay.main_rows if lay.images[r] == image)
-            wo = eps[lay.partner(w, self.strategy)]
-            out.append(wo + self.scale * (eps[w] - wo))
+            out.append((self.scale - 1) * (eps[w] - eps[lay.partner(w, self.strategy)]))
         return torch.stack(out)
 
 

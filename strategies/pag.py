@@ -7,6 +7,8 @@ the selected self-attention sites its attention map is the identity, so its outp
     eps = eps_u + g (eps_c - eps_u) + s (eps_c - eps_ptb)      (CFG on)
     eps = eps_c + s (eps_c - eps_ptb)                          (CFG off)
 
+(the last term is a guidance term, so it adds to whatever else guides the step, in order).
+
 with ``s = max(scale - adaptive_scale (1000 - t), 0)`` when ``adaptive_scale > 0``. This is
 what ``StableDiffusionPAGInpaintPipeline`` does at ``pag_applied_layers`` (``mid`` by
 default), on any attnctl-supported pipeline and next to other strategies.
@@ -28,7 +30,7 @@ from attnctl.errors import ConfigError
 from attnctl.ops import Branch, BranchOp, ProjectionOp
 from attnctl.params import StrategySpec
 from attnctl.rows import RowOp, RowSpec
-from attnctl.step_ops import PredictionOp
+from attnctl.step_ops import GuidanceTermOp
 from strategies._attention_sites import self_attention_sites
 
 if TYPE_CHECKING:
@@ -125,12 +127,14 @@ def _gaussian_kernel(size: int, sigma: float, like: torch.Tensor) -> torch.Tenso
 
 
 @dataclass(eq=False)
-class PerturbedGuidance(PredictionOp):
-    """``eps_u + g (eps_c - eps_u) + s (eps_c - eps_ptb)`` per image (without CFG: ``eps_c + s (...)``)."""
+class PerturbedGuidance(GuidanceTermOp):
+    """The term ``s (eps_c - eps_ptb)`` per image, added to the prediction (CFG's, or the conditional one)."""
 
     params: Any = field(default=None, kw_only=True)
 
-    def combine(self, eps, ctx):
+    def term(self, eps, base, ctx):
+        import torch
+
         lay, p = ctx.state.layout, self.params
         scale = p.scale
         if p.adaptive_scale > 0:
@@ -138,20 +142,8 @@ class PerturbedGuidance(PredictionOp):
         out = []
         for image in range(lay.num_images):
             cond = next(r for r in lay.cond_rows if lay.images[r] == image)
-            perturbed = eps[lay.partner(cond, self.strategy)]
-            uncond = [r for r in lay.main_rows if lay.images[r] == image and lay.branches[r] == "uncond"]
-            if uncond:
-                u, c = eps[uncond[0]], eps[cond]
-                out.append(u + ctx.guidance_scale * (c - u) + scale * (c - perturbed))
-            else:
-                out.append(eps[cond] + scale * (eps[cond] - perturbed))
-        return _stack(out)
-
-
-def _stack(tensors: list) -> torch.Tensor:
-    import torch
-
-    return torch.stack(tensors)
+            out.append(scale * (eps[cond] - eps[lay.partner(cond, self.strategy)]))
+        return torch.stack(out)
 
 
 @attnctl.hookimpl

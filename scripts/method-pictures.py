@@ -31,7 +31,7 @@ STEPS = 25
 def scene_inputs(seed: int, **pin):
     """A testbed scene (styled background, its object) and its mask, as the runner's inputs."""
     rendered = render_scene(sample_scene(seed, "demo", mask_kind="box", styled=True, **pin))
-    image = Image.fromarray((rendered.styled * 255).round().astype(np.uint8))
+    image = Image.fromarray(rendered.styled)  # uint8 already
     mask = Image.fromarray((rendered.mask > 0).astype(np.uint8) * 255)
     return prepare_inputs(image, mask)
 
@@ -135,10 +135,41 @@ class Pictures:
         self.save("attend-excite", rows)
 
 
+    def pag(self) -> None:
+        rows = []
+        for seed in (1, 2, 3):
+            inputs = scene_inputs(seed)
+            prompt = "a red circle"
+            rows.append([("input", outlined(inputs)), (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image),
+                         ("pag (mid block)\nscale 3", self.run("pag", [], inputs, prompt, seed).image),
+                         ("seg (mid block)\ninfinite blur", self.run("seg", [], inputs, prompt, seed).image),
+                         ("pag, every self site\nscale 3", self.run("pag", ["strategies.pag.sites=self"], inputs, prompt,
+                                                                      seed).image)])
+        self.save("pag", rows)
+
+    def reference_only(self) -> None:
+        import tempfile
+
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            reference = Path(tmp) / "reference.png"
+            rendered = render_scene(sample_scene(40, "demo", mask_kind="box", styled=True, style="checks"))
+            Image.fromarray(rendered.styled).save(reference)
+            for seed in (1, 2, 3):
+                inputs = scene_inputs(seed)
+                prompt = "a blue square"
+                over = [f"strategies.ref.image={reference}"]
+                rows.append([("input", outlined(inputs)), ("reference", Image.open(reference).convert("RGB")),
+                             (f"reference-only\n{prompt}", self.run("reference-only", over, inputs, prompt, seed).image),
+                             (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image)])
+        self.save("reference-only", rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/methods"))
-    parser.add_argument("--only", nargs="*", default=["p2p", "masactrl", "style_aligned", "attend_excite"])
+    parser.add_argument("--only", nargs="*",
+                        default=["p2p", "masactrl", "style_aligned", "attend_excite", "pag", "reference_only"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pictures = Pictures(args.out)

@@ -325,6 +325,11 @@ class ActiveOps:
     measure: tuple[MeasureOp, ...] = ()
     branch: tuple[BranchOp, ...] = ()
 
+    @property
+    def all(self) -> tuple[SiteOp, ...]:
+        """Every op, in stage order."""
+        return (*self.projection, *self.key_value, *self.reweight, *self.observe, *self.measure, *self.branch)
+
     @classmethod
     def of(cls, ops) -> ActiveOps:
         """Split ``ops`` (already in canonical order) by stage."""

@@ -13,6 +13,7 @@ import warnings
 from typing import TYPE_CHECKING, Sequence
 
 from attnctl.errors import RunWarning
+from attnctl.ops import GUIDANCE, MAIN
 
 if TYPE_CHECKING:
     from attnctl.plan import Plan
@@ -48,10 +49,8 @@ def idle_instances(plan: Plan, layout: BatchLayout, timesteps: Sequence[float], 
             probe.begin_step(float(t), prepare=False)
         except Exception:  # a gate that needs more than the time cannot be previewed
             return []
-        for by_site in probe._active_by_pass.values():
-            for ops in by_site.values():
-                active.update(op.strategy for op in ops.projection + ops.key_value + ops.reweight + ops.observe
-                              + ops.measure + ops.branch)
+        for kind in (MAIN, GUIDANCE):
+            active.update(op.strategy for ops in probe.active_in(kind).values() for op in ops.all)
         active.update(op.strategy for op in probe.active_latent_ops + probe.active_step_ops)
     return [name for name in planned_instances(plan) if name not in active]
 

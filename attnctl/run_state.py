@@ -90,10 +90,10 @@ class RunState:
         self._active_by_pass: dict[str, dict[str, ActiveOps]] = {}
         self._rows: tuple[int, ...] = tuple(range(len(layout)))
         self._mask_cache: dict[tuple, torch.Tensor] = {}
+        self._preparing = plan.preparing
         #: sites whose ops were active in some main-pass step / that applied ops (run report); the
         #: latter has every planned site as a key from the start, so that marking one is a plain
         #: store (a growing set would make torch.compile guard on its contents, step by step)
-        self._preparing = plan.preparing
         self.sites_due: set[str] = set()
         self.sites_run: dict[str, bool] = dict.fromkeys(plan.site_ops, False)
 
@@ -136,6 +136,10 @@ class RunState:
             op.prepare(self)
         for store in self._stores.values():
             store.count()
+
+    def active_in(self, pass_kind: str) -> dict[str, ActiveOps]:
+        """Site name -> ops active at it in this step's ``pass_kind`` pass (``MAIN`` or ``GUIDANCE``)."""
+        return self._active_by_pass.get(pass_kind, {})
 
     def _find_step_index(self, t: float) -> int | None:
         """The index of ``t`` in the schedule: the one after the previous step's if it holds ``t``

@@ -194,9 +194,8 @@ def phase_keys(pipe: Any, recipe: Any, steps: int = 6, overrides: tuple[str, ...
             probe.begin_step(t, prepare=False)
 
             def sites(kind: str) -> frozenset:
-                return frozenset((site, tuple(type(op).__qualname__ for stage in (
-                    a.projection, a.key_value, a.reweight, a.observe, a.measure, a.branch) for op in stage))
-                    for site, a in probe._active_by_pass.get(kind, {}).items())
+                return frozenset((site, tuple(type(op).__qualname__ for op in a.all))
+                                 for site, a in probe.active_in(kind).items())
 
             guided = bool(probe.active_latent_ops)
             keys.append((sites(MAIN), sites(GUIDANCE) if guided else None))

@@ -37,6 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 import attnctl
 from attnctl.errors import RunWarning
 from attnctl.layout import BatchLayout
+from attnctl.ops import MAIN
 from attnctl.run_state import RunState
 
 #: variants the predictor knows: recipe and overrides (the bench's method variants' settings)
@@ -233,9 +234,7 @@ def _step_groups(plan: Any, layout: BatchLayout, timesteps: list[int]) -> list[t
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(timesteps):
         probe.begin_step(float(t), prepare=False)
-        active = tuple(sorted((site, tuple(id(op) for ops in (a.projection, a.key_value, a.reweight, a.observe,
-                                                              a.measure, a.branch) for op in ops))
-                              for site, a in probe._active_by_pass.get("main", {}).items()))
+        active = tuple(sorted((site, tuple(id(op) for op in a.all)) for site, a in probe.active_in(MAIN).items()))
         key = (active, tuple(id(op) for op in probe.active_latent_ops), tuple(id(op) for op in probe.active_step_ops))
         groups.setdefault(key, []).append(i)
     return [(steps[0], len(steps)) for steps in groups.values()]

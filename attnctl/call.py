@@ -115,6 +115,17 @@ class AttentionCall:
         return [i for i, (ro, b) in enumerate(zip(layout.roles, layout.branches))
                 if ro == role and (branch is None or b == branch)]
 
+    def on_rows(self, role: str, branch: str | None = None) -> torch.Tensor:
+        """``[B, 1, 1, 1]`` fp32: 1 on ``rows_of(role, branch)``, 0 elsewhere (a per-row weight or mask);
+        made once per run and rows."""
+        import torch
+
+        def make() -> torch.Tensor:
+            on = set(self.rows_of(role, branch))
+            return torch.tensor([float(i in on) for i in range(len(self.layout))], device=self.query.device)
+
+        return self.memo(("on_rows", role, branch), make)[:, None, None, None]
+
     def partners(self, role: str) -> list[int]:
         """For every row of this call, the position in this call of its partner of ``role``.
 

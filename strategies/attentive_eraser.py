@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import attnctl
 from attnctl.errors import ConfigError, RunError
+from attnctl.layout import MAIN_ROLE
 from attnctl.ops import MAIN, ProjectionOp, ReweightOp
 from attnctl.params import StrategySpec
 from attnctl.rows import RowOp, RowSpec
@@ -61,14 +62,10 @@ SPEC = StrategySpec(NAME, "Attentive Eraser: remove the masked object by redirec
                     AttentiveEraserParams)
 
 
-def _output_rows(call: AttentionCall) -> list[int]:
-    """Positions of the main rows (the output, "w") in this call."""
-    return [k for k, role in enumerate(call.layout.roles) if role == "main"]
-
-
 def _all_masked(call: AttentionCall) -> torch.Tensor:
     """[B] 1 for rows whose mask covers the whole grid at this site."""
-    return call.memo((NAME, "all"), lambda: (_site_mask(call).amin(dim=1) == 1).to(_site_mask(call).dtype))
+    mask = _site_mask(call)
+    return call.memo((NAME, "all"), lambda: (mask.amin(dim=1) == 1).to(mask.dtype))
 
 
 def _site_mask(call: AttentionCall) -> torch.Tensor:
@@ -92,7 +89,7 @@ class SuppressQueries(ProjectionOp):
     passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
 
     def project(self, call):
-        rows = _output_rows(call)
+        rows = call.rows_of(MAIN_ROLE)  # the output rows ("w")
         on = _site_mask(call)[rows][:, None, :, None].to(call.query.dtype)  # [n, 1, HW, 1]
         query = call.query.clone()
         query[rows] = call.query[rows] * (1 + (self.scale - 1) * on)
@@ -111,7 +108,7 @@ class UniformWhereAllMasked(ProjectionOp):
     passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
 
     def project(self, call):
-        rows = _output_rows(call)
+        rows = call.rows_of(MAIN_ROLE)  # the output rows ("w")
         full = _all_masked(call)[rows][:, None, None, None].to(call.query.dtype)
         query = call.query.clone()
         query[rows] = call.query[rows] * (1 - full)
@@ -129,10 +126,8 @@ class ExcludeObjectKeys(ReweightOp):
         def make():
             # a row whose mask covers the grid excludes nothing: there their finfo.min penalty is on every
             # key and absorbs the logits, which makes the attention uniform (ZeroQueries does that)
-            keep = 1 - _site_mask(call) * (1 - _all_masked(call))[:, None]  # [B, HW]
-            other = [k for k in range(len(call.layout)) if k not in set(_output_rows(call))]
-            keep[other] = 1.0
-            return keep[:, None, :, None]  # per own key
+            drop = _site_mask(call) * (1 - _all_masked(call))[:, None] * call.on_rows(MAIN_ROLE).flatten()[:, None]
+            return (1 - drop)[:, None, :, None]  # per own key; 1 on the other rows
 
         b = call.memo((NAME, "keep"), make)
         one = call.query.new_ones(1, 1, 1, 1)

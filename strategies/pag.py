@@ -61,28 +61,17 @@ class PAGParams:
 SPEC = StrategySpec(NAME, "perturbed-attention guidance (PAG) or smoothed energy guidance (SEG)", PAGParams)
 
 
-def _perturbed(call: Any, role: str) -> torch.Tensor:
-    """[B, 1, 1, 1] 1 on the perturbed rows; made once per run and rows."""
-    import torch
-
-    def make():
-        rows = set(call.layout.rows_of(role))
-        return torch.tensor([float(r in rows) for r in range(len(call.layout))], device=call.query.device)[:, None, None, None]
-
-    return call.memo((NAME, role), make)
-
-
 @dataclass(eq=False)
 class IdentityAttention(BranchOp):
     """The perturbed rows' attention is the identity: their output is their own values."""
 
     def main_weight(self, call):
-        return 1 - _perturbed(call, self.strategy).to(call.value.dtype)
+        return 1 - call.on_rows(self.strategy).to(call.value.dtype)
 
     def branches(self, call):
-        on = _perturbed(call, self.strategy).to(call.value.dtype)
-        own = call.value[..., : call.num_own_keys, :]  # not the keys other ops appended
-        return [Branch(on, identity=True, value=own, rows=call.layout.rows_of(self.strategy))]
+        on = call.on_rows(self.strategy).to(call.value.dtype)
+        # own values only, not keys other ops appended
+        return [Branch(on, identity=True, value=call.own_value, rows=tuple(call.rows_of(self.strategy)))]
 
 
 @dataclass(eq=False)
@@ -92,7 +81,7 @@ class BlurredQueries(ProjectionOp):
     sigma: float = field(default=INFINITE_BLUR * 1000, kw_only=True)
 
     def project(self, call):
-        rows = list(call.layout.rows_of(self.strategy))
+        rows = call.rows_of(self.strategy)
         query = call.query.clone()
         query[rows] = self._blur(call, call.query[rows])
         call.set_query(query)

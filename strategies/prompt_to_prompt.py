@@ -24,6 +24,7 @@ from typing import Any
 
 import attnctl
 from attnctl.errors import ConfigError, InputError
+from attnctl.layout import MAIN_ROLE
 from attnctl.ops import Branch, BranchOp, MapOp, ProjectionOp
 from attnctl.params import StrategySpec
 from attnctl.rows import RowOp, RowSpec
@@ -106,21 +107,8 @@ def _edit(call: Any, op: Any) -> tuple[_Edit, Any, Any]:
     return scratch["edit"], scratch["c1"], scratch["c2"]
 
 
-def _target_rows(call: Any) -> list[int]:
-    """The rows P2P edits: the main images' conditional rows."""
-    lay = call.layout
-    return [k for k, (r, b) in enumerate(zip(lay.roles, lay.branches)) if r == "main" and b == "cond"]
-
-
-def _targets(call: Any) -> torch.Tensor:
-    """[B, 1, 1, 1] 1 on the rows P2P edits (``_target_rows``); made once per run and rows."""
-    import torch
-
-    def make():
-        rows = set(_target_rows(call))
-        return torch.tensor([float(k in rows) for k in range(len(call.layout))], device=call.query.device)[:, None, None, None]
-
-    return call.memo("p2p-targets", make)
+#: the rows P2P edits: the main images' conditional rows (``call.rows_of(*TARGET)``, ``call.on_rows(*TARGET)``)
+TARGET = (MAIN_ROLE, "cond")
 
 
 @dataclass(frozen=True)
@@ -147,15 +135,15 @@ class CrossEdit(BranchOp):
         _prepare(self, state)
 
     def main_weight(self, call):
-        return 1 - _targets(call).to(call.value.dtype)
+        return 1 - call.on_rows(*TARGET).to(call.value.dtype)
 
     def branches(self, call):
         import torch
 
-        (ed, c1, c2), on = _edit(call, self), _targets(call).to(call.value.dtype)
+        (ed, c1, c2), on = _edit(call, self), call.on_rows(*TARGET).to(call.value.dtype)
         c1, c2 = c1.to(call.value), c2.to(call.value)
         v_src = torch.einsum("ij,bhjd->bhid", ed.mapper.to(call.value) * c1, call.value)
-        rows = tuple(_target_rows(call))
+        rows = tuple(call.rows_of(*TARGET))
         return [Branch(on, query=call.take(call.query, ed.role), key=call.take(call.key, ed.role), value=v_src, rows=rows),
                 Branch(on, value=c2[:, None] * call.value, rows=rows)]
 
@@ -170,7 +158,7 @@ class CrossEditStored(MapOp):
         _prepare(self, state)
 
     def edit_probs(self, call, queries, probs):
-        (ed, c1, c2), on = _edit(call, self), _targets(call)
+        (ed, c1, c2), on = _edit(call, self), call.on_rows(*TARGET)
         source = call.take(probs, ed.role)
         edited = (source @ ed.mapper.to(probs)) * c1.to(probs) + probs * c2.to(probs)
         return on * edited + (1 - on) * probs
@@ -196,7 +184,7 @@ class SelfEdit(ProjectionOp):
         ed = _edit(call, self)[0]
         if call.query.shape[-2] > self.params.self_max_tokens:  # the grid depends on the run's size: checked here
             return
-        rows = _target_rows(call)
+        rows = call.rows_of(*TARGET)
         # clones keep the tensors' strides, so the other rows run the very kernel they ran before
         query, key = call.query.clone(), call.key.clone()
         query[rows], key[rows] = call.take(call.query, ed.role)[rows], call.take(call.key, ed.role)[rows]

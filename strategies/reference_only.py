@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import attnctl
 from attnctl.errors import ConfigError, InputError
+from attnctl.layout import MAIN_ROLE
 from attnctl.ops import MAIN, Branch, BranchOp, KeyValueOp
 from attnctl.params import StrategySpec
 from attnctl.rows import RowOp, RowSpec
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from attnctl.call import AttentionCall
 
 NAME = "reference_only"
+UNCOND = (MAIN_ROLE, "uncond")  # the rows that blend in their plain attention
 
 
 @dataclass(frozen=True)
@@ -71,30 +73,16 @@ class StyleFidelity(BranchOp):
 
     fidelity: float = field(default=0.5, kw_only=True)
 
-    def _uncond(self, call: AttentionCall) -> list[int]:
-        lay = call.layout
-        return [k for k, (r, b) in enumerate(zip(lay.roles, lay.branches)) if r == "main" and b == "uncond"]
-
-    def _on(self, call: AttentionCall):
-        import torch
-
-        def make():
-            rows = set(self._uncond(call))
-            return torch.tensor([float(k in rows) for k in range(len(call.layout))],
-                                device=call.query.device)[:, None, None, None]
-
-        return call.memo((NAME, "uncond"), make)
-
     def main_weight(self, call):
-        if not self._uncond(call):  # no classifier-free guidance: nothing to blend
+        if not call.rows_of(*UNCOND):  # no classifier-free guidance: nothing to blend
             return None
-        return 1 - self.fidelity * self._on(call).to(call.value.dtype)
+        return 1 - self.fidelity * call.on_rows(*UNCOND).to(call.value.dtype)
 
     def branches(self, call):
-        rows = tuple(self._uncond(call))
+        rows = tuple(call.rows_of(*UNCOND))
         if not rows:
             return []
-        on = self._on(call).to(call.value.dtype)
+        on = call.on_rows(*UNCOND).to(call.value.dtype)
         return [Branch(self.fidelity * on, key=call.own_key, value=call.own_value, rows=rows)]
 
 

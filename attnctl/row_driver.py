@@ -21,6 +21,7 @@ from attnctl.rows import RowSpec
 from attnctl.step_ops import GuidanceTermOp, PredictionOp
 
 if TYPE_CHECKING:
+    from attnctl.layout import BatchLayout
     from attnctl.run_state import RunState
 
 
@@ -230,25 +231,12 @@ class RowDriver:
         eps = unet_sample(output)
         for role, spec in self.specs.items():
             if spec.driver == "free":
-                guided = self._guided(eps, role, ctx.guidance_scale)
+                guided = cfg_prediction(eps, self.state.layout, role, ctx.guidance_scale)
                 step = self._schedulers[role].step(guided, timestep, self.latents[role], return_dict=False)
                 self.latents[role] = step[0]
             if spec.output and role in self.latents:
                 self.state.row_outputs[role] = self.latents[role]
         return main_output(output, self.num_main, prediction, ctx, terms)
-
-    def _guided(self, eps: torch.Tensor, role: str, scale: float) -> torch.Tensor:
-        """Classifier-free guidance of a role's rows, as the pipeline computes it for its own."""
-        layout = self.state.layout
-        per_branch = {}
-        for branch in ("uncond", "cond"):
-            rows = sorted(layout.rows_of(role, branch), key=lambda r: layout.images[r])
-            if rows:
-                per_branch[branch] = eps.index_select(0, torch.tensor(rows, device=eps.device))
-        if "uncond" in per_branch:
-            uncond, cond = per_branch["uncond"], per_branch["cond"]
-            return uncond + scale * (cond - uncond)
-        return per_branch["cond"]
 
 
 def unet_sample(output: Any) -> torch.Tensor:
@@ -264,28 +252,28 @@ def main_output(output: Any, num_main: int, prediction: PredictionOp | None, ctx
     eps = unet_sample(output)
     main = eps[:num_main]
     if prediction is not None or terms:
-        guided = prediction.combine(eps, ctx) if prediction is not None else pipeline_prediction(eps, ctx)
+        layout = ctx.state.layout
+        guided = (prediction.combine(eps, ctx) if prediction is not None
+                  else cfg_prediction(eps, layout, MAIN_ROLE, ctx.guidance_scale))
         for op in terms:
             guided = guided + op.term(eps, guided, ctx)
-        images = torch.tensor(ctx.state.layout.images[:num_main], device=main.device)
+        images = torch.tensor(layout.images[:num_main], device=main.device)
         main = guided.index_select(0, images).to(main.dtype)
     return (main, *output[1:]) if isinstance(output, tuple) else output.__class__(sample=main)
 
 
-def pipeline_prediction(eps: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-    """[num_images, C, h, w] what the pipeline makes of its rows: ``u + g (c - u)`` (its arithmetic) with
-    classifier-free guidance, ``c`` without."""
-    layout = ctx.state.layout
-    out = []
-    for image in range(layout.num_images):
-        rows = {layout.branches[r]: r for r in layout.main_rows if layout.images[r] == image}
-        cond = eps[rows["cond"]]
-        if "uncond" in rows:
-            uncond = eps[rows["uncond"]]
-            out.append(uncond + ctx.guidance_scale * (cond - uncond))
-        else:
-            out.append(cond)
-    return torch.stack(out)
+def cfg_prediction(eps: torch.Tensor, layout: BatchLayout, role: str, scale: float) -> torch.Tensor:
+    """[images, C, h, w] the prediction of ``role``'s rows in image order, as the pipeline computes its own:
+    ``u + g (c - u)`` with classifier-free guidance, ``c`` without."""
+    per_branch = {}
+    for branch in ("uncond", "cond"):
+        rows = sorted(layout.rows_of(role, branch), key=lambda r: layout.images[r])
+        if rows:
+            per_branch[branch] = eps.index_select(0, torch.tensor(rows, device=eps.device))
+    if "uncond" in per_branch:
+        uncond, cond = per_branch["uncond"], per_branch["cond"]
+        return uncond + scale * (cond - uncond)
+    return per_branch["cond"]
 
 
 def encode_image(pipe: Any, image: Any, latent_hw: tuple[int, int], role: str) -> torch.Tensor:

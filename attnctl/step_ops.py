@@ -2,7 +2,7 @@
 
 - ``PredictionOp.combine`` turns the noise predictions of every row into the guided
   prediction of each image (classifier-free guidance is what the pipeline does without
-  one; perturbed-attention guidance, scheduled CFG, SARG are others). attnctl writes the
+  one; scheduled CFG is another). attnctl writes the
   result into every branch row of the image, so the pipeline's own combination
   ``u + g (c - u)`` hands it on unchanged. At most one prediction op may be planned.
 - ``GuidanceTermOp.term`` adds a term to that prediction (perturbed-attention guidance

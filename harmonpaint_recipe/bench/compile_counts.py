@@ -142,7 +142,8 @@ def measure_recipe(pipe: Any, recipe: Any, prompt: str, image: Any, mask: Any, s
             torch._dynamo.reset()
     reasons = [line for message in messages for line in _guard_lines(message)]
     return CompileCounts(
-        recipe=recipe if isinstance(recipe, str) else "(config)", steps=steps, graphs=first["graphs"], graph_breaks=first["graph_breaks"],
+        recipe=recipe if isinstance(recipe, str) else "(config)", steps=steps, graphs=first["graphs"],
+        graph_breaks=first["graph_breaks"],
         recompiles=max(entries - 1, 0), frames_left_eager=first["frames_failed"],
         second_run_graphs=second["graphs"] - first["graphs"],
         max_abs_diff=float((compiled.float() - eager.float()).abs().max()), recompile_reasons=reasons,
@@ -165,7 +166,6 @@ RECIPE_PROMPTS: dict[str, tuple[str, tuple[str, ...]]] = {
 def prompt_for(recipe: str) -> tuple[str, tuple[str, ...]]:
     """The prompt and overrides ``recipe`` is measured with (``a cat``, none, by default)."""
     return RECIPE_PROMPTS.get(recipe, ("a cat", ()))
-
 
 
 def phase_keys(pipe: Any, recipe: Any, steps: int = 6, overrides: tuple[str, ...] = (),

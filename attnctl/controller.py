@@ -242,7 +242,7 @@ class Controller:
                     "inside `with controller.run(layout, mask): pipe(...)` (or use harmonpaint_recipe.inpaint)"
                 )
             return None
-        if state.in_guidance:
+        if state.in_side_pass:
             return None
         self.sync_processors()
         call = UNetCall(unet, args, kwargs)
@@ -262,19 +262,21 @@ class Controller:
             self._preview_gates(state, t)
         own = state.scratch_for("_attnctl")
         unscaled = own.get("scale_inputs", {}).get(sample.shape[0])  # before guidance clears it
+        if self.plan.rows:
+            if self._rows is None:
+                self._rows = RowDriver(state, self.plan.rows, self.pipe, self.scheduler, own.get("scale"))
+            call, unscaled = self._rows.begin(call, unscaled)  # inversions; main rows that start from one
         guided = self._guide(state, call, t) if state.active_latent_ops else None
         if not self.plan.rows:
             return guided
         if guided is not None:
             call = UNetCall(unet, *guided)
-        if self._rows is None:
-            self._rows = RowDriver(state, self.plan.rows, self.pipe, self.scheduler, own.get("scale"))
         return self._rows.extend(call, t, unscaled)
 
     def _post_forward(self, unet, args, output):
         """After a main UNet call: step the added rows, apply the prediction op and guidance terms, return the main rows."""
         state = self.state
-        if state is None or state.in_guidance:
+        if state is None or state.in_side_pass:
             return None
         prediction = next((op for op in state.active_step_ops if isinstance(op, PredictionOp)), None)
         terms = tuple(op for op in state.active_step_ops if isinstance(op, GuidanceTermOp))  # in instance order

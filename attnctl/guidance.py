@@ -79,7 +79,7 @@ class UNetCall:
     def subset(self, rows: torch.Tensor, sample: torch.Tensor) -> tuple[tuple, dict]:
         """Arguments for a call on ``rows`` of the batch with ``sample`` as input."""
         batch = self.get("sample").shape[0]
-        names = _positional_names(self.unet)
+        names = positional_names(self.unet)
         args = tuple(_take_rows(a, rows, batch) if i < len(names) and names[i] in BATCH_ARGUMENTS else a
                      for i, a in enumerate(self.args))
         kwargs = {k: _take_rows(v, rows, batch) if k in BATCH_ARGUMENTS else v for k, v in self.kwargs.items()}
@@ -90,7 +90,7 @@ class UNetCall:
         return args, kwargs
 
 
-def _positional_names(unet: torch.nn.Module) -> tuple[str, ...]:
+def positional_names(unet: torch.nn.Module) -> tuple[str, ...]:
     """Parameter names of ``unet.forward`` in positional order (to know what positional arguments are)."""
     try:
         return tuple(inspect.signature(unet.forward).parameters)

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 Gate = Callable[["RunView"], bool]
 MAIN = "main"
 GUIDANCE = "guidance"
+#: UNet calls attnctl makes before the main ones (an inversion); no op acts in them
+RECORD = "record"
 
 
 @dataclass(eq=False)

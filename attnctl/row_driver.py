@@ -16,7 +16,9 @@ import torch
 
 from attnctl.errors import ConfigError, UnsupportedModelError
 from attnctl.guidance import UNetCall
+from attnctl.inversion import invert_row_image, trajectory_index
 from attnctl.layout import MAIN_ROLE
+from attnctl.row_inputs import RowTexts, encode_image, unet_sample
 from attnctl.rows import RowSpec
 from attnctl.step_ops import GuidanceTermOp, PredictionOp
 
@@ -71,10 +73,36 @@ class RowDriver:
         #: role -> sample-space latents [n, C, h, w] of the role's images (free, trajectory, noised)
         self.latents: dict[str, torch.Tensor] = {}
         self._schedulers: dict[str, Any] = {}
-        self._text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.texts = RowTexts(pipe)
         #: (what, role) -> made once per run: a noised row's encoded image, its noise generator
         self._once: dict[tuple[str, str], Any] = {}
         self._in_flight: Any = None  # the timestep of the extended call the forward hook has not split yet
+        #: role -> ``ddim_inversion`` latents of ``inverted`` rows (made at the run's first call)
+        self.inverted: dict[str, list[torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------ the run's first call
+    def begin(self, call: UNetCall, unscaled: torch.Tensor | None) -> tuple[UNetCall, torch.Tensor | None]:
+        """At the run's first main call: invert the ``inverted`` rows' images and, for a role with
+        ``start_main``, put its most noisy latent in place of the main rows' initial one (in the
+        UNet input and in the sample the scheduler steps from). Other calls pass through."""
+        if self.inverted is not None:
+            return call, unscaled
+        channels = unscaled.shape[1] if unscaled is not None else call.get("sample").shape[1]
+        self.inverted = {role: invert_row_image(spec, call, channels, self.state, self.pipe, self.scheduler,
+                                                self.scale, self.texts)
+                         for role, spec in self.specs.items() if spec.driver == "inverted"}
+        start = next((spec for spec in self.specs.values() if spec.start_main), None)
+        if start is None:
+            return call, unscaled
+        sample = call.get("sample")
+        z_T = self.inverted[start.role][-1][:1]
+        t = call.get("timestep")
+        start_z = z_T.expand(self.num_main, *z_T.shape[1:]).to(sample.device, sample.dtype)
+        x = self.scale(start_z, t) if self.scale is not None else start_z
+        new_sample = torch.cat([x, sample[:, channels:]], dim=1)
+        self.state.scratch_for("_attnctl").setdefault("scale_inputs", {})[self.num_main] = start_z
+        self.state.pending_latents = start_z[: self.state.layout.num_images]
+        return UNetCall(call.unet, *call.with_sample(new_sample)), start_z
 
     # ------------------------------------------------------------------ before the call
     def extend(self, call: UNetCall, timestep: float, unscaled: torch.Tensor | None) -> tuple[tuple, dict]:
@@ -112,7 +140,7 @@ class RowDriver:
     def _model_input(self, spec: RowSpec, timestep: float, unscaled: torch.Tensor | None, device) -> torch.Tensor:
         """UNet-input latents [n, C, h, w] of a role's images this step."""
         role = spec.role
-        if spec.driver == "free":
+        if spec.denoised:
             if role not in self.latents:
                 self.latents[role] = self._initial(spec, unscaled, device)
                 scheduler = copy.deepcopy(self.scheduler)
@@ -120,7 +148,15 @@ class RowDriver:
                     scheduler.__dict__.pop(name, None)
                 self._schedulers[role] = scheduler
             return self._schedulers[role].scale_model_input(self.latents[role], timestep)
-        if spec.driver == "trajectory":
+        if spec.driver == "inverted":
+            zs, index = self.inverted[role], self.state.step_index
+            if index is None:
+                raise ConfigError(f"rows {role!r}: this call's timestep {timestep} is not in the scheduler's "
+                                  "timesteps, so its place on the inversion is unknown")
+            z = zs[trajectory_index(index, len(zs) - 1, spec.inversion_offset)].to(device)
+            if spec.per_image:  # one image inverted, beside every main image
+                z = z.expand(self.state.layout.num_images, *z.shape[1:])
+        elif spec.driver == "trajectory":
             index = self.state.step_index
             if index is None or index >= len(spec.trajectory):
                 raise ConfigError(f"rows {role!r}: the trajectory has {len(spec.trajectory)} latents, "
@@ -154,7 +190,11 @@ class RowDriver:
         return torch.randn(shape, generator=self._once[key])
 
     def _initial(self, spec: RowSpec, unscaled: torch.Tensor | None, device) -> torch.Tensor:
-        """The first latent of ``free`` rows: the partner images' initial latent, or seeded noise."""
+        """The first latent of denoised rows: the inversion's most noisy latent, the partner images'
+        initial latent, or seeded noise."""
+        if spec.driver == "inverted":
+            z_T = self.inverted[spec.role][-1].to(device)
+            return z_T.expand(self.state.layout.num_images, *z_T.shape[1:]).clone() if spec.per_image else z_T.clone()
         if unscaled is None:
             raise UnsupportedModelError(
                 f"rows {spec.role!r}: could not find the pipeline's initial latents (it did not call "
@@ -180,7 +220,7 @@ class RowDriver:
             spec = self.specs[layout.roles[row]]
             if layout.branches[row] != "cond" or (spec.prompt is None and spec.embeds is None):
                 continue
-            embeds, pooled = self._text_of(spec, device)
+            embeds, pooled = self.texts.of(spec, device)
             if not changed:
                 hidden = hidden.clone()
                 added = {**added, "text_embeds": added["text_embeds"].clone()} if added and "text_embeds" in added else added
@@ -205,22 +245,6 @@ class RowDriver:
             kwargs["added_cond_kwargs"] = added
         return args, kwargs
 
-    def _text_of(self, spec: RowSpec, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if spec.role not in self._text:
-            if spec.embeds is not None:
-                pooled = None if spec.pooled is None else torch.as_tensor(spec.pooled).to(device)
-                self._text[spec.role] = (torch.as_tensor(spec.embeds).to(device), pooled)
-            else:
-                encode = getattr(self.pipe, "encode_prompt", None)
-                if encode is None:
-                    raise ConfigError(f"rows {spec.role!r}: a prompt needs a pipeline to encode it; attach to the "
-                                      "pipeline, or give embeds=")
-                with torch.no_grad():
-                    out = encode(prompt=spec.prompt, device=device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=False)
-                self._text[spec.role] = (out[0], out[2] if len(out) == 4 else None)
-        return self._text[spec.role]
-
     # ------------------------------------------------------------------ after the call
     def split(self, output: Any, prediction: PredictionOp | None, ctx: StepContext,
               terms: Sequence[GuidanceTermOp] = ()) -> Any:
@@ -230,18 +254,13 @@ class RowDriver:
         timestep, self._in_flight = self._in_flight, None
         eps = unet_sample(output)
         for role, spec in self.specs.items():
-            if spec.driver == "free":
+            if spec.denoised:
                 guided = cfg_prediction(eps, self.state.layout, role, ctx.guidance_scale)
                 step = self._schedulers[role].step(guided, timestep, self.latents[role], return_dict=False)
                 self.latents[role] = step[0]
             if spec.output and role in self.latents:
                 self.state.row_outputs[role] = self.latents[role]
         return main_output(output, self.num_main, prediction, ctx, terms)
-
-
-def unet_sample(output: Any) -> torch.Tensor:
-    """The noise prediction in a UNet's output (``return_dict=False`` tuple or ``UNet2DConditionOutput``)."""
-    return output[0] if isinstance(output, tuple) else output.sample
 
 
 def main_output(output: Any, num_main: int, prediction: PredictionOp | None, ctx: StepContext,
@@ -274,19 +293,3 @@ def cfg_prediction(eps: torch.Tensor, layout: BatchLayout, role: str, scale: flo
         uncond, cond = per_branch["uncond"], per_branch["cond"]
         return uncond + scale * (cond - uncond)
     return per_branch["cond"]
-
-
-def encode_image(pipe: Any, image: Any, latent_hw: tuple[int, int], role: str) -> torch.Tensor:
-    """``image`` (a PIL image) as the VAE's latent ``[1, C, h, w]`` at ``latent_hw``: resized to the
-    run's pixel size, the mean of the latent distribution times the scaling factor, in the VAE's dtype."""
-    vae = getattr(pipe, "vae", None)
-    processor = getattr(pipe, "image_processor", None)
-    if vae is None or processor is None:
-        raise ConfigError(f"rows {role!r}: an image reference needs a pipeline with a VAE; give clean=<latent> instead")
-    if not hasattr(image, "convert"):
-        raise ConfigError(f"rows {role!r}: image must be a PIL image (open files in the strategy), got {type(image).__name__}")
-    factor = getattr(pipe, "vae_scale_factor", 8)
-    pixels = processor.preprocess(image.convert("RGB"), height=latent_hw[0] * factor, width=latent_hw[1] * factor)
-    with torch.no_grad():
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return dist.mode() * vae.config.scaling_factor

@@ -17,6 +17,10 @@ strategy asks for such an image by planning a ``RowOp`` with a ``RowSpec``; attn
   ``"shared"``     the partner main row's latent (a perturbed copy of the main image);
   ``"trajectory"`` ``trajectory[i]``, the sample-space latent of step ``i`` (an inversion);
   ``"noised"``     ``scheduler.add_noise(clean, noise, t)`` every step;
+  ``"inverted"``   the DDIM inversion of ``image`` (``attnctl.inversion``), computed with the
+                   stock UNet at the run's first step along the run's own timesteps: the
+                   rows take its latent of each step, or with ``follow_inversion=False``
+                   start from its most noisy latent and are denoised like ``free`` rows;
 
 - keeps them out of what the pipeline returns: the pipeline sees only its own rows. With
   ``output=True`` the rows' final latents are in ``RunState.row_outputs[role]``.
@@ -37,8 +41,8 @@ from attnctl.ops import Op
 if TYPE_CHECKING:
     import torch
 
-Driver = Literal["free", "shared", "trajectory", "noised"]
-DRIVERS: tuple[str, ...] = ("free", "shared", "trajectory", "noised")
+Driver = Literal["free", "shared", "trajectory", "noised", "inverted"]
+DRIVERS: tuple[str, ...] = ("free", "shared", "trajectory", "noised", "inverted")
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,26 @@ class RowSpec:
         noise_seed: ``free`` rows start from ``randn(seed) * init_noise_sigma`` instead of
             the partner image's initial latent.
         trajectory: ``trajectory`` driver: sample-space latents, one per step index.
-        clean: ``noised`` driver: the clean latent ``z_0`` ``[n, C, h, w]``.
-        image: ``noised`` driver, instead of ``clean``: a PIL image that the pipeline's VAE
-            encodes at the run's size when the run starts (the mean of the latent
-            distribution, times the VAE's scaling factor).
+        clean: ``noised`` and ``inverted`` drivers: the clean latent ``z_0`` ``[n, C, h, w]``.
+        image: ``noised`` and ``inverted`` drivers, instead of ``clean``: a PIL image that the
+            pipeline's VAE encodes at the run's size when the run starts (the mean of the
+            latent distribution, times the VAE's scaling factor).
         noise: ``noised`` driver: the noise added each step (default ``randn(noise_seed or 0)``).
         fresh_noise: ``noised`` driver: draw new noise every step (from one generator seeded
             with ``noise_seed``) instead of adding the same noise at every step.
         output: publish the rows' final latents in ``RunState.row_outputs[role]``.
+        inversion_guidance: ``inverted`` driver: the classifier-free guidance scale of the
+            inversion, against the text the pipeline uses for an empty negative prompt
+            (SD: the empty prompt's embedding; SDXL: zeros); 1 inverts with the conditional
+            prediction alone.
+        follow_inversion: ``inverted`` driver: the rows take the inversion's latent every
+            step (True), or only start from its most noisy one and are then denoised with
+            their own prediction (False, as MasaCtrl's real-image editing does by default).
+        inversion_offset: ``inverted`` driver: start that many steps less noisy
+            (``attnctl.inversion.trajectory_index``; StyleAligned's transfer uses 5).
+        start_main: ``inverted`` driver: the main rows start from the inversion's last latent
+            (the most noisy one) instead of the pipeline's initial noise, as MasaCtrl's
+            real-image editing does.
     """
 
     role: str
@@ -82,6 +98,15 @@ class RowSpec:
     image: Any = field(default=None, repr=False)
     fresh_noise: bool = False
     output: bool = False
+    inversion_guidance: float = 1.0
+    inversion_offset: int = 0
+    follow_inversion: bool = True
+    start_main: bool = False
+
+    @property
+    def denoised(self) -> bool:
+        """The rows are stepped with their own prediction (``free``, or an inversion they do not follow)."""
+        return self.driver == "free" or (self.driver == "inverted" and not self.follow_inversion)
 
     def __post_init__(self) -> None:
         if not self.role or self.role == MAIN_ROLE:
@@ -92,9 +117,15 @@ class RowSpec:
             raise ConfigError(f"RowSpec {self.role!r}: give prompt or embeds, not both")
         if self.driver == "trajectory" and not self.trajectory:
             raise ConfigError(f"RowSpec {self.role!r}: the trajectory driver needs trajectory=[latent per step]")
-        if self.driver == "noised" and (self.clean is None) == (self.image is None):
-            raise ConfigError(f"RowSpec {self.role!r}: the noised driver needs clean=<z_0 latent> or image=<image "
-                              "or path>, one of them")
+        if self.driver in ("noised", "inverted") and (self.clean is None) == (self.image is None):
+            raise ConfigError(f"RowSpec {self.role!r}: the {self.driver} driver needs clean=<z_0 latent> or "
+                              "image=<PIL image>, one of them")
+        if self.driver != "inverted" and (self.start_main or self.inversion_offset or self.inversion_guidance != 1.0
+                                          or not self.follow_inversion):
+            raise ConfigError(f"RowSpec {self.role!r}: start_main, inversion_offset, inversion_guidance and "
+                              "follow_inversion are settings of the inverted driver")
+        if self.inversion_offset < 0:
+            raise ConfigError(f"RowSpec {self.role!r}: inversion_offset must be >= 0, got {self.inversion_offset}")
         if self.fresh_noise and self.noise is not None:
             raise ConfigError(f"RowSpec {self.role!r}: fresh_noise draws the noise; do not give noise as well")
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from attnctl.errors import InputError, RunError
 from attnctl.layout import BatchLayout
-from attnctl.ops import GUIDANCE, MAIN, ActiveOps, LatentOp, Op
+from attnctl.ops import GUIDANCE, MAIN, RECORD, ActiveOps, LatentOp, Op
 from attnctl.run_store import RunStore
 from attnctl.sites import Site, grid_at
 
@@ -167,6 +167,21 @@ class RunState:
     @property
     def in_guidance(self) -> bool:
         return self.pass_kind == GUIDANCE
+
+    @contextmanager
+    def record_pass(self) -> Iterator[None]:
+        """Within this block, UNet calls are a record pass (an inversion): no op acts in them."""
+        saved = (self.pass_kind, self.active)
+        self.pass_kind, self.active = RECORD, {}
+        try:
+            yield
+        finally:
+            self.pass_kind, self.active = saved
+
+    @property
+    def in_side_pass(self) -> bool:
+        """A UNet call that is not the pipeline's own (a guidance or record pass)."""
+        return self.pass_kind != MAIN
 
     # ---------------------------------------------------------------- rows
     @property

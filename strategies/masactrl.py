@@ -1,7 +1,10 @@
 """``masactrl``: mutual self-attention (MasaCtrl, Cao et al. 2023), as the authors' code computes it.
 
 A source image is denoised beside the main ones (its own prompt, the main image's initial
-latent and mask; role = the instance name). At the chosen self-attention sites and steps,
+latent and mask; role = the instance name); with ``source_image`` it is a real image instead:
+DDIM-inverted, the source and the output start from its inverted latent and the source is
+denoised with its (usually empty) prompt, as the authors' real-image editing does, or it
+follows the inversion step by step (``follow_inversion``, their commented-out option). At the chosen self-attention sites and steps,
 with ``s`` the source row of the same CFG branch and image and ``m`` the binary mask at
 the site's grid (1 = inpaint; the source row has its main image's mask, so ``m_s = m_t``)::
 
@@ -30,6 +33,7 @@ from attnctl.params import StrategySpec
 from attnctl.rows import RowOp, RowSpec
 from attnctl.sites import Site, SiteTable
 from strategies._attention_sites import grid_tokens, self_attention_sites
+from strategies._images import open_image
 
 if TYPE_CHECKING:
     import torch
@@ -58,11 +62,20 @@ class MasaCtrlParams:
     end_step: int | None = field(default=None, metadata=_h("step index it stops before (null: the last step)"))
     variant: str = field(default="plain", metadata=_h(f"key/value source: {', '.join(VARIANTS)}"))
     keep_source: bool = field(default=False, metadata=_h("publish the source latent in row_outputs"))
+    source_image: str | None = field(default=None, metadata=_h(
+        "path of a real source image, DDIM-inverted and followed instead of a generated source"))
+    inversion_guidance: float = field(default=7.5, metadata=_h(
+        "with source_image: guidance scale of the inversion (the authors' 7.5; the empty prompt as uncond)"))
+    start_from_source: bool = field(default=True, metadata=_h(
+        "with source_image: the output starts from the source's inverted latent, as the authors' real-image editing"))
+    follow_inversion: bool = field(default=False, metadata=_h(
+        "with source_image: the source takes the inverted latent every step (their commented-out option) "
+        "instead of being denoised from the inverted start (their default)"))
 
     def __post_init__(self) -> None:
-        if not (self.source_prompt or "").strip():
+        if not self.source_image and not (self.source_prompt or "").strip():
             raise ConfigError("source_prompt is missing; set it to the text of the source image, "
-                              "e.g. source_prompt='a photo of a cat, sitting'")
+                              "e.g. source_prompt='a photo of a cat, sitting' (or give source_image)")
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown variant '{self.variant}'{did_you_mean(self.variant, VARIANTS)}; "
                               f"choose one of {', '.join(VARIANTS)}")
@@ -154,6 +167,17 @@ def masactrl_sites(params: MasaCtrlParams, sites: SiteTable, where: str) -> list
     return [s for s in selfs if s.index >= params.start_layer]
 
 
+def _source_row(instance: str, params: MasaCtrlParams) -> RowSpec:
+    """The source: generated from its prompt, or a real image followed along its DDIM inversion
+    (the authors' real-image editing: their source prompt is usually empty)."""
+    if not params.source_image:
+        return RowSpec(instance, prompt=params.source_prompt, output=params.keep_source)
+    image = open_image(params.source_image, f"strategies.{instance}.source_image")
+    return RowSpec(instance, prompt=params.source_prompt or "", driver="inverted", image=image, per_image=False,
+                   inversion_guidance=params.inversion_guidance, start_main=params.start_from_source,
+                   follow_inversion=params.follow_inversion, output=params.keep_source)
+
+
 @attnctl.hookimpl
 def attnctl_add_strategies() -> list[StrategySpec]:
     return [SPEC]
@@ -168,7 +192,7 @@ def attnctl_plan(instance: str, spec: StrategySpec, params: MasaCtrlParams, site
     def due(state: RunView) -> bool:  # the authors' step_idx = range(start_step, total_steps)
         return state.step_index is not None and start <= state.step_index < end
 
-    ops: list = [RowOp(instance, row=RowSpec(instance, prompt=params.source_prompt, output=params.keep_source))]
+    ops: list = [RowOp(instance, row=_source_row(instance, params))]
     for site in masactrl_sites(params, sites, f"strategies.{instance}"):
         kw = dict(site=site, gates=(due,), passes=frozenset({MAIN}))
         ops.append((UnionKV if params.variant == "union" else SourceKV)(instance, **kw))

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import attnctl
-from attnctl.errors import ConfigError, InputError
+from attnctl.errors import ConfigError
 from attnctl.layout import MAIN_ROLE
 from attnctl.ops import MAIN, Branch, BranchOp, KeyValueOp
 from attnctl.params import StrategySpec
 from attnctl.rows import RowOp, RowSpec
 from attnctl.sites import SiteTable
 from strategies._attention_sites import self_attention_sites
+from strategies._images import open_image
 
 if TYPE_CHECKING:
     from attnctl.call import AttentionCall
@@ -91,24 +92,13 @@ def attnctl_add_strategies() -> list[StrategySpec]:
     return [SPEC]
 
 
-def _open(path: str, instance: str):
-    """The reference image, read now (a bad path fails at attach time, naming it)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise InputError(f"strategies.{instance}.image: cannot read '{path}': {exc}; give the path of an "
-                         "image file (PNG, JPEG, ...)") from None
-
-
 @attnctl.hookimpl
 def attnctl_plan(instance: str, spec: StrategySpec, params: ReferenceOnlyParams, sites: SiteTable):
     if spec.name != NAME:
         return None
-    row = RowSpec(role=instance, driver="noised", image=_open(params.image, instance), fresh_noise=True,
-                  noise_seed=params.noise_seed, per_image=False)
+    image = open_image(params.image, f"strategies.{instance}.image")
+    row = RowSpec(role=instance, driver="noised", image=image, fresh_noise=True, noise_seed=params.noise_seed,
+                  per_image=False)
     ops: list = [RowOp(instance, row=row)]
     for site in self_attention_sites(params.sites, sites, f"strategies.{instance}"):
         ops.append(ReferenceKeys(instance, site=site))

@@ -16,10 +16,12 @@ keys unscaled: duplicated keys leave their output unchanged) and ``shift`` (shar
 on every row. AdaIN also runs on the reference (the identity up to rounding), as in their
 code; it is skipped at a single-token site (tiny models), where the unbiased var is undefined.
 
-The reference is an added row (``attnctl.rows``, driver ``free``) whose role is the
-instance name; a projection op does the AdaIN, a key/value op appends the reference's
-(projected) keys and values with an additive bias ``shift`` (none when it is 0, so the
-site stays one fused call). Both act in the main pass only. Their GroupNorm sharing is
+The reference is an added row (``attnctl.rows``) whose role is the instance name: generated
+beside the main images (driver ``free``), or with ``reference_image`` a real image followed
+along its DDIM inversion (driver ``inverted``; their transfer notebook: inversion guidance 2,
+the reference starting 5 steps less noisy). A projection op does the AdaIN, a key/value op
+appends the reference's (projected) keys and values with an additive bias ``shift`` (none
+when it is 0, so the site stays one fused call). Both act in the main pass only. Their GroupNorm sharing is
 not reproduced (a non-attention module hook; docs/methods-style-aligned.md).
 """
 
@@ -36,6 +38,7 @@ from attnctl.params import StrategySpec
 from attnctl.rows import RowOp, RowSpec
 from attnctl.sites import SiteTable
 from strategies._attention_sites import self_attention_sites
+from strategies._images import open_image
 
 if TYPE_CHECKING:
     import torch
@@ -59,11 +62,19 @@ class StyleAlignedParams:
     shared_score_scale: float = field(default=1.0, metadata={"help": "scale of appended keys (not the reference's)"})
     shared_score_shift: float = field(default=0.0, metadata={"help": "added to the appended keys' logits (all rows)"})
     keep_reference: bool = field(default=False, metadata={"help": "keep its latent: row_outputs[<instance>]"})
+    reference_image: str | None = field(default=None, metadata={
+        "help": "path of a real reference image, DDIM-inverted and followed instead of a generated one"})
+    inversion_guidance: float = field(default=2.0, metadata={
+        "help": "with reference_image: guidance scale of the inversion (their transfer notebook's 2)"})
+    inversion_offset: int = field(default=5, metadata={
+        "help": "with reference_image: steps the reference starts less noisy (their transfer callback's 5)"})
 
     def __post_init__(self) -> None:
-        if not self.reference_prompt.strip():
+        if not self.reference_image and not self.reference_prompt.strip():
             raise ConfigError("reference_prompt is empty; set it to the text of the style reference, "
-                              "e.g. reference_prompt='a house, in minimal origami style'")
+                              "e.g. reference_prompt='a house, in minimal origami style' (or give reference_image)")
+        if self.inversion_offset < 0:
+            raise ConfigError(f"inversion_offset must be >= 0, got {self.inversion_offset}")
         for key in ("shared_score_scale", "shared_score_shift"):
             if not math.isfinite(getattr(self, key)):
                 raise ConfigError(f"{key} must be a finite number, got {getattr(self, key)}")
@@ -136,8 +147,14 @@ def attnctl_add_strategies() -> list[StrategySpec]:
 def attnctl_plan(instance: str, spec: StrategySpec, params: StyleAlignedParams, sites: SiteTable):
     if spec.name != NAME:
         return None
-    row = RowSpec(role=instance, prompt=params.reference_prompt, driver="free", per_image=False,
-                  noise_seed=params.reference_seed, output=params.keep_reference)
+    if params.reference_image:  # their transfer notebook: the reference follows its inversion
+        image = open_image(params.reference_image, f"strategies.{instance}.reference_image")
+        row = RowSpec(role=instance, prompt=params.reference_prompt, driver="inverted", image=image, per_image=False,
+                      inversion_guidance=params.inversion_guidance, inversion_offset=params.inversion_offset,
+                      output=params.keep_reference)
+    else:
+        row = RowSpec(role=instance, prompt=params.reference_prompt, driver="free", per_image=False,
+                      noise_seed=params.reference_seed, output=params.keep_reference)
     ops: list = [RowOp(instance, row=row)]
     adain_any = params.adain_queries or params.adain_keys or params.adain_values
     for site in self_attention_sites(params.sites, sites, f"strategies.{instance}"):

@@ -35,6 +35,8 @@ GRAPHS = {
     "harmonpaint-sams-steer": 3,
     "harmonpaint-sams": 2,         # SAMS phase; after it (no op left)
     "masactrl": 2,                 # before start_step (nothing active); mutual self-attention
+    "masactrl-real": 3,            # as masactrl, and the inversion's calls (another batch size)
+    "style-aligned-real": 2,       # every step alike; the inversion's calls
     "p2p-replace": 2,              # self maps replaced (first 40 % of the steps); after
     "p2p-refine": 2,
     "p2p-reweight": 2,
@@ -44,13 +46,14 @@ GRAPHS = {
     "reference-only": 1,           # a re-noised reference row, every step alike
     "attentive-eraser": 2,         # similarity suppression (steps 0..9); after it
 }
-#: what a recompilation may be caused by: the grad mode or the set of active ops changed
-PHASE_GUARDS = ("grad_mode", "state.active")
+#: what a recompilation may be caused by: the grad mode or the set of active ops changed, or the
+#: batch's size (an inversion's calls: 1 or 2 rows, before the run's own)
+PHASE_GUARDS = ("grad_mode", "state.active", "size mismatch at index 0")
 
 
 #: compiled here; every other recipe's phases are among theirs (test_the_other_recipes_...)
 MEASURED = ("sdi", "harmonpaint", "p2p-replace", "masactrl", "style-aligned", "attend-excite", "pag", "seg",
-            "reference-only", "attentive-eraser")
+            "reference-only", "attentive-eraser", "masactrl-real")
 
 
 def test_every_shipped_recipe_is_listed():

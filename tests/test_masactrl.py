@@ -274,6 +274,57 @@ def test_pipeline_matches_the_authors_processor(ddim_pipe, image_and_mask, case)
         assert (source[0] - stock[1]).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("follow", [False, True])
+def test_real_source_matches_the_authors_real_image_editing(ddim_pipe, image_and_mask, tmp_path, follow):
+    """Their playground_real: invert the source with "" (CFG 7.5), start both rows from z_T, denoise the
+    source with "" (or, their commented-out option, overwrite it with the inversion's latent of each step)."""
+    from reference_inversion import literal_inversion
+
+    from attnctl.row_inputs import encode_image
+
+    source_image = image_and_mask[0].transpose(0)  # mirrored: a real image other than the main one
+    source_image.save(tmp_path / "source.png")
+    pixel = torch.from_numpy(np.array(image_and_mask[1])).float()[None, None] / 255
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))  # replaced by z_T
+    extra = []  # the masked-image latents depend on the generator's draws: taken from a call with given latents
+    hook = ddim_pipe.unet.register_forward_pre_hook(lambda m, a, kw: extra.append((a[0] if a else kw["sample"])[1:2, 4:]),
+                                                    with_kwargs=True)
+    _call(ddim_pipe, image_and_mask, MAIN, noise)
+    hook.remove()
+    z0 = encode_image(ddim_pipe, source_image, (8, 8), ROLE)
+    zs = literal_inversion(ddim_pipe, z0, extra[0], "", 7.5)
+    z_T = zs[-1]
+
+    unet = copy.deepcopy(ddim_pipe.unet)
+    unet.set_attn_processor(EditorProcessor(AuthorsEditor(32, "plain", 1, None, 10, pixel)))
+    ref_pipe = type(ddim_pipe)(**{**ddim_pipe.components, "unet": unet})
+    ref_pipe.set_progress_bar_config(disable=True)
+
+    def overwrite(pipe, i, t, kw):  # ref_intermediate_latents: the source at step i+1 is latents_list[-1-(i+1)]
+        if i + 1 < STEPS:
+            kw["latents"][0] = zs[-2 - i]
+        return {"latents": kw["latents"]}
+
+    image, mask = image_and_mask
+    ref = ref_pipe(prompt=["", MAIN], image=image, mask_image=mask, num_inference_steps=STEPS, guidance_scale=7.5,
+                   output_type="latent", latents=torch.cat([z_T, z_T]), generator=torch.Generator().manual_seed(0),
+                   callback_on_step_end=overwrite if follow else None, callback_on_step_end_tensor_inputs=["latents"],
+                   ).images
+    params = {"strategy": "masactrl", "source_prompt": "", "source_image": str(tmp_path / "source.png"),
+              "start_step": 1, "follow_inversion": follow, "keep_source": True}
+    with attnctl.attach(ddim_pipe, {"strategies": {ROLE: params}}, StrategyManager()) as ctl:
+        with ctl.run(BatchLayout.for_call(ddim_pipe, prompt=MAIN, guidance_scale=7.5), mask=pixel) as state:
+            main, _ = _call(ddim_pipe, image_and_mask, MAIN, noise)
+    err, size = (main - ref[1:]).abs().max().item(), ref.abs().max().item()
+    print(f"masactrl real source (follow={follow}): main {err:.2e}, |z| {size:.2f}")
+    assert err <= TOL * size  # relative: the inverted start is larger than unit noise
+    if not follow:
+        assert (state.row_outputs[ROLE] - ref[:1]).abs().max() <= TOL * size
+    # control: the same run from the pipeline's noise is another image
+    plain, _ = _call(ref_pipe, image_and_mask, ["", MAIN], torch.cat([noise, noise]))
+    assert (main - plain[1:]).abs().max() > 1e-3
+
+
 # ----------------------------------------------------------------------------- parameters and sites
 def test_parameters_errors_and_site_counting():
     from attnctl.testing import build_tiny_inpaint_pipeline

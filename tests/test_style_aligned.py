@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 import attnctl
 from attnctl import ActiveOps, BatchLayout, ConfigError, Site, StrategyManager, describe_sites
@@ -267,6 +268,61 @@ def test_tiny_pipeline_matches_the_authors_batch(tiny_pipe, case):
           f"effect vs plain {(ours - plain).abs().max():.2e} (|latent| max {naive.abs().max():.1f})")
     assert ours.dtype == dtype and err_main <= tol and err_ref <= tol
     assert (ours - plain).abs().max() > 1e-2
+
+
+def test_real_reference_matches_their_transfer_notebook(tiny_pipe, tmp_path):
+    """Their transfer flow in float64: the reference inverted with its prompt at guidance 2, row 0 set to
+    ``zts[offset]`` at the start and to ``zts[max(offset + 1, i + 1)]`` after each step i (their callback)."""
+    from diffusers import DDIMScheduler
+    from reference_inversion import literal_inversion
+
+    from attnctl.row_inputs import encode_image
+
+    steps, offset = 4, 2
+    pipe = tiny_pipe.to(torch.float64)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    image, (mask,), _ = tiny_inputs(128, 128, [(32, 40, 96, 88)])
+    image.transpose(0).save(tmp_path / "reference.png")
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(torch.float64)
+
+    def kwargs(**over):  # a fresh generator per call: the masked image's latents are drawn from it
+        return {**_pipe_kwargs(image, mask, MAIN_PROMPT, z), "num_inference_steps": steps, **over}
+
+    config = {"strategies": {"style": {"strategy": "style_aligned", "reference_prompt": REF_PROMPT,
+                                       "reference_image": str(tmp_path / "reference.png"), "inversion_offset": offset,
+                                       "shared_score_shift": math.log(2)}}}
+    extra = []
+    with attnctl.attach(pipe, config) as ctl:
+        hook = pipe.unet.register_forward_pre_hook(lambda m, a, kw: extra.append((a[0] if a else kw["sample"]).clone()),
+                                                   with_kwargs=True)
+        with ctl.run(BatchLayout.for_call(pipe, prompt=MAIN_PROMPT, guidance_scale=7.5)):
+            ours = pipe(**kwargs()).images
+        hook.remove()
+    z0 = encode_image(pipe, Image.open(tmp_path / "reference.png"), (16, 16), "style")
+    zts = literal_inversion(pipe, z0, extra[-1][1:2, 4:], REF_PROMPT, 2.0)[::-1]  # flipped, as theirs
+
+    def callback(p, i, t, kw):
+        kw["latents"][0] = zts[max(offset + 1, i + 1)]
+        return {"latents": kw["latents"]}
+
+    stock_unet = pipe.unet
+    pipe.unet = copy.deepcopy(stock_unet)
+    params = {"shared_score_shift": math.log(2)}
+    set_naive(pipe, "self", lambda site: authors_processor_core(params))
+    try:
+        naive = pipe(**kwargs(prompt=[REF_PROMPT, MAIN_PROMPT], latents=torch.cat([zts[offset], z]),
+                              callback_on_step_end=callback)).images
+    finally:
+        pipe.unet = stock_unet
+    err = (ours - naive[1:]).abs().max().item()
+    print(f"style_aligned real reference: main {err:.2e} (|latent| max {naive.abs().max():.1f})")
+    assert err <= TOL
+    # control: the offset matters (the plain trajectory gives another image)
+    config["strategies"]["style"]["inversion_offset"] = 0
+    with attnctl.attach(pipe, config) as ctl:
+        with ctl.run(BatchLayout.for_call(pipe, prompt=MAIN_PROMPT, guidance_scale=7.5)):
+            other = pipe(**kwargs()).images
+    assert (other - ours).abs().max() > 1e-3
 
 
 def test_parameters_registration_and_errors():

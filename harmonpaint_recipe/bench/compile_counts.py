@@ -163,6 +163,10 @@ RECIPE_PROMPTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+#: the phase of a run's inversion calls (``phase_keys``)
+RECORD_KEY = frozenset({("record pass", ())})
+
+
 def prompt_for(recipe: str) -> tuple[str, tuple[str, ...]]:
     """The prompt and overrides ``recipe`` is measured with (``a cat``, none, by default)."""
     return RECIPE_PROMPTS.get(recipe, ("a cat", ()))
@@ -175,7 +179,9 @@ def phase_keys(pipe: Any, recipe: Any, steps: int = 6, overrides: tuple[str, ...
     the gradient pass of latent guidance when one runs (``None`` otherwise).
 
     Two steps with equal keys run the same traced code (up to the ops' parameters), so a run
-    needs one graph per distinct main-pass key and one per distinct gradient-pass key.
+    needs one graph per distinct main-pass key and one per distinct gradient-pass key. Rows
+    that follow a DDIM inversion add a first key, ``RECORD_KEY``: the inversion's UNet calls
+    run no op but on a batch of another size.
     """
     from attnctl.layout import BatchLayout
     from attnctl.ops import GUIDANCE, MAIN
@@ -189,7 +195,8 @@ def phase_keys(pipe: Any, recipe: Any, steps: int = 6, overrides: tuple[str, ...
         timesteps = [float(t) for t in pipe.scheduler.timesteps]
         layout = BatchLayout.for_pipeline(num_prompts=1, cfg=True)
         probe = RunState(runner.controller.plan, layout, timesteps=timesteps)
-        keys = []
+        inverted = any(spec.driver == "inverted" for _, spec in runner.controller.plan.rows)
+        keys = [(RECORD_KEY, None)] if inverted else []
         for t in timesteps:
             probe.begin_step(t, prepare=False)
 

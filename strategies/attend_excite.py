@@ -18,7 +18,6 @@ refinement pass reuses the step's first pass (same z). Maps and loss are fp32.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +27,7 @@ from attnctl.ops import LatentOp, ObserveOp, Op
 from attnctl.params import StrategySpec
 from attnctl.selectors import select_sites
 from attnctl.sites import Site, SiteTable
+from strategies._smoothing import smoothing_kernel
 
 if TYPE_CHECKING:
     import torch
@@ -78,15 +78,6 @@ class AttendExciteParams:
               "max_refinement_steps": self.max_refinement_steps >= 1}
         for key in (k for k, good in ok.items() if not good):
             raise ConfigError(f"{key}: {getattr(self, key)!r} is not valid; use {_FIX[key]}")
-
-
-def smoothing_kernel(size: int, sigma: float) -> torch.Tensor:
-    """Their kernel [1, 1, size, size] (fp32): prod over axes of exp(-((x - mean) / (2 sigma))^2), sum 1."""
-    import torch
-
-    x = torch.arange(size, dtype=torch.float32)
-    k1 = torch.exp(-(((x - (size - 1) / 2) / (2 * sigma)) ** 2)) / (sigma * math.sqrt(2 * math.pi))
-    return (k1[:, None] * k1[None, :] / (k1[:, None] * k1[None, :]).sum())[None, None]
 
 
 @dataclass(eq=False)

@@ -16,11 +16,11 @@ Add one with ``@register_loss("name")`` on a function ``(GridMaps) -> Tensor[B]`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from attnctl.registry import Registry
+from strategies._smoothing import smoothing_kernel
 
 if TYPE_CHECKING:
     import torch
@@ -115,20 +115,6 @@ def steer_loss(g: GridMaps) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------- Attend-and-Excite
-def _ae_kernel(device: torch.device, sigma: float = 0.5) -> torch.Tensor:
-    """Attend-and-Excite's 3x3 smoothing kernel.
-
-    Their GaussianSmoothing weighs an offset d by exp(-(d / (2 sigma))^2) (so the effective
-    standard deviation is sigma * sqrt(2)), product over both axes, normalized to sum 1.
-    """
-    import torch
-
-    d = torch.tensor([-1.0, 0.0, 1.0], device=device)
-    k1 = torch.exp(-((d / (2 * sigma)) ** 2)) / (sigma * math.sqrt(2 * math.pi))
-    k2 = k1[:, None] * k1[None, :]
-    return (k2 / k2.sum())[None, None]
-
-
 @register_loss("attend_excite")
 def attend_excite_loss(g: GridMaps) -> torch.Tensor:
     """Attend-and-Excite's loss of one grid, per image: max over tokens of (1 - max_j A_ij)+.
@@ -146,7 +132,7 @@ def attend_excite_loss(g: GridMaps) -> torch.Tensor:
     h, w = g.grid
     maps = a.transpose(1, 2).reshape(b * n, 1, h, w)
     mode = "reflect" if min(h, w) >= 2 else "replicate"
-    smoothed = F.conv2d(F.pad(maps, (1, 1, 1, 1), mode=mode), _ae_kernel(a.device)).reshape(b, n, h * w)
+    smoothed = F.conv2d(F.pad(maps, (1, 1, 1, 1), mode=mode), smoothing_kernel(3, 0.5).to(a.device)).reshape(b, n, h * w)
     # attention is >= 0, so zeroing unmasked patches leaves the max over masked ones
     peak = (smoothed * g.mask[:, None, :]).amax(dim=2)  # [B, L-1]
     per_token = (1.0 - peak).clamp_min(0.0) * g.tokens[:, 1:]

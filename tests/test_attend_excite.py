@@ -22,7 +22,8 @@ from attnctl.errors import ConfigError, InputError
 from attnctl.guidance import UNetCall
 from attnctl.testing import build_tiny_inpaint_pipeline
 from strategies import attend_excite
-from strategies.attend_excite import AttendExciteParams, ExciteLatent, smoothing_kernel
+from strategies._smoothing import smoothing_kernel
+from strategies.attend_excite import AttendExciteParams, ExciteLatent
 from reference_guidance import NaiveRecordingProcessor
 
 PROMPTS = ["a red cat", "a blue dog"]

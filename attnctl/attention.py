@@ -58,6 +58,7 @@ def compute(call: AttentionCall, ops: ActiveOps) -> torch.Tensor:
 def _with_branches(call: AttentionCall, branch_ops: tuple[BranchOp, ...], main: torch.Tensor) -> torch.Tensor:
     """``main_weight ⊙ main + sum_b weight_b ⊙ branch_b`` (one fused call per branch, on the rows it weighs)."""
     dtype = main.dtype
+    call.output = main  # what branch ops may read (PAIntA's look-ahead starts from it)
     main_weight, terms = None, []
     for op in branch_ops:
         w = op.main_weight(call)

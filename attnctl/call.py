@@ -66,6 +66,8 @@ class AttentionCall:
     #: the processor left the scale to SDPA (1/sqrt(d)); fused calls then do too, bit for bit as the stock processor
     scale_is_default: bool = field(default=False, kw_only=True)
     num_own_keys: int = field(init=False)
+    #: the site's attention before branch ops ``[B, h, Nq, d_v]``: set when they run (``BranchOp``)
+    output: torch.Tensor | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.num_own_keys = self.key.shape[-2]
@@ -100,6 +102,11 @@ class AttentionCall:
     def own_value(self) -> torch.Tensor:
         """The module's own values [B, h, num_own_keys, d_v]."""
         return self.value[..., : self.num_own_keys, :]
+
+    @property
+    def block(self) -> Any:
+        """The ``BlockInput`` of the module holding this site (ops with ``needs_block``; ``attnctl.block_context``)."""
+        return self.state.block_input(self.site)
 
     def mask(self) -> torch.Tensor:
         """Binary inpainting masks ``[B, H*W]`` (fp32, 1 = inpaint) of this call's rows at the site's grid."""

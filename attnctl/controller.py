@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from attnctl.adapters import AdapterRegistry, ProcessorAdapter
+from attnctl.block_context import block_recorder, blocks_needed
 from attnctl.errors import AttnctlError, ConfigError, ProcessorReplacedError, RunError, UnsupportedModelError
 from attnctl.guidance import GuidanceContext, UNetCall
 from attnctl.plan import Plan
@@ -62,6 +63,11 @@ class Controller:
             self._install(name, wrapper)
         self._hook = unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self._post_hook = unet.register_forward_hook(self._post_forward)
+        self._block_hooks = []
+        for name in blocks_needed(plan.site_ops, self.sites):  # only where an op reads its block
+            module = unet.get_submodule(name)
+            hook = block_recorder(name, module, lambda: self.slot.state)
+            self._block_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         self._rows: RowDriver | None = None
 
     @property
@@ -120,6 +126,8 @@ class Controller:
             return
         self._hook.remove()
         self._post_hook.remove()
+        for hook in self._block_hooks:
+            hook.remove()
         for name, module in self._modules.items():
             current = module.processor
             if isinstance(current, ControlledProcessor) and current.slot is self.slot:

@@ -60,6 +60,10 @@ class RunView(Protocol):
 
     def guidance_pass(self, rows: Sequence[int]) -> ContextManager[None]: ...
 
+    def block_input(self, site: Site) -> Any: ...
+
+    def input_mask(self, image: int = 0) -> torch.Tensor: ...
+
 
 class GuidanceView(Protocol):
     """What a latent op gets besides z: the run state and a conditional denoiser."""

@@ -81,9 +81,15 @@ class Op:
 
 @dataclass(eq=False)
 class SiteOp(Op):
-    """An op bound to one attention site."""
+    """An op bound to one attention site.
+
+    ``needs_block = True`` makes attnctl record the input of the module that holds the
+    site (``call.block``, see ``attnctl.block_context``) while this op is planned.
+    """
 
     site: Site = field(kw_only=True)
+
+    needs_block: ClassVar[bool] = False
 
 
 @dataclass(eq=False)
@@ -272,7 +278,8 @@ class BranchOp(SiteOp):
     ``out = main_weight ⊙ main + sum_b weight_b ⊙ branch_b`` where ``main`` is the site's
     attention after stages 0-3. ``main_weight(call)`` (default None = 1) broadcasts to
     ``[B, heads, Nq, 1]``; with several branch ops at a site the main weights multiply and
-    the branches add up.
+    the branches add up. Both methods may read ``call.output``, that ``main`` term
+    ``[B, heads, Nq, d_v]`` (with its gradient, in a guidance pass).
     """
 
     stage: ClassVar[int] = 4

@@ -35,6 +35,10 @@ class StepContext:
         self.timestep = timestep
         self.guidance_scale = guidance_scale
         self._driver = driver
+        #: inside ``scheduler.step`` (noise and post-step ops): what the pipeline stepped with, and the scheduler
+        self.model_output: torch.Tensor | None = None
+        self.sample: torch.Tensor | None = None
+        self.scheduler: Any = None
 
     def row_latents(self, role: str) -> torch.Tensor:
         if self._driver is None or role not in self._driver.latents:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from attnctl.errors import InputError, RunError
+from attnctl.block_context import block_name, blocks_needed
 from attnctl.layout import BatchLayout
 from attnctl.ops import GUIDANCE, MAIN, RECORD, ActiveOps, LatentOp, Op
 from attnctl.run_store import RunStore
@@ -94,6 +95,9 @@ class RunState:
         #: sites whose ops were active in some main-pass step / that applied ops (run report); the
         #: latter has every planned site as a key from the start, so that marking one is a plain
         #: store (a growing set would make torch.compile guard on its contents, step by step)
+        #: block name -> what the block holding a site got in its latest call (``attnctl.block_context``);
+        #: every slot exists from the start, so recording one is a plain store torch.compile does not guard on
+        self.blocks: dict[str, Any] = dict.fromkeys(blocks_needed(plan.site_ops, plan.sites))
         self.sites_due: set[str] = set()
         self.sites_run: dict[str, bool] = dict.fromkeys(plan.site_ops, False)
 
@@ -182,6 +186,20 @@ class RunState:
     def in_side_pass(self) -> bool:
         """A UNet call that is not the pipeline's own (a guidance or record pass)."""
         return self.pass_kind != MAIN
+
+    def block_input(self, site: Site) -> Any:
+        """The ``BlockInput`` of the block holding ``site`` in the current UNet call (ops with ``needs_block``)."""
+        found = self.blocks.get(block_name(site))
+        if found is None:
+            raise RunError(f"{site.key} ({site.name}): no input of its block was recorded; only ops that set "
+                           "needs_block = True read it (attnctl then records the block's input)")
+        return found
+
+    def input_mask(self, image: int = 0) -> torch.Tensor:
+        """Image ``image``'s binarized inpainting mask ``[H, W]`` at the resolution it was given (1 = inpaint)."""
+        if self._mask_input is None:
+            raise InputError("this run has no mask; give one to Controller.run(layout, mask=...)")
+        return self._mask_input[image % self._mask_input.shape[0], 0]
 
     # ---------------------------------------------------------------- rows
     @property

@@ -53,6 +53,7 @@ def wrap_scheduler(scheduler: Any, state: RunState, step_context: Callable[[RunS
         if not noise_ops and not post_ops:
             return step(model_output, timestep, sample, *a, **kw)
         ctx = step_context(state)
+        ctx.model_output, ctx.sample, ctx.scheduler = model_output, sample, scheduler
         if noise_ops:
             _check_variance_noise(step, noise_ops)
             kw["variance_noise"] = noise_ops[-1].noise(sample, ctx)

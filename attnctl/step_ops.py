@@ -20,7 +20,7 @@ guidance scale, and the latents of rows strategies added.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attnctl.ops import MAIN, Op
 
@@ -36,6 +36,10 @@ class StepView(Protocol):
     state: RunView
     timestep: float
     guidance_scale: float
+    #: noise and post-step ops: the prediction and the sample ``scheduler.step`` got, and the scheduler
+    model_output: torch.Tensor | None
+    sample: torch.Tensor | None
+    scheduler: Any
 
     def row_latents(self, role: str) -> torch.Tensor:
         """Sample-space latents ``[n, C, h, w]`` of the rows of ``role`` (after their step, in a post-step op)."""

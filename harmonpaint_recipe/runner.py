@@ -132,7 +132,9 @@ class Runner:
         layout = BatchLayout.for_call(self.pipe, prompt=prompt, num_images_per_prompt=1, guidance_scale=guidance,
                                       pag_scale=extra.get("pag_scale"))
         mask = torch.from_numpy(inputs.mask_array)
-        tokens = [prompt_token_indices(self.pipe.tokenizer, prompt)]
+        tokens = [prompt_token_indices(self.pipe.tokenizer, prompt)]  # the user's words only
+        positive = sampler.get("positive_prompt")
+        prompt = f"{prompt}, {positive}" if positive else prompt
         width, height = inputs.image.size
         kwargs: dict[str, Any] = dict(
             prompt=prompt,

@@ -47,6 +47,11 @@ class SamplerConfig:
     guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale (CFG iff > 1)"})
     strength: float = field(default=1.0, metadata={"help": "how much of the masked region is re-noised (1 = all)"})
     negative_prompt: Optional[str] = field(default=None, metadata={"help": "negative prompt"})
+    positive_prompt: Optional[str] = field(
+        default=None,
+        metadata={"help": "words appended to every prompt after ', ' (HD-Painter's quality words); not part of "
+                          "the prompt's own tokens that strategies read"},
+    )
 
 
 @dataclass

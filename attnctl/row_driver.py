@@ -257,9 +257,11 @@ class RowDriver:
             return output
         timestep, self._in_flight = self._in_flight, None
         eps = unet_sample(output)
+        scale = None if prediction is None else prediction.guidance_scale(ctx)
+        scale = ctx.guidance_scale if scale is None else scale
         for role, spec in self.specs.items():
             if spec.denoised:
-                guided = cfg_prediction(eps, self.state.layout, role, ctx.guidance_scale)
+                guided = cfg_prediction(eps, self.state.layout, role, scale)
                 step = self._schedulers[role].step(guided, timestep, self.latents[role], return_dict=False)
                 self.latents[role] = step[0]
             if spec.output and role in self.latents:

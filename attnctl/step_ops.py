@@ -56,6 +56,11 @@ class PredictionOp(Op):
         """``eps`` [rows of ``ctx.state.layout``, C, h, w] -> guided predictions [num_images, C, h, w]."""
         raise NotImplementedError
 
+    def guidance_scale(self, ctx: StepView) -> float | None:
+        """The classifier-free guidance scale of the added rows attnctl denoises itself (``free``) this
+        step, for methods that change the scale of every row (None, the default: the pipeline's)."""
+        return None
+
 
 @dataclass(eq=False)
 class GuidanceTermOp(Op):

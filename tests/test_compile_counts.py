@@ -45,6 +45,7 @@ GRAPHS = {
     "seg": 1,
     "reference-only": 1,           # a re-noised reference row, every step alike
     "attentive-eraser": 2,         # similarity suppression (steps 0..9); after it
+    "visual-style-prompting": 1,   # swapped K/V every step; the early guidance is a step op (outside the graph)
     "hd-painter": 4,               # PAIntA and its RASG gradient pass (t > 500); then plain and the RASG pass
 }
 #: what a recompilation may be caused by: the grad mode or the set of active ops changed, or the
@@ -54,7 +55,8 @@ PHASE_GUARDS = ("grad_mode", "state.active", "size mismatch at index 0")
 
 #: compiled here; every other recipe's phases are among theirs (test_the_other_recipes_...)
 MEASURED = ("sdi", "harmonpaint", "p2p-replace", "masactrl", "style-aligned", "attend-excite", "pag", "seg",
-            "reference-only", "attentive-eraser", "masactrl-real", "hd-painter")
+            "reference-only", "attentive-eraser", "masactrl-real", "hd-painter",
+            "visual-style-prompting")
 
 
 def test_every_shipped_recipe_is_listed():

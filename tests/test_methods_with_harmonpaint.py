@@ -38,7 +38,15 @@ METHODS = {
     "pag": ("pag", "a small owl", ["strategies.pag.sites=self"]),
     "seg": ("seg", "a small owl", ["strategies.seg.sites=self"]),
     "ref": ("reference-only", "a small owl", [f"strategies.ref.image={EXAMPLES / 'rocket.png'}"]),
+    "vsp": ("visual-style-prompting", "a small owl", []),
+    "hd": ("hd-painter", "a small owl", ["strategies.hd.painta_until=-1"]),
+    "masa-real": ("masactrl-real", "a small owl", [f"strategies.masa.source_image={EXAMPLES / 'rocket.png'}",
+                                                  "strategies.masa.start_step=0", "strategies.masa.sites=self"]),
+    "style-real": ("style-aligned-real", "a small owl", [f"strategies.style.reference_image={EXAMPLES / 'rocket.png'}",
+                                                        "strategies.style.inversion_offset=1"]),
 }
+#: the instance name in the recipe where it is not the case's name
+INSTANCE = {"masa-real": "masa", "style-real": "style"}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +67,9 @@ def test_method_and_harmonpaint_both_act(pipe, image_and_mask, instance):
     method_cfg = load_recipe(recipe, [*common, *overrides])
     harmonpaint_cfg = load_recipe("harmonpaint", common)
     # HarmonPaint's recipe plus the method's strategy entry, as a user's YAML with `defaults: [harmonpaint]` would be
-    combined = load_recipe(OmegaConf.merge(harmonpaint_cfg, {"strategies": {instance: method_cfg.strategies[instance]}}))
-    disabled = load_recipe(OmegaConf.merge(combined, {"strategies": {instance: {"enabled": False}}}))
+    name = INSTANCE.get(instance, instance)
+    combined = load_recipe(OmegaConf.merge(harmonpaint_cfg, {"strategies": {name: method_cfg.strategies[name]}}))
+    disabled = load_recipe(OmegaConf.merge(combined, {"strategies": {name: {"enabled": False}}}))
     method, harmonpaint, both = image(method_cfg), image(harmonpaint_cfg), image(combined)
     assert np.array_equal(image(disabled), harmonpaint)  # the control
     assert np.abs(both - harmonpaint).mean() > EFFECT, "the method did nothing next to HarmonPaint"

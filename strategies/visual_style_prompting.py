@@ -1,0 +1,164 @@
+"""``visual_style_prompting``: swapping self-attention (Visual Style Prompting, Jeong et al., arXiv 2402.12974).
+
+As the authors' code computes it (naver-ai/Visual-Style-Prompting). A style reference stands
+beside the main images, one row per CFG branch shared by all of them (their row 0 of each
+half). At the selected self-attention sites and steps every row keeps its queries and takes
+the keys and values of the reference row of its own branch (the reference keeps its own)::
+
+    out_r = softmax(Q_r K_ref^T / sqrt(d)) V_ref
+
+The reference is generated from ``reference_prompt`` (rows driven ``free`` from their own
+seeded noise) or is a real image (``noised``: ``add_noise(z0, noise, t)`` each step with fresh
+noise, its text ``reference_prompt`` if given). Default sites: the self-attention of the last
+up block with attention (SDXL ``up_blocks.1``: their ``ACTIVATE_LAYER_CANDIDATE[128:140]``;
+SD 1.x ``up_blocks.3``; the SD 1.5 port also takes the mid block: ``self@mid,self@up/1``).
+Advanced sampling (a prediction op): guidance ``early_guidance_scale`` (their 20) on the main
+rows while ``step < early_steps`` (their ``i < 3``), and on a generated reference too, as theirs.
+
+Deviations: (1) a real image is encoded once with the latent mean (theirs: a posterior sample
+each step) and re-noised from a generator seeded ``reference_seed`` (theirs: the global RNG);
+(2) their "color calibration" for real images (their DDIM step matches every row's predicted x0 to the channel
+mean/std of the reference's for 100 < t < 150) is not reproduced: it lives inside the scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import attnctl
+from attnctl.errors import ConfigError
+from attnctl.layout import MAIN_ROLE
+from attnctl.ops import MAIN, ProjectionOp
+from attnctl.params import StrategySpec
+from attnctl.row_driver import cfg_prediction
+from attnctl.rows import RowOp, RowSpec
+from attnctl.sites import Site, SiteTable
+from attnctl.step_ops import PredictionOp
+from strategies._attention_sites import self_attention_sites
+from strategies._images import open_image
+
+if TYPE_CHECKING:
+    import torch
+
+    from attnctl.call import AttentionCall
+    from attnctl.step_ops import StepView
+
+NAME = "visual_style_prompting"
+
+
+def _h(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class VisualStylePromptingParams:
+    """Parameters of ``visual_style_prompting`` (defaults: the authors')."""
+
+    reference_prompt: str | None = field(default=None, metadata=_h(
+        "text of the style reference: generates it, or conditions reference_image"))
+    reference_image: str | None = field(default=None, metadata=_h("path of a real style reference image"))
+    reference_seed: int = field(default=0, metadata=_h("seed of the reference's initial (or re-noising) noise"))
+    sites: str | None = field(default=None, metadata=_h(
+        "self-attention sites (selector; null: those of the last up block with attention)"))
+    start_step: int = field(default=0, metadata=_h("first step index it swaps at"))
+    end_step: int | None = field(default=None, metadata=_h("step index it stops before (null: the last step)"))
+    advanced_sampling: bool | None = field(default=None, metadata=_h(
+        "early_guidance_scale in the first early_steps (null: on for a generated reference, off for an image)"))
+    early_guidance_scale: float = field(default=20.0, metadata=_h("guidance scale of the early steps"))
+    early_steps: int = field(default=3, metadata=_h("number of early steps"))
+    keep_reference: bool = field(default=False, metadata=_h("publish the reference's last latent in row_outputs"))
+
+    def __post_init__(self) -> None:
+        if not (self.reference_prompt or "").strip() and not (self.reference_image or "").strip():
+            raise ConfigError("give reference_prompt (a generated style reference, e.g. reference_prompt='a cat, "
+                              "in low-poly style') or reference_image (the path of a real one)")
+        end = self.start_step + 1 if self.end_step is None else self.end_step
+        if self.start_step < 0 or end <= self.start_step:
+            raise ConfigError(f"need 0 <= start_step < end_step; got start_step={self.start_step}, "
+                              f"end_step={self.end_step}")
+        if self.early_steps < 0 or not (math.isfinite(self.early_guidance_scale) and self.early_guidance_scale > 0):
+            raise ConfigError(f"need early_steps >= 0 and a finite early_guidance_scale > 0; got early_steps="
+                              f"{self.early_steps}, early_guidance_scale={self.early_guidance_scale}")
+
+    @property
+    def advanced(self) -> bool:
+        """Whether the early guidance runs (their vsp_script: yes; vsp_real_script: no)."""
+        on = not (self.reference_image or "").strip() if self.advanced_sampling is None else self.advanced_sampling
+        return bool(on) and self.early_steps > 0
+
+
+SPEC = StrategySpec(NAME, "Visual Style Prompting: self-attention keys/values swapped for a style reference's",
+                    VisualStylePromptingParams)
+
+
+@dataclass(eq=False)
+class ReferenceKV(ProjectionOp):
+    """Own K,V <- those of the reference row of the same branch (their ``swapping_attention``)."""
+
+    def project(self, call: AttentionCall) -> None:
+        call.set_own_kv(call.take(call.key, self.strategy), call.take(call.value, self.strategy))
+
+
+@dataclass(eq=False)
+class EarlyGuidance(PredictionOp):
+    """The main rows' ``u + scale (c - u)`` (their ``i < 3``: ``20.0``)."""
+
+    scale: float = field(default=20.0, kw_only=True)
+
+    def combine(self, eps: torch.Tensor, ctx: StepView) -> torch.Tensor:
+        return cfg_prediction(eps, ctx.state.layout, MAIN_ROLE, self.scale)
+
+    def guidance_scale(self, ctx: StepView) -> float:
+        return self.scale  # theirs guide every row of the batch at 20, a generated reference's too
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """Gate ``start <= step index < end``, readable in the run report."""
+
+    start: int
+    end: float
+
+    def __call__(self, state: Any) -> bool:
+        return state.step_index is not None and self.start <= state.step_index < self.end
+
+    def __str__(self) -> str:
+        return f"{self.start} <= step < {self.end}"
+
+
+def default_sites(sites: SiteTable) -> list[Site]:
+    """The self-attention sites of the last up block that has attention, in execution order."""
+    ups = [s for s in sites.of_kind("self") if s.stage == "up"]
+    if not ups:
+        raise ConfigError("this model has no self-attention in its up blocks; give sites (a selector)")
+    block = ".".join(ups[-1].name.split(".")[:2]) + "."  # up_blocks.1. (SDXL), up_blocks.3. (SD 1.x)
+    return [s for s in ups if s.name.startswith(block)]
+
+
+@attnctl.hookimpl
+def attnctl_add_strategies() -> list[StrategySpec]:
+    return [SPEC]
+
+
+@attnctl.hookimpl
+def attnctl_plan(instance: str, spec: StrategySpec, params: VisualStylePromptingParams, sites: SiteTable):
+    if spec.name != NAME:
+        return None
+    # one reference for the whole batch (their row 0 of each half), from its own seed
+    where = f"strategies.{instance}"
+    common = {"role": instance, "prompt": (params.reference_prompt or "").strip() or None, "per_image": False,
+              "noise_seed": params.reference_seed, "output": params.keep_reference}
+    if (params.reference_image or "").strip():  # their prepare_img_latents(..., generator=None): new noise each step
+        image = open_image(params.reference_image, f"{where}.reference_image")
+        row = RowSpec(driver="noised", image=image, fresh_noise=True, **common)
+    else:
+        row = RowSpec(driver="free", **common)
+    ops: list = [RowOp(instance, row=row)]
+    if params.advanced:
+        ops.append(EarlyGuidance(instance, scale=params.early_guidance_scale, gates=(_Steps(0, params.early_steps),)))
+    chosen = self_attention_sites(params.sites, sites, where) if params.sites else default_sites(sites)
+    due = _Steps(params.start_step, math.inf if params.end_step is None else params.end_step)
+    # main pass only: it reads another row, which a guidance pass (conditional main rows only) does not have
+    return ops + [ReferenceKV(instance, site=s, gates=(due,), passes=frozenset({MAIN})) for s in chosen]

@@ -114,7 +114,7 @@ def _removal(args: argparse.Namespace) -> int:
 
 
 def _removal_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (removal.md, removal.json, removal.png)")
+    parser.add_argument("--out", required=True, help="output folder (<action>.md, .json, .png)")
     parser.add_argument("--items", type=int, default=50, help="held-out scenes [50]")
     parser.add_argument("--start", type=int, default=0, help="first held-out scene number [0]")
     parser.add_argument("--mask-kind", choices=("box", "shape"), default="shape", help="mask type [shape]")
@@ -122,6 +122,16 @@ def _removal_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="added to each scene's number as its noise seed [0]")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs [2000]")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
+
+
+def _objects(args: argparse.Namespace) -> int:
+    from harmonpaint_recipe.testbed.objects import ObjectsSettings, run_objects_eval
+
+    _threads(args.threads)
+    settings = ObjectsSettings(out=Path(args.out), items=args.items, start=args.start, mask_kind=args.mask_kind,
+                               steps=args.steps, seed=args.seed, bootstrap=args.bootstrap)
+    print(run_objects_eval(settings).read_text(encoding="utf-8"))
+    return 0
 
 
 def _float_list(text: str) -> list[float]:
@@ -204,5 +214,8 @@ COMMAND = Command(
         "removal": Command(help="object removal: Attentive Eraser and stock inpainting with empty prompts, judged "
                            "(no object seen, harmony, background error) with controls",
                            add_arguments=_removal_arguments, run=_removal),
+        "objects": Command(help="object prompts: HD-Painter (and PAIntA, RASG alone) against stock inpainting, "
+                           "judged (the prompt's object seen, harmony, background error) with controls",
+                           add_arguments=_removal_arguments, run=_objects),
     },
 )

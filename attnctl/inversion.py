@@ -139,4 +139,5 @@ def invert_row_image(spec: RowSpec, call: UNetCall, channels: int, state: RunSta
             out = unet_sample(call.unet(*args, **kwargs))
         return out[-1:] if not guided else out[:1] + spec.inversion_guidance * (out[1:] - out[:1])
 
+    state.inversions[spec.role] = {"unet_calls": len(timesteps), "rows_per_call": len(both)}
     return ddim_inversion(eps, z0[:1], timesteps, alphas.to(device), final.to(device), train)

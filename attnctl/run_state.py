@@ -75,6 +75,8 @@ class RunState:
         self._steps_seen: int | None = None
         #: role -> final latents of rows added with ``output=True`` (see ``attnctl.rows``)
         self.row_outputs: dict[str, torch.Tensor] = {}
+        #: role -> the UNet calls an ``inverted`` row's inversion made (the run report's ``inversions``)
+        self.inversions: dict[str, dict[str, int]] = {}
         #: every instance's store exists from the start: creating one inside a compiled forward
         #: would change what dynamo guards on between the first step and the next
         self._stores: dict[str, RunStore] = {name: RunStore(name) for name in plan.instances}
@@ -291,10 +293,12 @@ class RunState:
 
         ``rows``: role -> number of rows added to each UNet call; ``explicit_maps``: site key ->
         ``{"query_chunk", "bytes"}`` (the largest map chunk held at once); ``stores``: instance ->
-        ``{"bytes", "peak_bytes"}``.
+        ``{"bytes", "peak_bytes"}``; ``inversions``: role -> ``{"unet_calls", "rows_per_call"}`` of the
+        record pass that inverted its image.
         """
         roles = self.layout.extra_roles
         return {
+            "inversions": dict(self.inversions),
             "rows": {role: len(self.layout.rows_of(role)) for role in roles},
             "explicit_maps": {key: {"query_chunk": chunk, "bytes": size}
                               for key, (chunk, size) in sorted(self.explicit_sites.items())},

@@ -70,8 +70,9 @@ def ddim_pipe(tiny_pipe):
 def test_inverted_rows_follow_the_literal_inversion(ddim_pipe, image_and_mask, guidance):
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     spec = RowSpec("source", prompt=SOURCE, driver="inverted", image=_source_image(), inversion_guidance=guidance)
-    seen, _, _ = _run(ddim_pipe, spec, image_and_mask, z)
+    seen, _, state = _run(ddim_pipe, spec, image_and_mask, z)
     calls = 2 if guidance > 1 else 1
+    assert state.report()["inversions"] == {"source": {"unet_calls": STEPS, "rows_per_call": calls}}
     inversion, main = seen[:STEPS], seen[STEPS:]
     assert [s.shape[0] for s, _ in inversion] == [calls] * STEPS and [s.shape[0] for s, _ in main] == [4] * STEPS
     extra = main[0][0][1:2, 4:]  # the partner (main cond) row's mask and masked-image channels

@@ -73,7 +73,7 @@ def test_unknown_recipe(capsys, files):
 def test_unknown_override_key(capsys, files):
     assert error(capsys, files, "sampler.stepz=3") == (
         "unknown recipe key 'sampler.stepz' (did you mean 'steps'?); "
-        "valid keys of sampler: scheduler, steps, guidance_scale, strength, negative_prompt")
+        "valid keys of sampler: scheduler, steps, guidance_scale, strength, negative_prompt, positive_prompt")
 
 
 def test_wrong_override_type(capsys, files):

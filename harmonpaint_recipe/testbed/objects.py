@@ -2,7 +2,8 @@
 
 ``run_objects_eval(ObjectsSettings(out=...))`` takes ``items`` held-out scenes (split
 ``eval``), shows each method the scene's background with the object's mask and asks for the
-object by its caption (``a red circle``). Every output is judged (``attnctl.testbed.judged``):
+object by its caption (``a red circle``; the ``-style`` methods add ``in <style> style``, the
+background's style, which the testbed model was trained to draw in). Every output is judged (``attnctl.testbed.judged``):
 
 - **object**: the fidelity judge sees the prompt's shape and colour in the mask;
 - **harmony**: 0 when the region continues the background's pattern, 1 for a flat paste;
@@ -35,6 +36,8 @@ METHODS: dict[str, Method] = {
     "hd-painter-no-words": ("hd-painter", "{caption}", _NO_WORDS),
     "painta": ("hd-painter", "{caption}", (*_NO_WORDS, "strategies.hd.rasg=false")),
     "rasg": ("hd-painter", "{caption}", (*_NO_WORDS, "strategies.hd.painta=false")),
+    "sdi-style": ("sdi", "{caption} in {style} style", ()),
+    "hd-painter-style": ("hd-painter", "{caption} in {style} style", _NO_WORDS),
 }
 CONTROLS = ("truth", "flat-paste", "background", "noise")
 LABELS = {
@@ -43,6 +46,8 @@ LABELS = {
     "hd-painter-no-words": "HD-Painter without those words",
     "painta": "PAIntA alone (no words)",
     "rasg": "RASG alone (no words)",
+    "sdi-style": "SDI, \"<caption> in <style> style\"",
+    "hd-painter-style": "HD-Painter (no words), \"<caption> in <style> style\"",
     "truth": "control: ground truth (object in the background's style)",
     "flat-paste": "control: the object pasted flat",
     "background": "control: the background alone (no object)",

@@ -134,7 +134,6 @@ class Pictures:
             rows.append(row)
         self.save("attend-excite", rows)
 
-
     def pag(self) -> None:
         rows = []
         for seed in (1, 2, 3):
@@ -164,12 +163,72 @@ class Pictures:
                              (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image)])
         self.save("reference-only", rows)
 
+    def hd_painter(self) -> None:
+        rows = []
+        plain = ["sampler.negative_prompt=null", "sampler.positive_prompt=null"]  # words the toy vocabulary lacks
+        for seed in (1, 2, 3):
+            inputs = scene_inputs(seed)
+            prompt = "a red circle"
+            rows.append([("input", outlined(inputs)), (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image),
+                         ("hd-painter\n(recipe as shipped)", self.run("hd-painter", [], inputs, prompt, seed).image),
+                         ("hd-painter\nwithout its words", self.run("hd-painter", plain, inputs, prompt, seed).image),
+                         ("painta alone", self.run("hd-painter", [*plain, "strategies.hd.rasg=false"], inputs, prompt,
+                                                    seed).image),
+                         ("rasg alone", self.run("hd-painter", [*plain, "strategies.hd.painta=false"], inputs, prompt,
+                                                  seed).image)])
+        self.save("hd-painter", rows)
+
+    def vsp(self) -> None:
+        import tempfile
+
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            reference = Path(tmp) / "reference.png"
+            rendered = render_scene(sample_scene(40, "demo", mask_kind="box", styled=True, style="checks"))
+            Image.fromarray(rendered.styled).save(reference)
+            for seed in (1, 2, 3):
+                inputs = scene_inputs(seed)
+                prompt = "a blue square"
+                generated = ["strategies.vsp.reference_prompt=a purple circle", "strategies.vsp.keep_reference=true"]
+                result = self.run("visual-style-prompting", generated, inputs, prompt, seed)
+                real = self.run("visual-style-prompting", [f"strategies.vsp.reference_image={reference}"], inputs,
+                                prompt, seed).image
+                rows.append([("input", outlined(inputs)), ("reference\na purple circle", result.rows["vsp"]),
+                             (f"vsp\n{prompt}", result.image), ("image reference", Image.open(reference).convert("RGB")),
+                             (f"vsp, image reference\n{prompt}", real),
+                             (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image)])
+        self.save("vsp", rows)
+
+    def real_images(self) -> None:
+        """MasaCtrl and StyleAligned with a photo (a testbed scene) as the source / reference."""
+        import tempfile
+
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            photo = Path(tmp) / "photo.png"
+            rendered = render_scene(sample_scene(41, "demo", mask_kind="box", styled=True, shape="star",
+                                                 colour="purple"))
+            Image.fromarray(rendered.styled).save(photo)
+            for seed in (1, 2, 3):
+                inputs = scene_inputs(seed)
+                prompt = "a square"
+                masa = self.run("masactrl-real", [f"strategies.masa.source_image={photo}", "strategies.masa.sites=self",
+                                                  "strategies.masa.start_step=0"], inputs, prompt, seed).image
+                style = self.run("style-aligned-real", [f"strategies.style.reference_image={photo}",
+                                                        "strategies.style.reference_prompt=a purple star"],
+                                 inputs, prompt, seed).image
+                rows.append([("input", outlined(inputs)), ("photo", Image.open(photo).convert("RGB")),
+                             ("masactrl-real\nevery self site, step 0", masa), ("style-aligned-real", style),
+                             (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image)])
+        self.save("real-images", rows)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/methods"))
     parser.add_argument("--only", nargs="*",
-                        default=["p2p", "masactrl", "style_aligned", "attend_excite", "pag", "reference_only"])
+                        default=["p2p", "masactrl", "style_aligned", "attend_excite", "pag", "reference_only",
+                                 "hd_painter", "vsp", "real_images"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pictures = Pictures(args.out)

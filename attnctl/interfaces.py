@@ -28,6 +28,7 @@ class RunView(Protocol):
     step_index: int | None
     timestep: float | None
     pass_kind: str
+    latent_hw: tuple[int, int] | None
 
     @property
     def t_norm(self) -> float | None: ...

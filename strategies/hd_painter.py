@@ -122,10 +122,12 @@ def _token_positions(state: RunView, prompt: int) -> list[int]:
     """Their ``token_idx``: the prompt's own tokens and the EOT position of the full prompt (with
     the recipe's positive words, whose own tokens are left out)."""
     if state.tokenizer is None or prompt >= len(state.prompts):
-        raise RunError(f"strategies.{NAME}: needs the pipeline's tokenizer and the prompt texts (attach to the pipeline)")
+        raise RunError(f"strategies.{NAME}: needs the pipeline's tokenizer and the prompt texts: attach to the "
+                       "pipeline and give Controller.run(..., prompts=[...]) (harmonpaint_recipe's Runner does)")
     tokenizer = state.tokenizer
     ids = tokenizer(state.prompts[prompt], truncation=True, max_length=tokenizer.model_max_length).input_ids
-    return [*state.token_indices[prompt], len(ids) - 1]
+    own = state.token_indices[prompt] if prompt < len(state.token_indices) else list(range(1, len(ids) - 1))
+    return [*own, len(ids) - 1]
 
 
 def _authors_mask(pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

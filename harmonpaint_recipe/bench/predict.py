@@ -149,10 +149,10 @@ class _Stub(SimpleNamespace):
 def predict(arch: str, size: int, variants: list[str], steps: int = 50, dtype: torch.dtype = torch.float16,
             guidance_scale: float = 7.5, progress=None) -> list[Prediction]:
     """Predict ``variants`` for ``arch`` at ``size`` x ``size`` pixels, ``steps`` DDIM steps, CFG."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from attnctl.testing import SD_DDIM_SCHEDULER_CONFIG, write_byte_tokenizer
+    from attnctl.testing import write_byte_tokenizer
     from transformers import CLIPTokenizer
 
     config = _unet_config(arch)

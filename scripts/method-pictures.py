@@ -36,6 +36,13 @@ def scene_inputs(seed: int, **pin):
     return prepare_inputs(image, mask)
 
 
+def scene_file(folder: Path, name: str, seed: int, **pin) -> Path:
+    """A styled testbed scene saved as ``folder/name.png`` (a reference or source image)."""
+    path = folder / f"{name}.png"
+    Image.fromarray(render_scene(sample_scene(seed, "demo", mask_kind="box", styled=True, **pin)).styled).save(path)
+    return path
+
+
 def outlined(inputs) -> Image.Image:
     image = inputs.image.convert("RGB").resize((TILE, TILE), Image.NEAREST)
     edge = Image.fromarray((inputs.mask_array > 0).astype(np.uint8) * 255).resize((TILE, TILE), Image.NEAREST)
@@ -63,7 +70,7 @@ def grid(rows: list[list[tuple[str, Image.Image]]]) -> Image.Image:
 class Pictures:
     def __init__(self, out: Path):
         self.out = out
-        self.pipe = load_pipeline(load_recipe("sdi", [f"model.pretrained=testbed", "model.device=cpu"]))
+        self.pipe = load_pipeline(load_recipe("sdi", ["model.pretrained=testbed", "model.device=cpu"]))
         self.pipe.set_progress_bar_config(disable=True)
 
     def run(self, recipe: str, overrides: list[str], inputs, prompt: str, seed: int):
@@ -151,9 +158,7 @@ class Pictures:
 
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
-            reference = Path(tmp) / "reference.png"
-            rendered = render_scene(sample_scene(40, "demo", mask_kind="box", styled=True, style="checks"))
-            Image.fromarray(rendered.styled).save(reference)
+            reference = scene_file(Path(tmp), "reference", 40, style="checks")
             for seed in (1, 2, 3):
                 inputs = scene_inputs(seed)
                 prompt = "a blue square"
@@ -183,9 +188,7 @@ class Pictures:
 
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
-            reference = Path(tmp) / "reference.png"
-            rendered = render_scene(sample_scene(40, "demo", mask_kind="box", styled=True, style="checks"))
-            Image.fromarray(rendered.styled).save(reference)
+            reference = scene_file(Path(tmp), "reference", 40, style="checks")
             for seed in (1, 2, 3):
                 inputs = scene_inputs(seed)
                 prompt = "a blue square"
@@ -205,10 +208,7 @@ class Pictures:
 
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
-            photo = Path(tmp) / "photo.png"
-            rendered = render_scene(sample_scene(41, "demo", mask_kind="box", styled=True, shape="star",
-                                                 colour="purple"))
-            Image.fromarray(rendered.styled).save(photo)
+            photo = scene_file(Path(tmp), "photo", 41, shape="star", colour="purple")
             for seed in (1, 2, 3):
                 inputs = scene_inputs(seed)
                 prompt = "a square"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Callable
 
 from attnctl.cli import Command
 from attnctl.errors import InputError
@@ -103,35 +104,32 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _removal(args: argparse.Namespace) -> int:
-    from harmonpaint_recipe.testbed.removal import RemovalSettings, run_removal_eval
+def _comparison(module: str, settings_class: str, run: str) -> Callable[[argparse.Namespace], int]:
+    """The action of a judged comparison (``harmonpaint_recipe.testbed.<module>``)."""
 
-    _threads(args.threads)
-    settings = RemovalSettings(out=Path(args.out), items=args.items, start=args.start, mask_kind=args.mask_kind,
-                               steps=args.steps, seed=args.seed, bootstrap=args.bootstrap)
-    print(run_removal_eval(settings).read_text(encoding="utf-8"))
-    return 0
+    def action(args: argparse.Namespace) -> int:
+        from importlib import import_module
+
+        found = import_module(f"harmonpaint_recipe.testbed.{module}")
+        _threads(args.threads)
+        settings = getattr(found, settings_class)(out=Path(args.out), items=args.items, start=args.start,
+                                                  mask_kind=args.mask_kind, steps=args.steps, seed=args.seed,
+                                                  bootstrap=args.bootstrap)
+        print(getattr(found, run)(settings).read_text(encoding="utf-8"))
+        return 0
+
+    return action
 
 
 def _removal_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (<action>.md, .json, .png)")
-    parser.add_argument("--items", type=int, default=50, help="held-out scenes [50]")
+    parser.add_argument("--items", type=int, default=40, help="held-out scenes [40]")
     parser.add_argument("--start", type=int, default=0, help="first held-out scene number [0]")
     parser.add_argument("--mask-kind", choices=("box", "shape"), default="shape", help="mask type [shape]")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps [the recipes': 50]")
     parser.add_argument("--seed", type=int, default=0, help="added to each scene's number as its noise seed [0]")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs [2000]")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
-
-
-def _objects(args: argparse.Namespace) -> int:
-    from harmonpaint_recipe.testbed.objects import ObjectsSettings, run_objects_eval
-
-    _threads(args.threads)
-    settings = ObjectsSettings(out=Path(args.out), items=args.items, start=args.start, mask_kind=args.mask_kind,
-                               steps=args.steps, seed=args.seed, bootstrap=args.bootstrap)
-    print(run_objects_eval(settings).read_text(encoding="utf-8"))
-    return 0
 
 
 def _float_list(text: str) -> list[float]:
@@ -213,9 +211,11 @@ COMMAND = Command(
                         add_arguments=_eval_arguments, run=_eval),
         "removal": Command(help="object removal: Attentive Eraser and stock inpainting with empty prompts, judged "
                            "(no object seen, harmony, background error) with controls",
-                           add_arguments=_removal_arguments, run=_removal),
+                           add_arguments=_removal_arguments,
+                           run=_comparison("removal", "RemovalSettings", "run_removal_eval")),
         "objects": Command(help="object prompts: HD-Painter (and PAIntA, RASG alone) against stock inpainting, "
                            "judged (the prompt's object seen, harmony, background error) with controls",
-                           add_arguments=_removal_arguments, run=_objects),
+                           add_arguments=_removal_arguments,
+                           run=_comparison("objects", "ObjectsSettings", "run_objects_eval")),
     },
 )

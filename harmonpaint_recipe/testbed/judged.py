@@ -13,12 +13,45 @@ scene's ``style`` and ``caption`` (``a red circle``). Every image is judged:
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from attnctl.errors import InputError
+
 Method = tuple[str, str, tuple[str, ...]]
+
+
+@dataclass
+class ComparisonSettings:
+    """What a judged comparison runs (``methods``: names of the subclass's ``METHODS``; empty: all)."""
+
+    METHODS: ClassVar[dict[str, Method]] = {}
+
+    out: Path
+    items: int = 40
+    start: int = 0
+    mask_kind: str = "shape"
+    steps: int | None = None
+    seed: int = 0
+    bootstrap: int = 2000
+    grid_items: int = 6
+    methods: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods) or tuple(self.METHODS)
+
+    def check(self) -> None:
+        if self.items < 2:
+            raise InputError(f"--items must be at least 2 (confidence intervals need several items), got {self.items}")
+        if self.steps is not None and self.steps < 1:
+            raise InputError(f"--steps must be positive, got {self.steps}")
+        unknown = [m for m in self.methods if m not in self.METHODS]
+        if unknown:
+            raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(self.METHODS)}")
 
 
 def generate(methods: dict[str, Method], names: tuple[str, ...], scenes: list, steps: int | None, seed: int,
@@ -105,8 +138,6 @@ def write_report(out, stem: str, intro: str, columns: list[tuple[str, str]], nam
     """``<stem>.md`` (a table: one row per name, one column per ``(score key, header)``; the first
     column in percent, ``bg_mae`` to one digit) and ``<stem>.json`` (settings, means with 95 %
     bootstrap intervals, per-item scores). Returns the table's text and the statistics."""
-    from pathlib import Path
-
     from harmonpaint_recipe.files import atomic_write_json, atomic_write_text
     from harmonpaint_recipe.testbed.report import bootstrap_ci, cell
 

@@ -19,14 +19,14 @@ with a picture of the first scenes (``objects.png``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
-from attnctl.errors import InputError
 from harmonpaint_recipe.files import atomic_save_image
-from harmonpaint_recipe.testbed.judged import Method, generate, judge, noise_in_masks, picture, write_report
+from harmonpaint_recipe.testbed.judged import ComparisonSettings, Method, generate, judge, noise_in_masks, picture, write_report
 
 #: the testbed's toy vocabulary has none of HD-Painter's quality and negative words
 _NO_WORDS = ("sampler.negative_prompt=null", "sampler.positive_prompt=null")
@@ -56,27 +56,11 @@ LABELS = {
 
 
 @dataclass
-class ObjectsSettings:
+class ObjectsSettings(ComparisonSettings):
     """What ``attnctl testbed objects`` runs."""
 
-    out: Path
+    METHODS: ClassVar[dict[str, Method]] = METHODS
     items: int = 40
-    start: int = 0
-    mask_kind: str = "shape"
-    steps: int | None = None
-    seed: int = 0
-    bootstrap: int = 2000
-    grid_items: int = 6
-    methods: tuple[str, ...] = field(default_factory=lambda: tuple(METHODS))
-
-    def check(self) -> None:
-        if self.items < 2:
-            raise InputError(f"--items must be at least 2 (confidence intervals need several items), got {self.items}")
-        if self.steps is not None and self.steps < 1:
-            raise InputError(f"--steps must be positive, got {self.steps}")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
 
 
 def _scenes(settings: ObjectsSettings) -> list:

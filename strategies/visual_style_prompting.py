@@ -32,7 +32,6 @@ from attnctl.errors import ConfigError
 from attnctl.layout import MAIN_ROLE
 from attnctl.ops import MAIN, ProjectionOp
 from attnctl.params import StrategySpec
-from attnctl.row_driver import cfg_prediction
 from attnctl.rows import RowOp, RowSpec
 from attnctl.sites import Site, SiteTable
 from attnctl.step_ops import PredictionOp
@@ -108,6 +107,8 @@ class EarlyGuidance(PredictionOp):
     scale: float = field(default=20.0, kw_only=True)
 
     def combine(self, eps: torch.Tensor, ctx: StepView) -> torch.Tensor:
+        from attnctl.row_driver import cfg_prediction  # torch: not at import (listing strategies stays light)
+
         return cfg_prediction(eps, ctx.state.layout, MAIN_ROLE, self.scale)
 
     def guidance_scale(self, ctx: StepView) -> float:

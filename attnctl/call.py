@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Hashable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -17,6 +17,28 @@ if TYPE_CHECKING:
     from attnctl.interfaces import RunView
     from attnctl.layout import BatchLayout
     from attnctl.sites import Site
+
+
+def partner_positions(state: RunView, rows: Sequence[int], role: str, where: str) -> list[int]:
+    """For every row of a call on ``rows`` (of the run's layout), the position in that call of its
+    partner of ``role``; a ``RunError`` naming ``where`` if one is not in the call."""
+    from attnctl.errors import RunError
+
+    full = state.layout
+    index = {row: i for i, row in enumerate(rows)}
+    out = []
+    for row in rows:
+        try:
+            partner = full.partner(row, role)
+        except KeyError as exc:
+            raise RunError(f"{where}: {exc.args[0]}") from None
+        if partner not in index:
+            raise RunError(
+                f"{where}: the {role!r} row beside row {row} is not in this call (rows {list(rows)}); "
+                "ops that read other rows act in the main pass only"
+            )
+        out.append(index[partner])
+    return out
 
 
 @dataclass
@@ -139,23 +161,7 @@ class AttentionCall:
         Raises ``RunError`` if a partner is not in this call (e.g. in the guidance pass,
         which runs the main conditional rows only).
         """
-        from attnctl.errors import RunError
-
-        full = self.state.layout
-        where = {row: i for i, row in enumerate(self.rows)}
-        out = []
-        for row in self.rows:
-            try:
-                partner = full.partner(row, role)
-            except KeyError as exc:
-                raise RunError(f"{self.site.key}: {exc.args[0]}") from None
-            if partner not in where:
-                raise RunError(
-                    f"{self.site.key}: the {role!r} row beside row {row} is not in this attention call "
-                    f"(rows {list(self.rows)}); ops that read other rows act in the main pass only"
-                )
-            out.append(where[partner])
-        return out
+        return partner_positions(self.state, self.rows, role, self.site.key)
 
     def take(self, tensor: torch.Tensor, role: str) -> torch.Tensor:
         """``tensor`` [B, ...] re-indexed so row i holds row i's partner of ``role`` (see ``partners``)."""

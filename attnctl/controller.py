@@ -19,6 +19,7 @@ import torch
 
 from attnctl.adapters import AdapterRegistry, ProcessorAdapter
 from attnctl.block_context import block_recorder, blocks_needed
+from attnctl.feature_ops import feature_hook, feature_modules
 from attnctl.errors import AttnctlError, ConfigError, ProcessorReplacedError, RunError, UnsupportedModelError
 from attnctl.guidance import GuidanceContext, UNetCall
 from attnctl.plan import Plan
@@ -68,6 +69,9 @@ class Controller:
             module = unet.get_submodule(name)
             hook = block_recorder(name, module, lambda: self.slot.state)
             self._block_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        for name, ops in feature_modules(plan.feature_ops, unet).items():  # only where a feature op acts
+            module = unet.get_submodule(name)
+            self._block_hooks.append(module.register_forward_hook(feature_hook(name, ops, lambda: self.slot.state)))
         self._rows: RowDriver | None = None
 
     @property

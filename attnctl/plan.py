@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from attnctl.feature_ops import FeatureOp
 from attnctl.ops import ActiveOps, GateOp, LatentOp, Op, SiteOp
 from attnctl.params import StrategySpec
 from attnctl.rows import RowSpec
@@ -29,6 +30,7 @@ class Plan:
         gated_by: instance name -> the gate ops that restrict it (for messages).
         rows: (instance, RowSpec) of every role strategies add to the batch, by role.
         step_ops: prediction, post-step and noise ops (``attnctl.step_ops``), by instance name.
+        feature_ops: ops on non-attention modules (``attnctl.feature_ops``), by instance name.
         probes: the enabled instances of the ``probes`` section (they only observe or
             measure; their results are in ``RunState.results`` after a run).
     """
@@ -41,12 +43,14 @@ class Plan:
     probes: frozenset[str] = frozenset()
     rows: tuple[tuple[str, RowSpec], ...] = ()
     step_ops: tuple[Op, ...] = ()
+    feature_ops: tuple[FeatureOp, ...] = ()
 
     @property
     def preparing(self) -> tuple[Op, ...]:
         """One op per (instance, op class) that overrides ``Op.prepare``, in instance-name order."""
         found: dict[tuple[str, type], Op] = {}
-        for op in (*(o for ops in self.site_ops.values() for o in ops), *self.latent_ops, *self.step_ops):
+        for op in (*(o for ops in self.site_ops.values() for o in ops), *self.latent_ops, *self.step_ops,
+                   *self.feature_ops):
             if type(op).prepare is not Op.prepare:
                 found.setdefault((op.strategy, type(op)), op)
         return tuple(op for _, op in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1].__qualname__)))
@@ -54,7 +58,7 @@ class Plan:
     @property
     def is_idle(self) -> bool:
         """True when no op was planned: attached processors only pass through."""
-        return not self.site_ops and not self.latent_ops and not self.rows and not self.step_ops
+        return not (self.site_ops or self.latent_ops or self.rows or self.step_ops or self.feature_ops)
 
     def active_step_ops(self, state: RunView) -> tuple[Op, ...]:
         """Step ops active in ``state``'s current step."""
@@ -68,6 +72,10 @@ class Plan:
             if on:
                 active[name] = ActiveOps.of(on)
         return active
+
+    def active_feature_ops(self, state: RunView) -> tuple[FeatureOp, ...]:
+        """Feature ops active in ``state``'s current step and pass."""
+        return tuple(op for op in self.feature_ops if op.is_active(state))
 
     def active_latent_ops(self, state: RunView) -> tuple[LatentOp, ...]:
         """Latent ops active in ``state``'s current step."""

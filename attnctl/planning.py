@@ -18,6 +18,7 @@ from attnctl.ops import GateOp, LatentOp, MeasureOp, ObserveOp, Op, SiteOp
 from attnctl.params import StrategySpec, build_params
 from attnctl.plan import Plan
 from attnctl.plugins import StrategyManager, strategies_config
+from attnctl.feature_ops import FeatureOp
 from attnctl.rows import RowOp, check_roles
 from attnctl.sites import SiteTable
 from attnctl.step_ops import STEP_OP_TYPES, PredictionOp
@@ -140,7 +141,7 @@ def compile_plan(config: Any, sites: SiteTable, manager: StrategyManager) -> Pla
     plan = Plan(sites=sites, instances=instances, gated_by={k: tuple(v) for k, v in gated_by.items()}, probes=probes)
     per_site: dict[str, list[SiteOp]] = defaultdict(list)
     latent: list[LatentOp] = []
-    rows, step = [], []
+    rows, step, features = [], [], []
     for op in planned:
         if isinstance(op, GateOp):
             continue
@@ -155,6 +156,8 @@ def compile_plan(config: Any, sites: SiteTable, manager: StrategyManager) -> Pla
             latent.append(op)
         elif isinstance(op, STEP_OP_TYPES):
             step.append(op)
+        elif isinstance(op, FeatureOp):
+            features.append(op)
         else:
             raise ConfigError(f"strategies.{op.strategy} planned an op of unknown type {type(op).__name__}")
     # canonical order: sites in table order, ops by (stage, instance name)
@@ -170,4 +173,5 @@ def compile_plan(config: Any, sites: SiteTable, manager: StrategyManager) -> Pla
             "them to different steps in one strategy"
         )
     plan.step_ops = tuple(sorted(step, key=lambda op: op.strategy))
+    plan.feature_ops = tuple(sorted(features, key=lambda op: op.strategy))
     return plan

@@ -68,6 +68,9 @@ class RunState:
         self.active: dict[str, ActiveOps] = {}
         self.active_latent_ops: tuple[LatentOp, ...] = ()
         self.active_step_ops: tuple[Op, ...] = ()
+        #: feature ops active in the current step and pass (``attnctl.feature_ops``)
+        self.active_features: tuple[Op, ...] = ()
+        self._features_by_pass: dict[str, tuple[Op, ...]] = {}
         self.pending_latents: torch.Tensor | None = None
         #: scheduler steps taken so far (counted where attnctl wraps ``scheduler.step``; None elsewhere):
         #: a UNet call after a step is a new step even when the timestep repeats
@@ -133,8 +136,10 @@ class RunState:
         for kind in (MAIN, GUIDANCE):
             self.pass_kind = kind
             self._active_by_pass[kind] = self.plan.active_site_ops(self)
+            self._features_by_pass[kind] = self.plan.active_feature_ops(self)
         self.pass_kind = MAIN
         self.active = self._active_by_pass[MAIN]
+        self.active_features = self._features_by_pass[MAIN]
         self.active_latent_ops = self.plan.active_latent_ops(self)
         self.active_step_ops = self.plan.active_step_ops(self)
         self.sites_due.update(self.active)
@@ -162,13 +167,14 @@ class RunState:
     @contextmanager
     def guidance_pass(self, rows: Sequence[int]) -> Iterator[None]:
         """Within this block, UNet calls are the guidance pass over batch ``rows``."""
-        saved = (self.pass_kind, self.active, self._rows)
+        saved = (self.pass_kind, self.active, self.active_features, self._rows)
         self.pass_kind, self._rows = GUIDANCE, tuple(rows)
         self.active = self._active_by_pass.get(GUIDANCE, {})
+        self.active_features = self._features_by_pass.get(GUIDANCE, ())
         try:
             yield
         finally:
-            self.pass_kind, self.active, self._rows = saved
+            self.pass_kind, self.active, self.active_features, self._rows = saved
 
     @property
     def in_guidance(self) -> bool:
@@ -177,12 +183,12 @@ class RunState:
     @contextmanager
     def record_pass(self) -> Iterator[None]:
         """Within this block, UNet calls are a record pass (an inversion): no op acts in them."""
-        saved = (self.pass_kind, self.active)
-        self.pass_kind, self.active = RECORD, {}
+        saved = (self.pass_kind, self.active, self.active_features)
+        self.pass_kind, self.active, self.active_features = RECORD, {}, ()
         try:
             yield
         finally:
-            self.pass_kind, self.active = saved
+            self.pass_kind, self.active, self.active_features = saved
 
     @property
     def in_side_pass(self) -> bool:

@@ -21,8 +21,11 @@ beside the main images (driver ``free``), or with ``reference_image`` a real ima
 along its DDIM inversion (driver ``inverted``; their transfer notebook: inversion guidance 2,
 the reference starting 5 steps less noisy). A projection op does the AdaIN, a key/value op
 appends the reference's (projected) keys and values with an additive bias ``shift`` (none
-when it is 0, so the site stays one fused call). Both act in the main pass only. Their GroupNorm sharing is
-not reproduced (a non-attention module hook; docs/methods-style-aligned.md).
+when it is 0, so the site stays one fused call); both act in the main pass only. With
+``share_group_norm`` (their default) a feature op makes every GroupNorm of the UNet
+normalize each row together with its reference row (``attnctl.feature_ops``); their
+``share_layer_norm`` is not needed: LayerNorm normalizes each token alone, so concatenating
+tokens changes nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import attnctl
 from attnctl.errors import ConfigError
+from attnctl.feature_ops import FeatureCall, FeatureOp
 from attnctl.ops import MAIN, KeyValueOp, ProjectionOp
 from attnctl.params import StrategySpec
 from attnctl.rows import RowOp, RowSpec
@@ -61,6 +65,8 @@ class StyleAlignedParams:
     adain_values: bool = field(default=False, metadata={"help": "AdaIN of the values against the reference's"})
     shared_score_scale: float = field(default=1.0, metadata={"help": "scale of appended keys (not the reference's)"})
     shared_score_shift: float = field(default=0.0, metadata={"help": "added to the appended keys' logits (all rows)"})
+    share_group_norm: bool = field(default=True, metadata={
+        "help": "every GroupNorm's statistics over the image and its reference together (theirs; off in their SDXL demo)"})
     keep_reference: bool = field(default=False, metadata={"help": "keep its latent: row_outputs[<instance>]"})
     reference_image: str | None = field(default=None, metadata={
         "help": "path of a real reference image, DDIM-inverted and followed instead of a generated one"})
@@ -138,6 +144,20 @@ class SharedKeysOp(KeyValueOp):
         return factor
 
 
+@dataclass(eq=False)
+class SharedGroupNorm(FeatureOp):
+    """Their ``share_group_norm``: each GroupNorm normalizes a row's features concatenated along the
+    height with its reference row's, then keeps the row's own part (``x`` [B, C, H, W])."""
+
+    def apply(self, call: FeatureCall) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        x, norm = call.args[0], call.module
+        joined = torch.cat([x, call.take(x, self.strategy)], dim=-2)
+        return F.group_norm(joined, norm.num_groups, norm.weight, norm.bias, norm.eps)[..., : x.shape[-2], :]
+
+
 @attnctl.hookimpl
 def attnctl_add_strategies() -> list[StrategySpec]:
     return [SPEC]
@@ -156,6 +176,8 @@ def attnctl_plan(instance: str, spec: StrategySpec, params: StyleAlignedParams, 
         row = RowSpec(role=instance, prompt=params.reference_prompt, driver="free", per_image=False,
                       noise_seed=params.reference_seed, output=params.keep_reference)
     ops: list = [RowOp(instance, row=row)]
+    if params.share_group_norm:  # every GroupNorm of the UNet, as their register_shared_norm
+        ops.append(SharedGroupNorm(instance, modules="GroupNorm"))
     adain_any = params.adain_queries or params.adain_keys or params.adain_values
     for site in self_attention_sites(params.sites, sites, f"strategies.{instance}"):
         if adain_any:

@@ -79,7 +79,7 @@ def test_take_names_a_missing_partner():
     from attnctl.call import AttentionCall
 
     call = AttentionCall(SITE, state, q[:2], k[:2], v[:2], None, SCALE, rows=(0, 1))
-    with pytest.raises(RunError, match="'src' row beside row 0 is not in this attention call"):
+    with pytest.raises(RunError, match="'src' row beside row 0 is not in this call"):
         call.take(q[:2], "src")
 
 

@@ -211,6 +211,17 @@ def authors_processor_core(params: dict):
     return core
 
 
+def authors_shared_norm(unet) -> None:
+    """Their register_shared_norm on every GroupNorm: normalize ``concat_first(x, dim=-2)`` (each half's
+    row 0 appended along the height), keep the first ``n`` rows of that axis."""
+    for norm in [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]:
+        def forward(x, norm=norm, original=norm.forward):
+            b, n = x.shape[0], x.shape[-2]
+            style = torch.stack((x[0], x[b // 2])).unsqueeze(1).expand(2, b // 2, *x.shape[1:]).reshape(*x.shape)
+            return original(torch.cat((x, style), dim=-2))[..., :n, :]
+        norm.forward = forward
+
+
 def _pipe_kwargs(image, mask, prompt, latents, n_per=1):
     return dict(prompt=prompt, image=image, mask_image=mask, height=128, width=128, num_inference_steps=STEPS,
                 guidance_scale=7.5, num_images_per_prompt=n_per, output_type="latent", latents=latents,
@@ -223,6 +234,7 @@ PIPE_CASES = {  # name: (params, dtype, tolerance on the final latents)
                                 "adain_values": True}, torch.float64, TOL),
     # fp32: the stock pipeline itself differs by ~2e-5 here from an explicit-softmax processor
     "defaults-fp32": ({}, torch.float32, 1e-4),
+    "no-group-norm-sharing": ({"share_group_norm": False}, torch.float64, TOL),  # their SDXL demo's setting
 }
 
 
@@ -257,6 +269,8 @@ def test_tiny_pipeline_matches_the_authors_batch(tiny_pipe, case):
     stock_unet = pipe.unet
     pipe.unet = copy.deepcopy(stock_unet)
     set_naive(pipe, params.get("sites", "self"), lambda site: authors_processor_core(params))
+    if params.get("share_group_norm", True):
+        authors_shared_norm(pipe.unet)
     try:
         naive = pipe(**_pipe_kwargs(image, mask, [REF_PROMPT, MAIN_PROMPT, MAIN_PROMPT],
                                     torch.cat([ref_noise.to(dtype), z]))).images
@@ -268,6 +282,15 @@ def test_tiny_pipeline_matches_the_authors_batch(tiny_pipe, case):
           f"effect vs plain {(ours - plain).abs().max():.2e} (|latent| max {naive.abs().max():.1f})")
     assert ours.dtype == dtype and err_main <= tol and err_ref <= tol
     assert (ours - plain).abs().max() > 1e-2
+    if case == "defaults-all-sites":  # control: their attention alone, without the shared group norms, is another image
+        pipe.unet = copy.deepcopy(stock_unet)
+        set_naive(pipe, "self", lambda site: authors_processor_core(params))
+        try:
+            unshared = pipe(**_pipe_kwargs(image, mask, [REF_PROMPT, MAIN_PROMPT, MAIN_PROMPT],
+                                           torch.cat([ref_noise.to(dtype), z]))).images
+        finally:
+            pipe.unet = stock_unet
+        assert (ours - unshared[1:]).abs().max() > 1e-2
 
 
 def test_real_reference_matches_their_transfer_notebook(tiny_pipe, tmp_path):
@@ -309,6 +332,7 @@ def test_real_reference_matches_their_transfer_notebook(tiny_pipe, tmp_path):
     pipe.unet = copy.deepcopy(stock_unet)
     params = {"shared_score_shift": math.log(2)}
     set_naive(pipe, "self", lambda site: authors_processor_core(params))
+    authors_shared_norm(pipe.unet)  # their transfer notebook shares the group norms
     try:
         naive = pipe(**kwargs(prompt=[REF_PROMPT, MAIN_PROMPT], latents=torch.cat([zts[offset], z]),
                               callback_on_step_end=callback)).images

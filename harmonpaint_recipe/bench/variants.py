@@ -126,6 +126,29 @@ class NaiveVariant(Variant):
         self.naive.remove()
 
 
+class ImageRecipeVariant(RecipeVariant):
+    """A method that reads a reference or source image: the bench's own input image, saved for it
+    (``{image}`` in the overrides is its path)."""
+
+    def setup(self, inputs: BenchInputs) -> None:
+        import tempfile
+        from pathlib import Path
+
+        self._folder = tempfile.TemporaryDirectory()
+        path = Path(self._folder.name) / "reference.png"
+        inputs.call_kwargs()["image"].save(path)
+        template = self.overrides
+        self.overrides = tuple(o.format(image=path) for o in template)
+        try:
+            super().setup(inputs)
+        finally:
+            self.overrides = template
+
+    def teardown(self) -> None:
+        super().teardown()
+        self._folder.cleanup()
+
+
 def _swap_last_word(prompt: str) -> tuple[str, ...]:
     """P2P's settings for a bench prompt: the source has its last word swapped; the blend follows that word."""
     *head, last = prompt.split(" ")
@@ -158,9 +181,22 @@ VARIANTS: Registry[Callable[[], Variant]] = Registry("variant", {
     "attend-excite": lambda: RecipeVariant("attend-excite", "Attend-and-Excite on the first two tokens (recipe attend-excite)",
                                            "attend-excite", ("strategies.excite.tokens=[1,2]",)),
     "pag": lambda: RecipeVariant("pag", "perturbed-attention guidance at the mid block (recipe pag)", "pag"),
+    "reference-only": lambda: ImageRecipeVariant("reference-only", "reference-only, the input image as the "
+                                                 "reference (recipe reference-only)", "reference-only",
+                                                 ("strategies.ref.image={image}",)),
+    "hd-painter": lambda: RecipeVariant("hd-painter", "HD-Painter: PAIntA and RASG (recipe hd-painter)", "hd-painter"),
+    "vsp": lambda: RecipeVariant("vsp", "Visual Style Prompting, a generated reference (recipe visual-style-prompting)",
+                                 "visual-style-prompting"),
+    "masactrl-real": lambda: ImageRecipeVariant("masactrl-real", "MasaCtrl with the input image inverted as the "
+                                                "source (recipe masactrl-real)", "masactrl-real",
+                                                ("strategies.masa.source_image={image}",)),
+    "style-aligned-real": lambda: ImageRecipeVariant("style-aligned-real", "StyleAligned with the input image "
+                                                     "inverted as the reference (recipe style-aligned-real)",
+                                                     "style-aligned-real", ("strategies.style.reference_image={image}",)),
 })
 #: the method variants (``--variants methods`` names them all)
-METHODS = ("p2p", "masactrl", "style-aligned", "attend-excite", "pag")
+METHODS = ("p2p", "masactrl", "style-aligned", "attend-excite", "pag", "reference-only", "hd-painter", "vsp",
+           "masactrl-real", "style-aligned-real")
 #: variants run only when named in ``--variants`` (not part of ``all``)
 OPT_IN = ("stock-eager", "probe-cross", *METHODS)
 

@@ -77,8 +77,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default="all",
                         help="comma list of stock,idle,sams+makvs,harmonpaint,naive, and the opt-in stock-eager (stock with "
                         "the UNet uncompiled under --compile), probe-cross "
-                        "(cross-attention map probe) and p2p,masactrl,style-aligned,attend-excite,pag (the methods; "
-                        "'methods' names the five); stock is always run [all]")
+                        "(cross-attention map probe) and the methods p2p,masactrl,style-aligned,attend-excite,pag,"
+                        "reference-only,hd-painter,vsp,masactrl-real,style-aligned-real ('methods' names them all); "
+                        "stock is always run [all]")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet's forward (every variant but stock-eager, the uncompiled baseline)")
     parser.add_argument("--compile-backend", default="inductor",

@@ -15,8 +15,10 @@ with ``alpha`` the scheduler's cumulative products and ``eps`` evaluated at ``t`
 usual approximation ``eps(z_prev, t) ~ eps(z_t, t)``). With an inversion guidance scale
 ``g != 1``, ``eps = eps_u + g (eps_c - eps_u)`` with the empty prompt as ``u``.
 
-The UNet runs in a *record pass*: ops do not act in it, so it is the stock UNet's inversion
-(the authors invert before their attention editors are registered).
+The UNet runs in a *record pass*: only ops planned for it (``passes`` naming ``"record"``) act,
+seeing the step index of each inversion timestep, so they can keep queries, keys, values or
+maps by step in the run store for the main pass to replay; without them it is the stock
+UNet's inversion (the authors invert before their attention editors are registered).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def invert_row_image(spec: RowSpec, call: UNetCall, channels: int, state: RunSta
         x = scale(z, t) if scale is not None else z
         inputs = torch.cat([x.to(dtype), extra], dim=1).expand(len(both), -1, -1, -1)
         args, kwargs = with_text(call.unet, *call.subset(index, inputs), t, hidden, pooled)
-        with state.record_pass(), torch.no_grad():
+        with state.record_pass(float(t)), torch.no_grad():
             out = unet_sample(call.unet(*args, **kwargs))
         return out[-1:] if not guided else out[:1] + spec.inversion_guidance * (out[1:] - out[:1])
 

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 Gate = Callable[["RunView"], bool]
 MAIN = "main"
 GUIDANCE = "guidance"
-#: UNet calls attnctl makes before the main ones (an inversion); no op acts in them
+#: UNet calls attnctl makes before the main ones (an inversion); only ops that name this pass act in them
 RECORD = "record"
 
 

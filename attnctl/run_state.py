@@ -181,14 +181,21 @@ class RunState:
         return self.pass_kind == GUIDANCE
 
     @contextmanager
-    def record_pass(self) -> Iterator[None]:
-        """Within this block, UNet calls are a record pass (an inversion): no op acts in them."""
-        saved = (self.pass_kind, self.active, self.active_features)
-        self.pass_kind, self.active, self.active_features = RECORD, {}, ()
+    def record_pass(self, timestep: float | None = None) -> Iterator[None]:
+        """Within this block, UNet calls are a record pass (an inversion at ``timestep``): only ops
+        whose ``passes`` name ``"record"`` act, and they see the step index of ``timestep`` in the
+        run's schedule (so what they keep can be replayed by step in the main pass)."""
+        saved = (self.pass_kind, self.active, self.active_features, self.timestep, self.step_index)
+        self.pass_kind = RECORD
+        if timestep is not None:
+            self.timestep = float(timestep)
+            schedule = [float(v) for v in self._timesteps] if self._timesteps is not None else []
+            self.step_index = schedule.index(self.timestep) if self.timestep in schedule else None
+        self.active, self.active_features = self.plan.active_site_ops(self), self.plan.active_feature_ops(self)
         try:
             yield
         finally:
-            self.pass_kind, self.active, self.active_features = saved
+            self.pass_kind, self.active, self.active_features, self.timestep, self.step_index = saved
 
     @property
     def in_side_pass(self) -> bool:

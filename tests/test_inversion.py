@@ -161,3 +161,51 @@ def test_sdxl_inversion_uses_the_pooled_text(image_and_mask):
     assert torch.equal(pooled[1], torch.cat([torch.zeros_like(source[2]), source[2]]))
     assert torch.equal(seen[0][1], torch.cat([torch.zeros_like(source[0]), source[0]]))
     assert torch.isfinite(out).all()
+
+
+def test_record_ops_keep_what_the_inversion_computes_by_step(ddim_pipe, image_and_mask):
+    """An op planned for the record pass sees each inversion call with the step index of its timestep;
+    what it keeps is what the stock UNet computes along the literal inversion."""
+    from attnctl.ops import RECORD, ProjectionOp
+
+    class KeepKeys(ProjectionOp):
+        def project(self, call):
+            call.state.store(self.strategy).put(("key", call.state.step_index), call.own_key.clone())
+
+    site_name = []
+
+    def make(inst, sites):
+        site = sites.of_kind("self")[0]
+        site_name.append(site.name)
+        return [RowOp(inst, row=RowSpec("source", prompt=SOURCE, driver="inverted", image=_source_image())),
+                KeepKeys(inst, site=site, passes=frozenset({RECORD}))]
+
+    ctl = attnctl.attach(ddim_pipe, {"strategies": {"rows": {"strategy": "toy_ops"}}},
+                         manager=StrategyManager(plugins=[FactoryPlugin(make)], autoload=False))
+    seen = []
+    hook = ddim_pipe.unet.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["sample"]).clone()),
+                                                    with_kwargs=True)
+    image, mask = image_and_mask
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with ctl.run(attnctl.BatchLayout.for_call(ddim_pipe, prompt=MAIN, guidance_scale=7.5), mask=mask) as state:
+        ddim_pipe(prompt=MAIN, image=image, mask_image=mask, num_inference_steps=STEPS, guidance_scale=7.5,
+                  output_type="latent", latents=z, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    ctl.detach()
+    store = state.store("rows")
+    timesteps = list(ddim_pipe.scheduler.timesteps)
+    assert sorted(k[1] for k in store.keys()) == list(range(STEPS))  # one call per step, by its step index
+    # the reference: the literal inversion on the stock UNet, the same site's keys captured per call
+    attn = ddim_pipe.unet.get_submodule(site_name[0])
+    keys = []
+    capture = attn.to_k.register_forward_hook(lambda m, a, out: keys.append(out.detach().clone()))
+    z0 = encode_image(ddim_pipe, _source_image(), (8, 8), "source")
+    expected = literal_inversion(ddim_pipe, z0, seen[-1][1:2, 4:], SOURCE, 1.0)
+    capture.remove()
+    for k, t in zip(keys, reversed(timesteps)):
+        step = timesteps.index(t)
+        ours = store.get(("key", step))  # [1, heads, N, d]
+        torch.testing.assert_close(ours.transpose(1, 2).reshape(k.shape), k, rtol=0, atol=1e-5)
+    # the record op only read: the trajectory the rows follow is still the literal inversion
+    for i in range(STEPS):
+        torch.testing.assert_close(seen[STEPS + i][2:4, :4], expected[STEPS - i].expand(2, -1, -1, -1), rtol=0, atol=1e-5)

@@ -45,6 +45,13 @@ class StepContext:
             raise KeyError(f"no latents of rows with the role {role!r} in this run")
         return self._driver.latents[role]
 
+    def row_prediction(self, role: str, branch: str = "cond") -> torch.Tensor:
+        eps = None if self._driver is None else self._driver.last_eps
+        rows = sorted(self.state.layout.rows_of(role, branch), key=lambda r: self.state.layout.images[r])
+        if eps is None or not rows:
+            raise KeyError(f"no {branch} prediction of rows with the role {role!r} in this step")
+        return eps.index_select(0, torch.tensor(rows, device=eps.device))
+
 
 def pipeline_guidance_scale(pipe: Any) -> float:
     """The guidance scale of the pipeline call in progress (1 without a pipeline)."""
@@ -83,6 +90,8 @@ class RowDriver:
         self._in_flight: Any = None  # the timestep of the extended call the forward hook has not split yet
         #: role -> ``ddim_inversion`` latents of ``inverted`` rows (made at the run's first call)
         self.inverted: dict[str, list[torch.Tensor]] | None = None
+        #: the noise prediction of every row in the latest main call (``StepContext.row_prediction``)
+        self.last_eps: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ the run's first call
     def begin(self, call: UNetCall, unscaled: torch.Tensor | None) -> tuple[UNetCall, torch.Tensor | None]:
@@ -257,6 +266,7 @@ class RowDriver:
             return output
         timestep, self._in_flight = self._in_flight, None
         eps = unet_sample(output)
+        self.last_eps = eps
         scale = None if prediction is None else prediction.guidance_scale(ctx)
         scale = ctx.guidance_scale if scale is None else scale
         for role, spec in self.specs.items():

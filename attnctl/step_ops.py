@@ -45,6 +45,10 @@ class StepView(Protocol):
         """Sample-space latents ``[n, C, h, w]`` of the rows of ``role`` (after their step, in a post-step op)."""
         ...
 
+    def row_prediction(self, role: str, branch: str = "cond") -> torch.Tensor:
+        """The noise prediction ``[n, C, h, w]`` of the ``branch`` rows of ``role`` in this step's UNet call."""
+        ...
+
 
 @dataclass(eq=False)
 class PredictionOp(Op):

@@ -17,8 +17,9 @@ rows while ``step < early_steps`` (their ``i < 3``), and on a generated referenc
 
 Deviations: (1) a real image is encoded once with the latent mean (theirs: a posterior sample
 each step) and re-noised from a generator seeded ``reference_seed`` (theirs: the global RNG);
-(2) their "color calibration" for real images (their DDIM step matches every row's predicted x0 to the channel
-mean/std of the reference's for 100 < t < 150) is not reproduced: it lives inside the scheduler.
+(2) their colour calibration (for a real reference: while 150 > t > 100 their DDIM step matches
+each row's predicted x0 to the reference's per channel) is a post-step op that redoes the
+step, so it needs the DDIM scheduler and eta 0 (their setting).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from attnctl.ops import MAIN, ProjectionOp
 from attnctl.params import StrategySpec
 from attnctl.rows import RowOp, RowSpec
 from attnctl.sites import Site, SiteTable
-from attnctl.step_ops import PredictionOp
+from attnctl.step_ops import PostStepOp, PredictionOp
 from strategies._attention_sites import self_attention_sites
 from strategies._images import open_image
 
@@ -68,6 +69,11 @@ class VisualStylePromptingParams:
     early_guidance_scale: float = field(default=20.0, metadata=_h("guidance scale of the early steps"))
     early_steps: int = field(default=3, metadata=_h("number of early steps"))
     keep_reference: bool = field(default=False, metadata=_h("publish the reference's last latent in row_outputs"))
+    color_calibration: bool | None = field(default=None, metadata=_h(
+        "match each image's predicted x0 to the reference's, per channel, while start > t > start - window "
+        "(null: on for a real reference, as their real-image script)"))
+    color_cal_start_t: float = field(default=150.0, metadata=_h("colour calibration acts while t < this"))
+    color_cal_window: float = field(default=50.0, metadata=_h("... and t > color_cal_start_t - this"))
 
     def __post_init__(self) -> None:
         if not (self.reference_prompt or "").strip() and not (self.reference_image or "").strip():
@@ -115,6 +121,36 @@ class EarlyGuidance(PredictionOp):
         return self.scale  # theirs guide every row of the batch at 20, a generated reference's too
 
 
+@dataclass(eq=False)
+class ColorCalibration(PostStepOp):
+    """Their real-image DDIM step: each image's predicted x0 set to the per-channel mean and standard
+    deviation (unbiased, over the grid) of the reference's, whose x0 comes from its conditional
+    prediction, then ``sqrt(a') x0 + sqrt(1 - a') eps`` with the step's own prediction (eta 0)."""
+
+    def apply(self, latents: torch.Tensor, ctx: StepView) -> torch.Tensor:
+        import torch
+
+        scheduler, eps, z = ctx.scheduler, ctx.model_output, ctx.sample
+        if getattr(scheduler, "final_alpha_cumprod", None) is None or eps is None:
+            raise ConfigError(f"strategies.{self.strategy}.color_calibration redoes a DDIM step; use "
+                              "sampler.scheduler=ddim (or color_calibration: false)")
+        t = int(ctx.state.timestep)
+        prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        alphas = scheduler.alphas_cumprod.to(z.device)
+        a_t = alphas[t]
+        a_prev = alphas[prev] if prev >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod, device=z.device)
+
+        def x0(sample, pred):
+            return (sample - (1 - a_t) ** 0.5 * pred) / a_t ** 0.5
+
+        ref = x0(ctx.row_latents(self.strategy)[:1].to(z), ctx.row_prediction(self.strategy, "cond")[:1].to(z))
+        own = x0(z, eps)
+        dims = (2, 3)
+        own = (own - own.mean(dims, keepdim=True)) / (own.std(dims, keepdim=True) + 1e-8)
+        own = own * ref.std(dims, keepdim=True) + ref.mean(dims, keepdim=True)
+        return (a_prev ** 0.5 * own + (1 - a_prev) ** 0.5 * eps).to(latents.dtype)
+
+
 @dataclass(frozen=True)
 class _Steps:
     """Gate ``start <= step index < end``, readable in the run report."""
@@ -159,6 +195,14 @@ def attnctl_plan(instance: str, spec: StrategySpec, params: VisualStylePrompting
     ops: list = [RowOp(instance, row=row)]
     if params.advanced:
         ops.append(EarlyGuidance(instance, scale=params.early_guidance_scale, gates=(_Steps(0, params.early_steps),)))
+    real = bool((params.reference_image or "").strip())
+    if real if params.color_calibration is None else params.color_calibration:
+        start, end = params.color_cal_start_t, params.color_cal_start_t - params.color_cal_window
+
+        def calibrating(state) -> bool:  # theirs: fix_traj_t_start > t > fix_traj_t_end
+            return state.timestep is not None and start > state.timestep > end
+
+        ops.append(ColorCalibration(instance, gates=(calibrating,)))
     chosen = self_attention_sites(params.sites, sites, where) if params.sites else default_sites(sites)
     due = _Steps(params.start_step, math.inf if params.end_step is None else params.end_step)
     # main pass only: it reads another row, which a guidance pass (conditional main rows only) does not have

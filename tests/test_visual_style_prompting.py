@@ -103,7 +103,32 @@ def _ours(pipe, image_and_mask, **params):
     return out, state.row_outputs[ROLE]
 
 
-def _theirs(pipe, image_and_mask, z_ref, early=(20.0, 0), ref=0, clean=None, ref_scale=None, fresh=True):
+def _calibrating_step(pipe, unet, start, end):
+    """Their DDIM step with colour calibration (scheduling_ddim.py): while start > t > end every row's x0
+    (row 0's from its conditional prediction, their use_prompt_as_null) takes row 0's per-channel mean and
+    unbiased std, x_prev = sqrt(a') x0 + sqrt(1 - a') eps."""
+    cond = {}
+    unet.register_forward_hook(lambda m, a, out: cond.__setitem__("ref", out[0][len(out[0]) // 2].clone()))
+    original, sched = pipe.scheduler.step, pipe.scheduler
+
+    def step(model_output, timestep, sample, *args, **kwargs):
+        t = int(timestep)
+        if not start > t > end:
+            return original(model_output, timestep, sample, *args, **kwargs)
+        prev = t - sched.config.num_train_timesteps // sched.num_inference_steps
+        a_t, a_prev = sched.alphas_cumprod[t], sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+        eps = model_output.clone()
+        eps[0] = cond["ref"]
+        x0 = (sample - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+        mean, std = x0.mean((2, 3), keepdim=True), x0.std((2, 3), keepdim=True)
+        x0 = (x0 - mean) / (std + 1e-8) * std[:1] + mean[:1]
+        return (a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps,)
+
+    pipe.scheduler.step = step
+
+
+def _theirs(pipe, image_and_mask, z_ref, early=(20.0, 0), ref=0, clean=None, ref_scale=None, fresh=True,
+            calibrate=None):
     """The authors' batch and loop; ``ref_scale``: the reference row guided at that scale in the early steps;
     ``fresh=False``: the same re-noising noise every step (a control)."""
     scale, n_early = early
@@ -136,8 +161,14 @@ def _theirs(pipe, image_and_mask, z_ref, early=(20.0, 0), ref=0, clean=None, ref
 
     if ref_scale is not None:
         unet.register_forward_hook(guide_ref)
+    if calibrate is not None:
+        _calibrating_step(theirs, unet, *calibrate)
     latents = renoise(torch.cat([z_ref, _z(1), _z(2)]), 0)
-    out = _run(theirs, image_and_mask, [REF, MAIN, MAIN], latents, scale=scale if n_early else G, callback=step_end)
+    try:
+        out = _run(theirs, image_and_mask, [REF, MAIN, MAIN], latents, scale=scale if n_early else G,
+                   callback=step_end)
+    finally:
+        theirs.scheduler.__dict__.pop("step", None)  # the scheduler is the caller's pipeline's too
     return out[1:], out[:1]
 
 
@@ -215,6 +246,24 @@ def test_real_reference_and_the_early_guidance_match_the_authors_loop(pipe64, im
         assert (ours - _theirs(pipe64, image_and_mask, _z(9), early, clean=clean)[0]).abs().max() > 1e-3, early
     fixed, _ = _theirs(pipe64, image_and_mask, _z(9), (20.0, 2), clean=clean, fresh=False)
     assert (ours - fixed).abs().max() > 1e-3  # control: their noise is drawn anew every step
+
+
+def test_colour_calibration_matches_their_ddim_step(pipe64, image_and_mask, reference):
+    """Their window 150 > t > 100 moved to 300 > t > 200 so that one of the 4 steps (t = 251) falls in it."""
+    params = {"reference_image": str(reference), "reference_prompt": REF, "color_cal_start_t": 300.0,
+              "color_cal_window": 100.0}
+    ours, _ = _ours(pipe64, image_and_mask, **params)
+    with torch.no_grad():
+        pixels = pipe64.image_processor.preprocess(Image.open(reference).convert("RGB"), height=64, width=64)
+        clean = pipe64.vae.encode(pixels.double()).latent_dist.mode() * pipe64.vae.config.scaling_factor
+    theirs, _ = _theirs(pipe64, image_and_mask, _z(9), clean=clean, calibrate=(300, 200))
+    err = (ours - theirs).abs().max().item()
+    print(f"vsp colour calibration: max abs err {err:.2e}")
+    assert err < 1e-9
+    uncalibrated, _ = _theirs(pipe64, image_and_mask, _z(9), clean=clean)
+    assert (ours - uncalibrated).abs().max() > 1e-3  # control: the calibration acted
+    off, _ = _ours(pipe64, image_and_mask, **params, color_calibration=False)
+    assert (off - uncalibrated).abs().max() < 1e-9  # and switching it off is their plain loop
 
 
 def test_early_guidance_op_and_its_gate():

@@ -19,6 +19,11 @@ from attnctl.errors import ConfigError, did_you_mean
 COMMON_KEYS = ("strategy", "enabled")
 
 
+def help_text(text: str) -> dict:
+    """A parameter field's metadata with its help line: ``field(default=..., metadata=help_text("..."))``."""
+    return {"help": text}
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     """What a plugin provides: a named strategy and its parameter dataclass.

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import attnctl
 from attnctl.errors import ConfigError, InputError, RunError
 from attnctl.ops import LatentOp, ObserveOp, Op
-from attnctl.params import StrategySpec
+from attnctl.params import StrategySpec, help_text as _h
 from attnctl.selectors import select_sites
 from attnctl.sites import Site, SiteTable
 from strategies._smoothing import smoothing_kernel
@@ -39,10 +39,6 @@ NAME = "attend_excite"
 _FIX = {"scale_range": "[start, end], e.g. [1.0, 0.5]", "last_token": "drop_last or eot", "sigma": "a value > 0",
         "thresholds": "{step index: target max attention in [0, 1]}, e.g. {0: 0.05}",
         "kernel_size": "an odd size, e.g. 3", "max_refinement_steps": "a count >= 1"}
-
-
-def _h(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass

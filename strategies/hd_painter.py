@@ -40,7 +40,7 @@ import attnctl
 from attnctl.errors import ConfigError, RunError
 from attnctl.layout import MAIN_ROLE
 from attnctl.ops import GUIDANCE, MAIN, Branch, BranchOp, LatentOp, MapOp
-from attnctl.params import StrategySpec
+from attnctl.params import StrategySpec, help_text as _h
 from attnctl.selectors import select_sites
 from attnctl.sites import Site, SiteTable, grid_at
 from attnctl.step_ops import PostStepOp
@@ -55,10 +55,6 @@ if TYPE_CHECKING:
     from attnctl.step_ops import StepView
 
 NAME = "hd_painter"
-
-
-def _h(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass(frozen=True)

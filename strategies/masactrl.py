@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import attnctl
 from attnctl.errors import ConfigError, did_you_mean
 from attnctl.ops import MAIN, Branch, BranchOp, KeyValueOp, ProjectionOp, ReweightOp
-from attnctl.params import StrategySpec
+from attnctl.params import StrategySpec, help_text as _h
 from attnctl.rows import RowOp, RowSpec
 from attnctl.sites import Site, SiteTable
 from strategies._attention_sites import grid_tokens, self_attention_sites
@@ -44,10 +44,6 @@ if TYPE_CHECKING:
 NAME = "masactrl"
 VARIANTS = ("plain", "union", "mask")
 DEFAULT_SITES = "self[-6:]"  # the authors' layers 10-15 of 16 on SD 1.x/2.x (decoder 32x32 and 64x64 at 512 px)
-
-
-def _h(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import attnctl
 from attnctl.errors import ConfigError
 from attnctl.layout import MAIN_ROLE
 from attnctl.ops import MAIN, ProjectionOp
-from attnctl.params import StrategySpec
+from attnctl.params import StrategySpec, help_text as _h
 from attnctl.rows import RowOp, RowSpec
 from attnctl.sites import Site, SiteTable
 from attnctl.step_ops import PostStepOp, PredictionOp
@@ -46,10 +46,6 @@ if TYPE_CHECKING:
     from attnctl.step_ops import StepView
 
 NAME = "visual_style_prompting"
-
-
-def _h(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from attnctl.selectors import select_sites
 from attnctl.sites import Site, SiteTable, grid_at
 from attnctl.step_ops import PostStepOp
 from strategies._attention_sites import self_attention_sites
+from strategies._ddim import ddim_step_alphas
 from strategies._smoothing import smoothing_kernel
 
 if TYPE_CHECKING:
@@ -271,20 +272,17 @@ class RasgStep(PostStepOp):
         import torch
 
         scheduler, eps, z = ctx.scheduler, ctx.model_output, ctx.sample
-        final = getattr(scheduler, "final_alpha_cumprod", None)
-        if final is None or eps is None:
-            raise ConfigError(f"strategies.{self.strategy}: RASG replaces a DDIM step; use sampler.scheduler=ddim")
+        refusal = f"strategies.{self.strategy}: RASG replaces a DDIM step; use sampler.scheduler=ddim"
+        if eps is None:
+            raise ConfigError(refusal)
+        a_t, a_prev, prev = ddim_step_alphas(scheduler, ctx.state.timestep, refusal, dtype=torch.float64)
         grad = ctx.state.scratch_for(self.strategy).pop("grad", None)
         if grad is None:
             return latents
         t = int(ctx.state.timestep)
-        prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-        cumulative = scheduler.alphas_cumprod.to(torch.float64)
-        a_t = cumulative[t]
-        a_prev = cumulative[prev] if prev >= 0 else torch.as_tensor(final, dtype=torch.float64)
         sigma = 0.0
         if prev >= 0:  # their last step's sigma is NaN and its z is never used; here it adds no noise
-            alphas = scheduler.alphas.to(torch.float64) if self.per_step_sigma else cumulative
+            alphas = (scheduler.alphas if self.per_step_sigma else scheduler.alphas_cumprod).to(torch.float64)
             sigma = float(((1 - alphas[prev]) / (1 - alphas[t]) * (1 - alphas[t] / alphas[prev])).sqrt())
         s = self.eta * sigma
         exact = torch.promote_types(z.dtype, torch.float32)

@@ -37,6 +37,7 @@ from attnctl.rows import RowOp, RowSpec
 from attnctl.sites import Site, SiteTable
 from attnctl.step_ops import PostStepOp, PredictionOp
 from strategies._attention_sites import self_attention_sites
+from strategies._ddim import ddim_step_alphas
 from strategies._images import open_image
 
 if TYPE_CHECKING:
@@ -124,17 +125,12 @@ class ColorCalibration(PostStepOp):
     prediction, then ``sqrt(a') x0 + sqrt(1 - a') eps`` with the step's own prediction (eta 0)."""
 
     def apply(self, latents: torch.Tensor, ctx: StepView) -> torch.Tensor:
-        import torch
-
-        scheduler, eps, z = ctx.scheduler, ctx.model_output, ctx.sample
-        if getattr(scheduler, "final_alpha_cumprod", None) is None or eps is None:
-            raise ConfigError(f"strategies.{self.strategy}.color_calibration redoes a DDIM step; use "
-                              "sampler.scheduler=ddim (or color_calibration: false)")
-        t = int(ctx.state.timestep)
-        prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-        alphas = scheduler.alphas_cumprod.to(z.device)
-        a_t = alphas[t]
-        a_prev = alphas[prev] if prev >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod, device=z.device)
+        eps, z = ctx.model_output, ctx.sample
+        refusal = (f"strategies.{self.strategy}.color_calibration redoes a DDIM step; use sampler.scheduler=ddim "
+                   "(or color_calibration: false)")
+        if eps is None:
+            raise ConfigError(refusal)
+        a_t, a_prev, _ = ddim_step_alphas(ctx.scheduler, ctx.state.timestep, refusal, device=z.device)
 
         def x0(sample, pred):
             return (sample - (1 - a_t) ** 0.5 * pred) / a_t ** 0.5

@@ -64,14 +64,14 @@ class Controller:
             self._install(name, wrapper)
         self._hook = unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self._post_hook = unet.register_forward_hook(self._post_forward)
-        self._block_hooks = []
+        self._module_hooks = []
         for name in blocks_needed(plan.site_ops, self.sites):  # only where an op reads its block
             module = unet.get_submodule(name)
             hook = block_recorder(name, module, lambda: self.slot.state)
-            self._block_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            self._module_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         for name, ops in feature_modules(plan.feature_ops, unet).items():  # only where a feature op acts
             module = unet.get_submodule(name)
-            self._block_hooks.append(module.register_forward_hook(feature_hook(name, ops, lambda: self.slot.state)))
+            self._module_hooks.append(module.register_forward_hook(feature_hook(name, ops, lambda: self.slot.state)))
         self._rows: RowDriver | None = None
 
     @property
@@ -130,7 +130,7 @@ class Controller:
             return
         self._hook.remove()
         self._post_hook.remove()
-        for hook in self._block_hooks:
+        for hook in self._module_hooks:
             hook.remove()
         for name, module in self._modules.items():
             current = module.processor

@@ -47,10 +47,10 @@ class StepContext:
 
     def row_prediction(self, role: str, branch: str = "cond") -> torch.Tensor:
         eps = None if self._driver is None else self._driver.last_eps
-        rows = sorted(self.state.layout.rows_of(role, branch), key=lambda r: self.state.layout.images[r])
-        if eps is None or not rows:
+        found = None if eps is None else rows_by_image(eps, self.state.layout, role, branch)
+        if found is None:
             raise KeyError(f"no {branch} prediction of rows with the role {role!r} in this step")
-        return eps.index_select(0, torch.tensor(rows, device=eps.device))
+        return found
 
 
 def pipeline_guidance_scale(pipe: Any) -> float:
@@ -166,9 +166,7 @@ class RowDriver:
             if index is None:
                 raise ConfigError(f"rows {role!r}: this call's timestep {timestep} is not in the scheduler's "
                                   "timesteps, so its place on the inversion is unknown")
-            z = zs[trajectory_index(index, len(zs) - 1, spec.inversion_offset)].to(device)
-            if spec.per_image:  # one image inverted, beside every main image
-                z = z.expand(self.state.layout.num_images, *z.shape[1:])
+            z = self._beside_images(spec, zs[trajectory_index(index, len(zs) - 1, spec.inversion_offset)].to(device))
         elif spec.driver == "trajectory":
             index = self.state.step_index
             if index is None or index >= len(spec.trajectory):
@@ -202,12 +200,16 @@ class RowDriver:
             self._once[key] = torch.Generator().manual_seed(spec.noise_seed or 0)
         return torch.randn(shape, generator=self._once[key])
 
+    def _beside_images(self, spec: RowSpec, z: torch.Tensor) -> torch.Tensor:
+        """An inverted latent ``[1, C, h, w]``, once per main image for ``per_image`` rows (one image
+        inverted, beside every main image)."""
+        return z.expand(self.state.layout.num_images, *z.shape[1:]) if spec.per_image else z
+
     def _initial(self, spec: RowSpec, unscaled: torch.Tensor | None, device) -> torch.Tensor:
         """The first latent of denoised rows: the inversion's most noisy latent, the partner images'
         initial latent, or seeded noise."""
         if spec.driver == "inverted":
-            z_T = self.inverted[spec.role][-1].to(device)
-            return z_T.expand(self.state.layout.num_images, *z_T.shape[1:]).clone() if spec.per_image else z_T.clone()
+            return self._beside_images(spec, self.inverted[spec.role][-1].to(device)).clone()
         if unscaled is None:
             raise UnsupportedModelError(
                 f"rows {spec.role!r}: could not find the pipeline's initial latents (it did not call "
@@ -297,14 +299,20 @@ def main_output(output: Any, num_main: int, prediction: PredictionOp | None, ctx
     return (main, *output[1:]) if isinstance(output, tuple) else output.__class__(sample=main)
 
 
+def rows_by_image(eps: torch.Tensor, layout: BatchLayout, role: str, branch: str) -> torch.Tensor | None:
+    """The ``branch`` rows of ``role`` in ``eps`` (rows of ``layout``), in image order; None if it has none."""
+    rows = sorted(layout.rows_of(role, branch), key=lambda r: layout.images[r])
+    return eps.index_select(0, torch.tensor(rows, device=eps.device)) if rows else None
+
+
 def cfg_prediction(eps: torch.Tensor, layout: BatchLayout, role: str, scale: float) -> torch.Tensor:
     """[images, C, h, w] the prediction of ``role``'s rows in image order, as the pipeline computes its own:
     ``u + g (c - u)`` with classifier-free guidance, ``c`` without."""
     per_branch = {}
     for branch in ("uncond", "cond"):
-        rows = sorted(layout.rows_of(role, branch), key=lambda r: layout.images[r])
-        if rows:
-            per_branch[branch] = eps.index_select(0, torch.tensor(rows, device=eps.device))
+        found = rows_by_image(eps, layout, role, branch)
+        if found is not None:
+            per_branch[branch] = found
     if "uncond" in per_branch:
         uncond, cond = per_branch["uncond"], per_branch["cond"]
         return uncond + scale * (cond - uncond)

@@ -97,12 +97,12 @@ class RunState:
         self._rows: tuple[int, ...] = tuple(range(len(layout)))
         self._mask_cache: dict[tuple, torch.Tensor] = {}
         self._preparing = plan.preparing
-        #: sites whose ops were active in some main-pass step / that applied ops (run report); the
-        #: latter has every planned site as a key from the start, so that marking one is a plain
-        #: store (a growing set would make torch.compile guard on its contents, step by step)
         #: block name -> what the block holding a site got in its latest call (``attnctl.block_context``);
         #: every slot exists from the start, so recording one is a plain store torch.compile does not guard on
         self.blocks: dict[str, Any] = dict.fromkeys(blocks_needed(plan.site_ops, plan.sites))
+        #: sites whose ops were active in some main-pass step / that applied ops (run report); the
+        #: latter has every planned site as a key from the start, so that marking one is a plain
+        #: store (a growing set would make torch.compile guard on its contents, step by step)
         self.sites_due: set[str] = set()
         self.sites_run: dict[str, bool] = dict.fromkeys(plan.site_ops, False)
 
@@ -152,12 +152,16 @@ class RunState:
         """Site name -> ops active at it in this step's ``pass_kind`` pass (``MAIN`` or ``GUIDANCE``)."""
         return self._active_by_pass.get(pass_kind, {})
 
+    def _schedule(self) -> list[float]:
+        """The run's timesteps as floats (empty when unknown)."""
+        return [] if self._timesteps is None else [float(v) for v in self._timesteps]
+
     def _find_step_index(self, t: float) -> int | None:
         """The index of ``t`` in the schedule: the one after the previous step's if it holds ``t``
         (schedules may repeat a timestep, as PNDM's does), else its first occurrence."""
         if self._timesteps is None:
             return None
-        schedule = [float(v) for v in self._timesteps]
+        schedule = self._schedule()
         prev = self.step_index
         if prev is not None and prev + 1 < len(schedule) and schedule[prev + 1] == t:
             return prev + 1
@@ -189,7 +193,7 @@ class RunState:
         self.pass_kind = RECORD
         if timestep is not None:
             self.timestep = float(timestep)
-            schedule = [float(v) for v in self._timesteps] if self._timesteps is not None else []
+            schedule = self._schedule()
             self.step_index = schedule.index(self.timestep) if self.timestep in schedule else None
         self.active, self.active_features = self.plan.active_site_ops(self), self.plan.active_feature_ops(self)
         try:

@@ -163,8 +163,14 @@ class PaintaOp(Prepared, BranchOp):
         return [Branch(self._hole(call), key=key, value=call.value, bias=call.bias)]
 
     def _rows_masks(self, call: AttentionCall) -> torch.Tensor:
-        masks = call.state.scratch_for(self.strategy)["masks"][self.site.level].to(call.query.device)
-        return masks.index_select(0, _images(call))  # [B, N]
+        """[B, N] each row's image's mask at this grid (once per run and rows)."""
+        def rows_masks() -> torch.Tensor:
+            import torch
+
+            masks = call.state.scratch_for(self.strategy)["masks"][self.site.level].to(call.query.device)
+            return masks.index_select(0, torch.tensor(call.layout.images, device=call.query.device))
+
+        return call.memo((NAME, "masks"), rows_masks)
 
     def _hole(self, call: AttentionCall) -> torch.Tensor:
         return self._rows_masks(call)[:, None, :, None].to(call.query.dtype)
@@ -204,12 +210,6 @@ class PaintaOp(Prepared, BranchOp):
         by_image = {layout.images[r]: i for i, r in enumerate(cond)}
         pick = torch.tensor([by_image[layout.images[r]] for r in range(len(layout))], device=s.device)
         return u_cond.index_select(0, pick)
-
-
-def _images(call: AttentionCall):
-    import torch
-
-    return torch.tensor(call.layout.images, device=call.query.device)
 
 
 # ----------------------------------------------------------------------------- RASG

@@ -63,8 +63,10 @@ class FeatureCall:
         """``tensor`` [B, ...] re-indexed so row i holds row i's partner of ``role`` (same branch and image)."""
         import torch
 
-        index = torch.tensor(partner_positions(self.state, self.rows, role, self.name), device=tensor.device)
-        return tensor.index_select(0, index)
+        def positions() -> torch.Tensor:  # the same for every module of a call: once per run and rows
+            return torch.tensor(partner_positions(self.state, self.rows, role, self.name), device=tensor.device)
+
+        return tensor.index_select(0, self.state.memo(("feature partners", role, self.rows, tensor.device), positions))
 
 
 def resolve_modules(selector: str, named: list[tuple[str, Any]], where: str) -> list[str]:

@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from attnctl.attention import compute, finish_attention, project_attention
 from attnctl.call import AttentionCall
 from attnctl.errors import UnsupportedProcessorError
+from attnctl.joint import joint_compute
 from attnctl.ops import ActiveOps
 from attnctl.sites import Site
 
@@ -54,6 +55,8 @@ class CoreCall:
         """The site's attention [B, h, Nq, d_v] with the ops applied (``rows``: default the state's)."""
         default = scale is None
         scale = query.shape[-1] ** -0.5 if default else scale
+        if self.site.is_joint:
+            return joint_compute(self.site, self.state, self.ops, query, key, value, bias, scale, default, rows)
         call = AttentionCall(self.site, self.state, query, key, value, bias, scale, rows=rows, scale_is_default=default)
         return compute(call, self.ops)
 
@@ -107,6 +110,7 @@ class SdpaAdapter:
     guidance_mirror: bool = False
 
     def run(self, core, original, attn, hidden_states, *args, **kwargs):
+        _check_backend(core, original)
         rows = None
         if self.skip_branches:
             layout = core.state.layout
@@ -117,10 +121,29 @@ class SdpaAdapter:
             raise UnsupportedProcessorError(
                 f"{core.site.key} ({core.site.name}): {type(original).__name__} never called "
                 "torch.nn.functional.scaled_dot_product_attention, so SdpaAdapter could not insert attnctl's "
-                "core there; give that processor class an adapter that fits it, or leave the site out of the "
-                "strategies' selectors"
+                "core there (an attention backend other than diffusers' 'native' one, set with "
+                "set_attention_backend / attention_backend() / DIFFUSERS_ATTN_BACKEND, computes attention "
+                "without it); use the native backend at the sites where strategies act, give that processor "
+                "class an adapter that fits it, or leave the site out of the strategies' selectors"
             )
         return out
+
+
+def _check_backend(core: CoreCall, original: Any) -> None:
+    """Refuse, by name, what diffusers' attention dispatch would do instead of one plain SDPA call."""
+    if getattr(original, "_parallel_config", None) is not None:
+        raise UnsupportedProcessorError(
+            f"{core.site.key} ({core.site.name}): context parallelism splits this site's sequence across devices "
+            "(enable_parallelism); attnctl's ops need the whole attention in one call. Disable it while strategies act"
+        )
+    backend = getattr(original, "_attention_backend", None)
+    if backend is not None and str(getattr(backend, "value", backend)) != "native":
+        raise UnsupportedProcessorError(
+            f"{core.site.key} ({core.site.name}): its processor uses the attention backend "
+            f"{getattr(backend, 'value', backend)!r}, which does not call scaled_dot_product_attention, where "
+            "attnctl computes a site's attention; set the 'native' backend on the sites where strategies act "
+            "(idle sites may keep any backend)"
+        )
 
 
 class _CoreAtFirstSdpa(TorchFunctionMode):
@@ -170,6 +193,10 @@ BUILTIN_ADAPTERS: Mapping[str, ProcessorAdapter] = {
     _DIFFUSERS + "IPAdapterAttnProcessor2_0": SdpaAdapter(),
     _DIFFUSERS + "PAGIdentitySelfAttnProcessor2_0": _PAG,
     _DIFFUSERS + "PAGCFGIdentitySelfAttnProcessor2_0": _PAG,
+    # transformers (attnctl.backbones): the joint attention is the processor's first SDPA call
+    _DIFFUSERS + "JointAttnProcessor2_0": SdpaAdapter(),
+    _DIFFUSERS + "FusedJointAttnProcessor2_0": SdpaAdapter(),
+    "diffusers.models.transformers.transformer_flux.FluxAttnProcessor": SdpaAdapter(),
 }
 
 

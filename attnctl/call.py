@@ -53,8 +53,12 @@ class AttentionCall:
       not always the whole UNet batch: in the guidance pass they are the conditional rows,
       and a processor such as PAG's runs attention on a subset of its batch.
     - The first ``num_own_keys`` keys are the module's own (image tokens for self-attention,
-      text tokens for cross-attention); keys after them were appended by key/value ops.
-      During stage 1 (key/value ops) ``key``/``value`` grow; from stage 2 on they are final.
+      text tokens for cross-attention). At a joint site of a transformer (text and image
+      tokens in one attention) the queries are the image tokens, the own keys the image
+      tokens, and the text keys follow them as ``context_keys``; ``key_span("txt")`` /
+      ``key_span("img")`` say where each segment's keys are at any site. Keys after those
+      were appended by key/value ops. Context and appended keys keep weight 1 in reweight
+      ops. During stage 1 (key/value ops) ``key``/``value`` grow; from stage 2 on they are final.
     - ``bias``: an additive float bias broadcastable to [B, h, Nq, Nk] (the module's own
       attention mask, then the biases of appended keys), or None. Boolean masks are turned
       into 0 / -inf on creation.
@@ -75,6 +79,8 @@ class AttentionCall:
         scale: softmax scale (1/sqrt(d) for standard modules).
         rows: rows of the run's layout this call's batch is made of (default: the state's).
         num_own_keys: how many keys came from the module's own input (before any appending).
+        context_keys: keys of the module's other token segment that follow the own keys
+            (a joint site's text keys; 0 elsewhere).
     """
 
     site: Site
@@ -87,12 +93,13 @@ class AttentionCall:
     rows: tuple[int, ...] | None = None
     #: the processor left the scale to SDPA (1/sqrt(d)); fused calls then do too, bit for bit as the stock processor
     scale_is_default: bool = field(default=False, kw_only=True)
+    context_keys: int = field(default=0, kw_only=True)
     num_own_keys: int = field(init=False)
     #: the site's attention before branch ops ``[B, h, Nq, d_v]``: set when they run (``BranchOp``)
     output: torch.Tensor | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.num_own_keys = self.key.shape[-2]
+        self.num_own_keys = self.key.shape[-2] - self.context_keys
         if self.rows is None:
             self.rows = self.state.rows
         if self.bias is not None and not self.bias.dtype.is_floating_point:
@@ -114,6 +121,14 @@ class AttentionCall:
     def grid(self) -> tuple[int, int]:
         """Token grid (H, W) of the site in this run."""
         return self.state.grid(self.site)
+
+    def key_span(self, segment: str) -> slice | None:
+        """Where the keys of token segment ``"img"`` or ``"txt"`` are, or None if the site has none."""
+        n = self.num_own_keys
+        if self.context_keys:  # a joint site: image keys, then text keys
+            return {"img": slice(0, n), "txt": slice(n, n + self.context_keys)}.get(segment)
+        own = "txt" if self.site.kind == "cross" else "img"
+        return slice(0, n) if segment == own else None
 
     @property
     def own_key(self) -> torch.Tensor:
@@ -193,7 +208,7 @@ class AttentionCall:
             self.value = value.to(self.value.dtype)
 
     def _check_stage0(self, what: str) -> None:
-        if self.key.shape[-2] != self.num_own_keys:
+        if self.key.shape[-2] != self.num_own_keys + self.context_keys:
             raise ValueError(f"{self.site.key}: {what} after keys were appended; projections run before key/value ops")
 
     # ------------------------------------------------------------------ what key/value ops do

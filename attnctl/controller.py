@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from attnctl.adapters import AdapterRegistry, ProcessorAdapter
+from attnctl.backbones import UNET, Backbone, denoiser_of, find_backbone
 from attnctl.block_context import block_recorder, blocks_needed
 from attnctl.feature_ops import feature_hook, feature_modules
 from attnctl.errors import AttnctlError, ConfigError, ProcessorReplacedError, RunError, UnsupportedModelError
@@ -30,7 +31,7 @@ from attnctl.run_report import idle_instances, warn_idle_instances, warn_sites_n
 from attnctl.layout import BatchLayout, prompt_token_indices
 from attnctl.row_driver import RowDriver, StepContext, main_output, pipeline_guidance_scale
 from attnctl.run_state import RunState
-from attnctl.sites import SiteTable, describe_sites
+from attnctl.sites import SiteTable
 from attnctl.scheduler_hooks import wrap_scheduler
 from attnctl.step_ops import GuidanceTermOp, PredictionOp
 
@@ -42,8 +43,11 @@ class Controller:
     """
 
     def __init__(self, unet: torch.nn.Module, plan: Plan, manager: StrategyManager, scheduler: Any = None,
-                 adapters: AdapterRegistry | None = None, pipe: Any = None):
-        self.unet = unet
+                 adapters: AdapterRegistry | None = None, pipe: Any = None, backbone: Backbone = UNET):
+        self.unet = unet  # the denoising network: a UNet or a transformer (``backbone`` says which)
+        self.backbone = backbone
+        if backbone.is_transformer:
+            _refuse_unet_only(plan, backbone)
         self.pipe = pipe
         self.plan = plan
         self.sites: SiteTable = plan.sites
@@ -257,6 +261,8 @@ class Controller:
         if state.in_side_pass:
             return None
         self.sync_processors()
+        if self.backbone.is_transformer:
+            return self._pre_transformer(unet, state, args, kwargs)
         call = UNetCall(unet, args, kwargs)
         timestep = call.get("timestep")
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
@@ -284,6 +290,23 @@ class Controller:
         if guided is not None:
             call = UNetCall(unet, *guided)
         return self._rows.extend(call, t, unscaled)
+
+    def _pre_transformer(self, model, state: RunState, args: tuple, kwargs: dict) -> None:
+        """Before a transformer call: the step (by the scheduler's index), the latent size, the token segments."""
+        info = self.backbone.call_info(model, args, kwargs)
+        if info.batch != len(state.layout.main_rows):
+            raise ConfigError(
+                f"the run's BatchLayout has {state.layout.describe()}, but the transformer got a batch of "
+                f"{info.batch}; build it with attnctl.BatchLayout.for_call(pipe, prompt=..., "
+                "num_images_per_prompt=..., guidance_scale=...), which follows the pipeline's own rules"
+            )
+        index, t = _scheduler_step(self.scheduler, info.timestep)
+        first = state.timestep is None
+        state.tokens = (info.text_tokens, info.image_tokens)
+        state.begin_step(t, latent_hw=info.latent_hw, step_index=index)
+        if first:
+            self._preview_gates(state, t)
+        return None
 
     def _post_forward(self, unet, args, output):
         """After a main UNet call: step the added rows, apply the prediction op and guidance terms, return the main rows."""
@@ -343,6 +366,42 @@ class Controller:
         return call.with_sample(new_sample)
 
 
+def _scheduler_step(scheduler: Any, timestep: float) -> tuple[int | None, float]:
+    """The step index from the scheduler's own state and that step's timestep from its schedule.
+
+    A transformer may get the timestep rounded (FLUX casts t / 1000 to the latent dtype: in
+    bf16, 666.67 comes back as 667.97), so the step is never found by comparing values.
+    Schedulers without a step counter fall back to the value the call carried.
+    """
+    if scheduler is None or not hasattr(scheduler, "step_index"):
+        return None, timestep
+    index = scheduler.step_index
+    if index is None:
+        index = getattr(scheduler, "begin_index", None) or 0
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or index >= len(timesteps):
+        return index, timestep
+    return index, float(timesteps[index])
+
+
+def _refuse_unet_only(plan: Plan, backbone: Backbone) -> None:
+    """Refuse, naming them, the strategies whose machinery exists on UNets only so far."""
+    unet_only = {
+        "add rows to the batch": [i for i, _ in plan.rows],
+        "act on non-attention modules (feature ops)": sorted({op.strategy for op in plan.feature_ops}),
+        "act around the scheduler step (prediction, noise or post-step ops)": sorted({op.strategy for op in plan.step_ops}),
+        "guide the latent (latent ops)": sorted({op.strategy for op in plan.latent_ops}),
+        "read the block holding a site": sorted({op.strategy for ops in plan.site_ops.values() for op in ops
+                                                 if getattr(op, "needs_block", False)}),
+    }
+    for what, instances in unet_only.items():
+        if instances:
+            raise ConfigError(
+                f"{', '.join(f'strategies.{i}' for i in instances)} {what}, which attnctl supports on UNets only so "
+                f"far; this pipeline's network is a {backbone.name} transformer. Disable them for this model"
+            )
+
+
 class _LazyTimesteps:
     """The scheduler's timesteps, read when first needed (the pipeline sets them after run start)."""
 
@@ -375,21 +434,24 @@ def attach(
     Returns:
         The ``Controller``; use it as a context manager or call ``detach()``.
     """
-    unet = getattr(target, "unet", target)
+    unet = denoiser_of(target)
     if not isinstance(unet, torch.nn.Module):
-        raise UnsupportedModelError(f"cannot attach to {type(target).__name__}: expected a diffusers pipeline or UNet")
+        raise UnsupportedModelError(f"cannot attach to {type(target).__name__}: expected a diffusers pipeline, "
+                                    "UNet or transformer")
     if hasattr(unet, "_orig_mod"):
         raise UnsupportedModelError(
             "the UNet was wrapped by torch.compile(); attach to the uncompiled UNet, then compile its "
             "forward: `ctl = attnctl.attach(pipe, cfg); pipe.unet.forward = torch.compile(pipe.unet.forward)`"
         )
     scheduler = getattr(target, "scheduler", None)
-    sites = describe_sites(unet)
+    manager = manager or StrategyManager.default()
+    backbone = find_backbone(unet, manager.backbones())
+    sites = backbone.describe_sites(unet)
     for site in sites:
         current = unet.get_submodule(site.name).processor
         if isinstance(current, ControlledProcessor) and current.slot.attached:
             raise ConfigError("this UNet already has an attnctl controller attached; detach it first")
-    manager = manager or StrategyManager.default()
     plan = compile_plan(config or {}, sites, manager)
     registry = AdapterRegistry(*manager.processor_adapters(), adapters or {})
-    return Controller(unet, plan, manager, scheduler, registry, pipe=target if target is not unet else None)
+    return Controller(unet, plan, manager, scheduler, registry, pipe=target if target is not unet else None,
+                      backbone=backbone)

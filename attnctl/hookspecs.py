@@ -53,6 +53,17 @@ def attnctl_add_processor_adapters() -> Mapping[type | str, Any]:
     """
 
 
+@hookspec
+def attnctl_add_backbones() -> Sequence[Any]:
+    """Return backbones for denoising networks attnctl does not know (``attnctl.backbones``).
+
+    :returns: objects with ``name``, ``classes`` (the network class names they describe),
+        ``is_transformer``, ``describe_sites(model)`` and ``call_info(model, args, kwargs)``.
+
+    A plugin's backbone is tried before the built-in ones. Called once per attach.
+    """
+
+
 # -------------------------------------------------------------------------------------
 # Validation
 # -------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ class RunView(Protocol):
     timestep: float | None
     pass_kind: str
     latent_hw: tuple[int, int] | None
+    #: (text, image) tokens of the current transformer call's joint attention; (0, 0) on a UNet
+    tokens: tuple[int, int]
 
     @property
     def t_norm(self) -> float | None: ...

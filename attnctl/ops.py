@@ -85,11 +85,18 @@ class SiteOp(Op):
 
     ``needs_block = True`` makes attnctl record the input of the module that holds the
     site (``call.block``, see ``attnctl.block_context``) while this op is planned.
+
+    ``joint_sites = True`` says the op was written for joint sites too (a transformer's
+    text and image tokens in one softmax; ``attnctl.joint``): there its call's queries and
+    own keys are the image tokens and the text keys are context keys
+    (``call.key_span("txt")``). Planning refuses an op at a joint site without it, since an
+    op that takes its own keys for the text (or for every key) would act on the wrong block.
     """
 
     site: Site = field(kw_only=True)
 
     needs_block: ClassVar[bool] = False
+    joint_sites: ClassVar[bool] = False
 
 
 @dataclass(eq=False)

@@ -151,6 +151,12 @@ def compile_plan(config: Any, sites: SiteTable, manager: StrategyManager) -> Pla
         if gates.get(op.strategy):
             op = replace(op, gates=op.gates + tuple(gates[op.strategy]))
         if isinstance(op, SiteOp):
+            if op.site.is_joint and not op.joint_sites:
+                raise ConfigError(
+                    f"strategies.{op.strategy} plans {type(op).__name__} at {op.site.key} ({op.site.name}), a joint "
+                    "site (text and image tokens in one attention), and that op was not written for joint sites; "
+                    "select other sites for it, or leave it out for this model (docs/architecture.md, joint sites)"
+                )
             per_site[op.site.name].append(op)
         elif isinstance(op, LatentOp):
             latent.append(op)

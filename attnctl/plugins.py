@@ -121,6 +121,10 @@ class StrategyManager:
         """The processor adapter tables every plugin provides (``attnctl_add_processor_adapters``)."""
         return [table for table in self.pm.hook.attnctl_add_processor_adapters() if table]
 
+    def backbones(self) -> list[Any]:
+        """The backbones every plugin provides (``attnctl_add_backbones``), in one list."""
+        return [b for found in self.pm.hook.attnctl_add_backbones() if found for b in found]
+
     def provider(self, name: str) -> str:
         """Name of the plugin that provides strategy ``name``."""
         self.strategies()

@@ -65,6 +65,8 @@ class RunState:
         self.timestep: float | None = None
         self.pass_kind: str = MAIN
         self.latent_hw: tuple[int, int] | None = None
+        #: (text, image) tokens of the current transformer call (``attnctl.backbones``); (0, 0) on a UNet
+        self.tokens: tuple[int, int] = (0, 0)
         self.active: dict[str, ActiveOps] = {}
         self.active_latent_ops: tuple[LatentOp, ...] = ()
         self.active_step_ops: tuple[Op, ...] = ()
@@ -119,19 +121,23 @@ class RunState:
             return None
         return len(list(self._timesteps)) or None
 
-    def begin_step(self, timestep: float, latent_hw: tuple[int, int] | None = None, prepare: bool = True) -> None:
+    def begin_step(self, timestep: float, latent_hw: tuple[int, int] | None = None, prepare: bool = True,
+                   step_index: int | None = None) -> None:
         """Enter the step with timestep value ``timestep``; compute which ops are active and, with
         ``prepare``, let the ops get ready for it (``Op.prepare``; off for states that only
-        preview which ops act when)."""
+        preview which ops act when). ``step_index``: the step's index when the caller knows it
+        from the scheduler (then timesteps are never matched by value: a transformer may get
+        them rounded to bf16); otherwise it is found in the schedule by value."""
         if latent_hw is not None and latent_hw != self.latent_hw:
             self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
             self._mask_cache.clear()
         stepped = self.steps_done is not None and self.steps_done != self._steps_seen
-        if timestep == self.timestep and self._active_by_pass and not stepped:
-            return  # another UNet call within the same step
+        same = step_index == self.step_index if step_index is not None else timestep == self.timestep
+        if same and self._active_by_pass and not stepped:
+            return  # another call of the network within the same step
         self._steps_seen = self.steps_done
         self.timestep = float(timestep)
-        self.step_index = self._find_step_index(self.timestep)
+        self.step_index = step_index if step_index is not None else self._find_step_index(self.timestep)
         self._active_by_pass = {}
         for kind in (MAIN, GUIDANCE):
             self.pass_kind = kind

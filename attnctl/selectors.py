@@ -3,20 +3,30 @@
 Grammar (whitespace ignored)::
 
     selector := term ("," term)*                 union of the terms
-    term     := kind ["@" stage] ["/" factor] ["[" index "]"]
-    kind     := "self" | "cross" | "*"           "*" = both kinds
-    stage    := "down" | "mid" | "up"
+    term     := kind ["@" stage] ["/" factor] ["[" index "]"] [":" block]
+    kind     := "self" | "cross" | "joint" | "single" | "*"
+    stage    := "down" | "mid" | "up" | "joint" | "single"
     factor   := 1 | 2 | 4 | 8 ...                grid = latent / factor
-    index    := i | start:stop                   Python indexing, negatives count from the end
+    index    := i | start:stop | i,j,k           Python indexing, negatives count from the end
+    block    := ("img" | "txt") ">" ("img" | "txt")
 
-Filters apply left to right: kind, then stage, then grid factor, then the index over
-the sites that are left, in execution order. Examples:
+Filters apply left to right: kind, then stage, then grid factor, then block, then the index
+over the sites that are left, in execution order. Examples:
 
     self[2:7]        self-attention sites 2..6
     self[-8:]        the last 8 self-attention sites
     cross/4,cross/2  cross-attention sites whose grid is latent/4 or latent/2
     self@up          every self-attention site in the up blocks
     *@mid            every attention site of the mid block
+
+On a diffusion transformer (``attnctl.backbones``) sites are ``joint`` (dual-stream
+blocks), ``single`` (single-stream blocks) or ``self`` (image-only attention, SD3.5's
+``attn2``), and ``self`` / ``cross`` also pick every site holding an img>img / img>txt
+block, so a UNet recipe's selectors resolve there too (with another meaning of depth):
+
+    joint[0:10]:img>txt      the first ten dual-stream sites (that hold an img>txt block)
+    *[0,1,17,18,25,28]       sites by their place in execution order (published layer lists)
+    single[-8:]              the last eight single-stream sites
 
 A term that matches no site is an error (with the list of available sites), never a
 silent no-op. A YAML list of selectors is the union of its items.
@@ -31,14 +41,17 @@ from attnctl.errors import SelectorError
 from attnctl.sites import Site, SiteTable
 
 _TERM_RE = re.compile(
-    r"^(?P<kind>self|cross|\*)"
-    r"(?:@(?P<stage>down|mid|up))?"
+    r"^(?P<kind>self|cross|joint|single|\*)"
+    r"(?:@(?P<stage>down|mid|up|joint|single))?"
     r"(?:/(?P<factor>\d+))?"
-    r"(?:\[(?P<index>-?\d*(?::-?\d*)?)\])?$"
+    r"(?:\[(?P<index>-?\d*(?::-?\d*)?|-?\d+(?:,-?\d+)+)\])?"
+    r"(?::(?P<block>(?:img|txt)>(?:img|txt)))?$"
 )
 
 
-def _parse_index(text: str, term: str) -> slice | int:
+def _parse_index(text: str, term: str) -> slice | int | list[int]:
+    if "," in text:
+        return [int(i) for i in text.split(",")]
     if ":" not in text:
         if text in ("", "-"):
             raise SelectorError(f"selector term '{term}': empty index; write e.g. '[3]' or '[2:7]'")
@@ -54,10 +67,10 @@ def _resolve_term(term: str, sites: SiteTable) -> list[Site]:
     m = _TERM_RE.match(term)
     if m is None:
         raise SelectorError(
-            f"cannot parse selector term '{term}'; expected kind[@stage][/factor][[index]], "
-            "e.g. 'self[2:7]', 'self[-8:]', 'cross/4', 'self@up'"
+            f"cannot parse selector term '{term}'; expected kind[@stage][/factor][[index]][:block], "
+            "e.g. 'self[2:7]', 'self[-8:]', 'cross/4', 'self@up', 'joint[0,1,17]', 'joint[0:10]:img>txt'"
         )
-    chosen = [s for s in sites if m["kind"] in ("*", s.kind)]
+    chosen = [s for s in sites if s.acts_as(m["kind"])]
     if m["stage"]:
         chosen = [s for s in chosen if s.stage == m["stage"]]
     if m["factor"]:
@@ -65,9 +78,17 @@ def _resolve_term(term: str, sites: SiteTable) -> list[Site]:
         if factor < 1 or factor & (factor - 1):
             raise SelectorError(f"selector term '{term}': grid factor must be a power of two (1, 2, 4, ...)")
         chosen = [s for s in chosen if 2**s.level == factor]
+    if m["block"]:
+        chosen = [s for s in chosen if m["block"] in s.blocks]
     if m["index"] is not None:
         idx = _parse_index(m["index"], term)
-        if isinstance(idx, int):
+        if isinstance(idx, list):
+            outside = [i for i in idx if not -len(chosen) <= i < len(chosen)]
+            if outside:
+                raise SelectorError(f"selector term '{term}': index {outside[0]} is outside the {len(chosen)} "
+                                    "sites left after its filters. Available sites:\n" + sites.format())
+            chosen = [chosen[i] for i in idx]
+        elif isinstance(idx, int):
             chosen = [chosen[idx]] if -len(chosen) <= idx < len(chosen) else []
         else:
             chosen = chosen[idx]
@@ -86,7 +107,8 @@ def select_sites(selector: str | Iterable[str], sites: SiteTable) -> list[Site]:
         SelectorError: a term is malformed or matches nothing.
     """
     terms = [selector] if isinstance(selector, str) else list(selector)
-    parts = [p.strip().replace(" ", "") for t in terms for p in str(t).split(",")]
+    # commas inside brackets belong to an index list
+    parts = [p.strip() for t in terms for p in re.split(r",(?![^\[]*\])", str(t).replace(" ", ""))]
     if not any(parts):
         raise SelectorError("empty site selector; write e.g. 'self[2:7]' or 'cross/4,cross/2'")
     picked: set[Site] = set()

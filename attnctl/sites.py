@@ -1,4 +1,4 @@
-"""Sites: a stable description of every attention module of a UNet.
+"""Sites: a stable description of every attention module of a UNet or a diffusion transformer.
 
 Sites are numbered per kind (``self`` / ``cross``) in *execution* order: down blocks,
 then the mid block, then up blocks; inside a block by attention index, then by
@@ -9,6 +9,13 @@ A site's token grid is known only at run time (it depends on the latent size); w
 known at attach time is its *level*: how many times the latent was downsampled before
 it. ``grid_at(level, latent_hw)`` turns that into (H, W) the way the UNet's stride-2
 convolutions do (ceil division), so the grid is never guessed from ``sqrt(seq_len)``.
+
+On a diffusion transformer (``attnctl.backbones``) a site may hold text and image tokens
+in one attention: its ``kind`` is ``joint`` (a dual-stream block, text and image with their
+own projections) or ``single`` (a single-stream block), its ``sequence`` names the token
+segments in the order the module concatenates them, and its ``blocks`` name the
+query>key blocks of the attention matrix it holds (``img>img``, ``img>txt``, ...). Every
+image site of a transformer sees one token grid (level = log2 of its patch size).
 """
 
 from __future__ import annotations
@@ -22,9 +29,13 @@ from attnctl.errors import UnsupportedModelError
 if TYPE_CHECKING:
     import torch
 
-SiteKind = Literal["self", "cross"]
-Stage = Literal["down", "mid", "up"]
+SiteKind = Literal["self", "cross", "joint", "single"]
+SITE_KINDS: tuple[str, ...] = ("self", "cross", "joint", "single")
+Stage = Literal["down", "mid", "up", "joint", "single"]
 _STAGE_RANK = {"down": 0, "mid": 1, "up": 2}
+#: the query>key blocks of a site of each kind (rows: queries, columns: keys)
+JOINT_BLOCKS = ("img>img", "img>txt", "txt>img", "txt>txt")
+_DEFAULT_BLOCKS = {"self": ("img>img",), "cross": ("img>txt",), "joint": JOINT_BLOCKS, "single": JOINT_BLOCKS}
 _BLOCK_RE = re.compile(r"^(down_blocks|mid_block|up_blocks)(?:\.(\d+))?\.")
 
 
@@ -34,10 +45,17 @@ class Site:
 
     Attributes:
         name: fully qualified module name, e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn1``.
-        kind: ``"self"`` or ``"cross"``.
-        stage: ``"down"``, ``"mid"`` or ``"up"``.
+        kind: ``"self"`` or ``"cross"`` (UNets; a transformer's image-only attention is ``self``
+            too), ``"joint"`` or ``"single"`` (text and image tokens in one attention).
+        stage: ``"down"``, ``"mid"`` or ``"up"`` (UNets); ``"joint"`` or ``"single"``: the kind of
+            transformer block the site is in.
         index: 0-based execution-order index among sites of the same kind.
         level: number of 2x downsamplings between the latent and this site's token grid.
+        sequence: the token segments of the module's attention sequence in its order, e.g.
+            ``("txt", "img")`` for FLUX, ``("img", "txt")`` for SD3; ``("img",)`` when the
+            queries and keys are image tokens only, ``()`` for UNet cross-attention (text keys
+            come from ``encoder_hidden_states``).
+        blocks: the query>key blocks of the attention matrix this site holds.
     """
 
     name: str
@@ -45,6 +63,26 @@ class Site:
     stage: Stage
     index: int
     level: int
+    sequence: tuple[str, ...] = ()
+    blocks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.blocks:
+            object.__setattr__(self, "blocks", _DEFAULT_BLOCKS[self.kind])
+        if not self.sequence and self.kind == "self":
+            object.__setattr__(self, "sequence", ("img",))
+
+    @property
+    def is_joint(self) -> bool:
+        """True where one attention holds more than one token segment (text and image)."""
+        return len(self.sequence) > 1
+
+    def acts_as(self, kind: str) -> bool:
+        """Whether a selector's ``kind`` picks this site: its own kind, or on a joint site ``self``
+        (it has an img>img block) and ``cross`` (it has an img>txt block)."""
+        if kind in ("*", self.kind):
+            return True
+        return (kind == "self" and "img>img" in self.blocks) or (kind == "cross" and "img>txt" in self.blocks)
 
     @property
     def key(self) -> str:
@@ -65,7 +103,7 @@ def grid_at(level: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 class SiteTable(Sequence[Site]):
-    """All sites of a model in execution order: self sites first, then cross sites."""
+    """All sites of a model: a UNet's self sites then its cross sites, a transformer's in execution order."""
 
     def __init__(self, sites: Sequence[Site]):
         self._sites = tuple(sites)
@@ -101,7 +139,10 @@ class SiteTable(Sequence[Site]):
             if latent_hw is not None:
                 gh, gw = s.grid(latent_hw)
                 grid = f"  {gh}x{gw}"
-            lines.append(f"{s.key:<10} {s.stage:<4} level={s.level}{grid}  {s.name}")
+            if s.stage in _STAGE_RANK:
+                lines.append(f"{s.key:<10} {s.stage:<4} level={s.level}{grid}  {s.name}")
+            else:  # a transformer's: which stream, and the blocks the site holds
+                lines.append(f"{s.key:<10} {s.stage:<6} level={s.level}{grid}  {s.name:<36} {' '.join(s.blocks)}")
         return "\n".join(lines)
 
 

@@ -13,9 +13,10 @@ if TYPE_CHECKING:
 
 
 def self_attention_sites(selector: str, sites: SiteTable, where: str) -> list[Site]:
-    """Resolve ``selector`` and refuse cross-attention sites (their keys are text tokens, not a grid)."""
+    """Resolve ``selector`` and refuse sites without an img>img block (a UNet's cross-attention: its
+    keys are text tokens, not a grid); a transformer's joint sites have one."""
     picked = select_sites(selector, sites)
-    cross = [s.key for s in picked if s.kind != "self"]
+    cross = [s.key for s in picked if "img>img" not in s.blocks]
     if cross:
         raise ConfigError(
             f"{where}.sites='{selector}' selects cross-attention site(s) {', '.join(cross)}; this strategy "

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, ClassVar, NamedTuple
 
 import attnctl
 from attnctl.errors import ConfigError, InputError, did_you_mean
@@ -202,6 +202,11 @@ class KvBankOp(KeyValueOp):
     scale: float = field(default=1.4, kw_only=True)
     source: str = field(default="masked_mean", kw_only=True)
     source_image: int = field(default=0, kw_only=True)
+
+    #: on a joint site the bank joins the image queries' keys (text queries never see it); on a
+    #: transformer with rotary embedding (FLUX) the keys are rotated by position before attention,
+    #: so the masked mean is a mean of rotated keys
+    joint_sites: ClassVar[bool] = True
 
     def extend(self, call: AttentionCall) -> None:
         bank = SOURCES[self.source](call, self)

@@ -22,7 +22,7 @@ them weight 1 (the reweight-op contract): SAMS leaves them unweighted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import attnctl
 from attnctl.errors import ConfigError
@@ -71,6 +71,9 @@ class RegionMaskOp(ReweightOp):
     """Returns the rank-2 factors of ``W = M^ M^T + (1-M^)(1-M^)^T`` for the call's rows."""
 
     tau: float = field(default=0.1, kw_only=True)
+
+    #: on a joint site the factors weigh the img>img block; text keys keep weight 1
+    joint_sites: ClassVar[bool] = True
 
     def factors(self, call: AttentionCall) -> list[tuple[torch.Tensor, torch.Tensor]]:
         grid_tokens(call)  # queries and own keys are this grid's tokens

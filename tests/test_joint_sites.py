@@ -1,0 +1,129 @@
+"""Strategies on a transformer's joint attention (SD3, FLUX): identity, exactness against the full joint matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnctl
+from attnctl import BatchLayout, StrategyManager
+from attnctl.backbones import find_backbone
+from attnctl.errors import ConfigError
+from reference_attention import site_masks
+from reference_joint import JointCase, NaiveJointAttention, flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
+
+GRID = (4, 6)  # FLUX tokens; the latent is twice that (2x2 packing)
+LATENT = (8, 12)
+
+
+def box_mask() -> torch.Tensor:
+    mask = torch.zeros(*LATENT)
+    mask[2:6, 3:9] = 1.0
+    return mask
+
+
+def token_masks(rows: int) -> torch.Tensor:
+    return site_masks(box_mask()[None, None], LATENT, GRID, list(range(rows)))
+
+
+FAMILIES = {
+    "flux": (tiny_flux, lambda dtype: flux_inputs(GRID, dtype=dtype), ("txt", "img"), 7, 1, False),
+    "sd3": (tiny_sd3, lambda dtype: sd3_inputs(LATENT, dtype=dtype), ("img", "txt"), 5, 2, True),
+}
+
+
+def run_attached(model, config, inputs, cfg: bool):
+    layout = BatchLayout.for_pipeline(1, cfg=cfg)
+    with attnctl.attach(model, config) as ctl, ctl.run(layout, mask=box_mask()), torch.no_grad():
+        return model(**inputs)[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_idle_attach_is_bit_identical(family):
+    make, inputs, _, _, _, cfg = FAMILIES[family]
+    model = make()
+    with torch.no_grad():
+        stock = model(**inputs(torch.float32))[0]
+    with attnctl.attach(model, {}, manager=StrategyManager(autoload=False)) as ctl:
+        with torch.no_grad():
+            attached = model(**inputs(torch.float32))[0]
+        with ctl.run(BatchLayout.for_pipeline(1, cfg=cfg), mask=box_mask()), torch.no_grad():
+            in_run = model(**inputs(torch.float32))[0]
+    assert torch.equal(stock, attached) and torch.equal(stock, in_run)
+
+
+def test_site_tables_hold_joint_and_single_sites_with_blocks():
+    flux = find_backbone(tiny_flux()).describe_sites(tiny_flux())
+    assert [s.key for s in flux] == ["joint[0]", "joint[1]", "single[0]", "single[1]"]
+    assert all(s.sequence == ("txt", "img") and "img>txt" in s.blocks and s.level == 1 for s in flux)
+    sd3 = find_backbone(tiny_sd3()).describe_sites(tiny_sd3())
+    assert [(s.key, s.name) for s in sd3] == [
+        ("joint[0]", "transformer_blocks.0.attn"), ("self[0]", "transformer_blocks.0.attn2"),
+        ("joint[1]", "transformer_blocks.1.attn")]
+    assert sd3[1].blocks == ("img>img",) and sd3[0].sequence == ("img", "txt")
+    text = flux.format(LATENT)
+    assert "single[1]  single level=1  4x6  single_transformer_blocks.1.attn" in text and "img>txt" in text
+
+
+CASES = {
+    "sams": ({"strategy": "region_mask", "tau": 0.1}, dict(tau=0.1)),
+    "makvs": ({"strategy": "kv_bank", "scale": 1.4}, dict(lam=1.4)),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("which", [["sams"], ["makvs"], ["sams", "makvs"]], ids=["sams", "makvs", "sams+makvs"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+def test_strategies_match_the_full_joint_matrix(family, which, dtype, tol):
+    """Every site (joint, single, SD3.5's image-only attn2) against the explicit joint softmax, text rows included.
+
+    float64 stops at ~1e-9: the masks (and so the SAMS factors) are fp32 by the core's contract."""
+    make, inputs, order, text, rows, cfg = FAMILIES[family]
+    model = make(dtype=dtype)
+    config = {"strategies": {name: {**CASES[name][0], "sites": "*"} for name in which}}
+    fast = run_attached(model, config, inputs(dtype), cfg)
+    case = JointCase(order, text, token_masks(rows), **{k: v for name in which for k, v in CASES[name][1].items()})
+    with NaiveJointAttention(case) as naive, torch.no_grad():
+        reference = model(**inputs(dtype))[0]
+    assert naive.calls == len(find_backbone(model).describe_sites(model))
+    with torch.no_grad():
+        stock = model(**inputs(dtype))[0]
+    assert (reference - stock).abs().max() > 1e-3  # the control: the strategies change the output
+    assert (fast - reference).abs().max() <= tol
+
+
+def test_text_rows_are_untouched():
+    """Ops change only the image queries' rows: at one joint site the text stream's output stays stock."""
+    model = tiny_flux(dtype=torch.float64)
+    seen = {}
+    block = model.transformer_blocks[1]
+    hook = block.register_forward_hook(lambda m, a, out: seen.setdefault("out", []).append(out))
+    with torch.no_grad():
+        model(**flux_inputs(GRID, dtype=torch.float64))
+    config = {"strategies": {"sams": {"strategy": "region_mask", "sites": "joint[1]", "tau": 0.0}}}
+    run_attached(model, config, flux_inputs(GRID, dtype=torch.float64), cfg=False)
+    hook.remove()
+    (stock_text, stock_image), (text, image) = seen["out"]
+    assert (text - stock_text).abs().max() < 1e-12
+    assert (image - stock_image).abs().max() > 1e-3
+
+
+def test_selectors_on_a_transformer():
+    from attnctl.selectors import select_sites
+
+    sites = find_backbone(tiny_flux()).describe_sites(tiny_flux())
+    assert [s.key for s in select_sites("*[0,3]", sites)] == ["joint[0]", "single[1]"]
+    assert [s.key for s in select_sites("self[-1:]", sites)] == ["single[1]"]  # every site has img>img
+    assert [s.key for s in select_sites("joint:img>txt,single[0]", sites)] == ["joint[0]", "joint[1]", "single[0]"]
+    sd3 = find_backbone(tiny_sd3()).describe_sites(tiny_sd3())
+    assert [s.key for s in select_sites("cross", sd3)] == ["joint[0]", "joint[1]"]  # attn2 holds no text
+    assert [s.key for s in select_sites("self", sd3)] == ["joint[0]", "self[0]", "joint[1]"]
+
+
+def test_an_op_not_written_for_joint_sites_is_refused_there():
+    from toy_strategies import ScalePlugin
+
+    manager = StrategyManager(plugins=[ScalePlugin()], autoload=False)
+    with pytest.raises(ConfigError, match=r"not written for joint sites"):
+        attnctl.attach(tiny_flux(), {"strategies": {"s": {"strategy": "toy_scale", "sites": "joint[0]"}}},
+                       manager=manager)

@@ -81,7 +81,9 @@ class BatchLayout:
         """The layout ``pipe(prompt=..., num_images_per_prompt=..., guidance_scale=..., ...)`` will run.
 
         Follows diffusers' own rules: classifier-free guidance iff ``guidance_scale > 1`` and
-        the UNet has no guidance embedding (``time_cond_proj_dim``); perturbed-attention
+        the UNet has no guidance embedding (``time_cond_proj_dim``), and never on a FLUX
+        transformer (guidance-distilled: its ``guidance_scale`` is an input, one row per
+        image; its config has ``guidance_embeds``); perturbed-attention
         rows iff ``pipe`` is a PAG pipeline and ``pag_scale > 0``. Omitted arguments take the
         pipeline's defaults (``guidance_scale`` 7.5, ``pag_scale`` 3.0).
         """
@@ -93,7 +95,9 @@ class BatchLayout:
             raise ConfigError("BatchLayout.for_call needs the prompt (or prompt_embeds) the pipeline is called with")
         scale = 7.5 if guidance_scale is None else float(guidance_scale)
         unet_config = getattr(getattr(pipe, "unet", None), "config", None)
-        cfg = scale > 1.0 and getattr(unet_config, "time_cond_proj_dim", None) is None
+        transformer_config = getattr(getattr(pipe, "transformer", None), "config", None)
+        distilled = transformer_config is not None and "guidance_embeds" in transformer_config
+        cfg = scale > 1.0 and getattr(unet_config, "time_cond_proj_dim", None) is None and not distilled
         is_pag = hasattr(pipe, "set_pag_applied_layers")
         perturbed = is_pag and (3.0 if pag_scale is None else float(pag_scale)) > 0.0
         return cls.for_pipeline(num_prompts, num_images_per_prompt, cfg=cfg, perturbed=perturbed)
@@ -182,6 +186,20 @@ class BatchLayout:
                     prompts.append(self.prompts[partner] if prompt is None or branch != "cond" else prompt)
                     role_names.append(role)
         return BatchLayout(tuple(branches), tuple(images), tuple(prompts), tuple(role_names))
+
+
+def pipeline_token_indices(pipe: Any, prompt: str) -> list[int]:
+    """Positions of the prompt's own tokens in the text the pipeline's network attends to.
+
+    SD/SDXL and SD3 (whose text starts with the CLIP encoders' 77 tokens): the CLIP
+    positions 1..n; FLUX (T5 text only, no start token): 0..m-1 of the T5 tokenizer.
+    """
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None and "guidance_embeds" in transformer.config:
+        t5 = pipe.tokenizer_2
+        ids = t5(prompt, truncation=True, max_length=t5.model_max_length).input_ids
+        return list(range(len(ids) - 1))  # [t_1 .. t_m, end]
+    return prompt_token_indices(pipe.tokenizer, prompt)
 
 
 def prompt_token_indices(tokenizer: Any, prompt: str) -> list[int]:

@@ -18,7 +18,7 @@ from attnctl.models import load_failure, named_model, pretrained_source
 from harmonpaint_recipe.devices import dtype_keyword, resolve_device, resolve_dtype
 
 #: built-in models whose weights are random: their output is noise
-TINY_MODELS = ("tiny", "tiny-sdxl")
+TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux-fill")
 #: the small model trained on the offline testbed world, shipped in the package
 TESTBED_MODEL = "testbed"
 
@@ -40,7 +40,7 @@ def is_sdxl_model(pretrained: str) -> bool:
 
 def _from_pretrained(pretrained: str, model: Mapping[str, Any], dtype: torch.dtype):
     """A local folder or hub id, through the engine's offline rule (``attnctl.models``)."""
-    from diffusers import AutoPipelineForInpainting
+    from diffusers import AutoPipelineForInpainting, DiffusionPipeline
 
     hint = _LOCAL_HINT[is_sdxl_model(pretrained)]
     source, local_only = pretrained_source(pretrained, bool(model.get("local_files_only")), example=hint,
@@ -49,10 +49,29 @@ def _from_pretrained(pretrained: str, model: Mapping[str, Any], dtype: torch.dty
     kwargs[dtype_keyword()] = dtype
     if model.get("variant"):
         kwargs["variant"] = model["variant"]
+    # transformer inpainting pipelines load as the class they were saved as (the auto class maps
+    # a FLUX repository to FluxInpaintPipeline, not to FLUX Fill's)
+    loader = DiffusionPipeline if _saved_class(source) in TRANSFORMER_PIPELINES else AutoPipelineForInpainting
     try:
-        return AutoPipelineForInpainting.from_pretrained(source, **kwargs)
+        return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise load_failure(pretrained, exc, example=hint, cache_hint=_CACHE_HINT) from None
+
+
+def _saved_class(source: str) -> str | None:
+    """The pipeline class a local folder was saved as (its model_index.json), or None."""
+    import json
+
+    index = Path(source) / "model_index.json"
+    try:
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def denoiser(pipe: Any) -> Any:
+    """The pipeline's denoising network: its UNet, or its transformer."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
 def load_pipeline(recipe: Any, device: str | None = None, dtype: str | None = None):
@@ -63,7 +82,7 @@ def load_pipeline(recipe: Any, device: str | None = None, dtype: str | None = No
         device, dtype: override ``model.device`` / ``model.dtype``.
 
     Returns:
-        A ``StableDiffusionInpaintPipeline`` or ``StableDiffusionXLInpaintPipeline``; reuse it
+        One of ``SUPPORTED_PIPELINES`` (SD, SDXL, SD3 inpainting, FLUX Fill); reuse it
         across ``inpaint(..., pipe=pipe)`` calls.
 
     Raises:
@@ -87,7 +106,7 @@ def load_pipeline(recipe: Any, device: str | None = None, dtype: str | None = No
     else:
         pipe = _from_pretrained(name, model, dt)
     check_pipeline(pipe)
-    if pipe.unet.dtype != dt:  # built-in models load in fp32; hub models load in dt already
+    if denoiser(pipe).dtype != dt:  # built-in models load in fp32; hub models load in dt already
         pipe = pipe.to(dtype=dt)
     pipe = pipe.to(dev)
     pipe._attnctl_model_id = name  # recorded in sidecars
@@ -102,7 +121,11 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionXLControlNetInpaintPipeline",
     "StableDiffusionPAGInpaintPipeline",
     "StableDiffusionXLPAGInpaintPipeline",
+    "StableDiffusion3InpaintPipeline",
+    "FluxFillPipeline",
 )
+#: the supported pipelines whose network is a transformer (``attnctl.backbones``)
+TRANSFORMER_PIPELINES = ("StableDiffusion3InpaintPipeline", "FluxFillPipeline")
 
 
 def check_pipeline(pipe: Any) -> None:

@@ -19,7 +19,7 @@ from PIL import Image
 
 import attnctl
 from attnctl.errors import ConfigError
-from attnctl.layout import BatchLayout, prompt_token_indices  # noqa: F401 - re-exported for callers
+from attnctl.layout import BatchLayout, pipeline_token_indices, prompt_token_indices  # noqa: F401 - re-exported
 from harmonpaint_recipe.inputs import PreparedInputs
 from harmonpaint_recipe.loading import resolved
 from harmonpaint_recipe.model import check_pipeline
@@ -67,8 +67,26 @@ def attach_config(config: dict[str, Any]) -> dict[str, Any]:
     return {"strategies": config.get("strategies") or {}, "probes": config.get("probes") or {}}
 
 
+def _drop_unaccepted(pipe: Any, kwargs: dict[str, Any]) -> None:
+    """Leave out the arguments the pipeline's call has no parameter for when they are unset (FLUX Fill
+    takes no negative prompt); refuse them, named, when the recipe sets them."""
+    import inspect
+
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    for name in [n for n in kwargs if n not in accepted]:
+        if kwargs[name] is not None:
+            raise ConfigError(f"{type(pipe).__name__} takes no {name}; remove sampler.{name} from the recipe "
+                              "for this model")
+        del kwargs[name]
+
+
 def _recipe_scheduler(pipe: Any, name: str) -> Any:
     """The scheduler the recipe asks for, built from the pipeline's own config (``pipeline``: the pipeline's)."""
+    if name == "ddim" and getattr(pipe, "unet", None) is None:
+        raise ConfigError(
+            f"sampler.scheduler=ddim, but {type(pipe).__name__} denoises with a flow-matching transformer that DDIM "
+            "cannot drive; use sampler.scheduler=pipeline (the recipes harmonpaint-sd3 and harmonpaint-flux-fill do)"
+        )
     if name == "ddim":
         from diffusers import DDIMScheduler
 
@@ -132,7 +150,7 @@ class Runner:
         layout = BatchLayout.for_call(self.pipe, prompt=prompt, num_images_per_prompt=1, guidance_scale=guidance,
                                       pag_scale=extra.get("pag_scale"))
         mask = torch.from_numpy(inputs.mask_array)
-        tokens = [prompt_token_indices(self.pipe.tokenizer, prompt)]  # the user's words only
+        tokens = [pipeline_token_indices(self.pipe, prompt)]  # the user's words only
         positive = sampler.get("positive_prompt")
         prompt = f"{prompt}, {positive}" if positive else prompt
         width, height = inputs.image.size
@@ -150,6 +168,7 @@ class Runner:
             # a CPU generator gives the same noise on every device
             generator=torch.Generator(device="cpu").manual_seed(seed),
         )
+        _drop_unaccepted(self.pipe, kwargs)
         if on_step is not None:
             kwargs["callback_on_step_end"] = _step_reporter(on_step)
         clash = sorted(set(extra) & set(kwargs))

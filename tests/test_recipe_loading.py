@@ -10,7 +10,7 @@ from harmonpaint_recipe.api import keyword_overrides
 from harmonpaint_recipe.loading import load_recipe, recipe_names, resolved
 
 SHIPPED = ["attend-excite", "attentive-eraser", "harmonpaint", "harmonpaint-masked-step", "harmonpaint-natural",
-           "harmonpaint-sams", "harmonpaint-sams-steer", "harmonpaint-sdxl", "hd-painter", "masactrl", "masactrl-real", "p2p-refine",
+           "harmonpaint-flux-fill", "harmonpaint-sams", "harmonpaint-sams-steer", "harmonpaint-sd3", "harmonpaint-sdxl", "hd-painter", "masactrl", "masactrl-real", "p2p-refine",
            "p2p-replace", "p2p-reweight", "pag", "reference-only", "sdi", "seg", "style-aligned", "style-aligned-real",
            "visual-style-prompting"]
 

@@ -9,7 +9,7 @@ import torch
 
 from attnctl.errors import UnsupportedModelError
 from attnctl.sites import describe_sites, grid_at
-from attnctl.testing import UNET_CONFIGS, build_unet
+from attnctl.testing import DIT_CONFIGS, UNET_CONFIGS, build_transformer, build_unet
 
 SNAPSHOTS = Path(__file__).parent / "data" / "sites"
 LATENT = {"sd15-inpaint": (64, 64), "sd2-inpaint": (96, 96), "sdxl-inpaint": (128, 128)}
@@ -94,3 +94,51 @@ def test_grids_match_hidden_state_shapes_at_run_time(tiny_pipe, size):
 def test_unsupported_model_is_refused():
     with pytest.raises(UnsupportedModelError, match="not a UNet with down/mid/up blocks"):
         describe_sites(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("arch", sorted(DIT_CONFIGS))
+def test_transformer_site_table_matches_snapshot(arch):
+    """The real configs' site tables (meta device), so recipes' layer lists are checked against the real depth."""
+    from attnctl.backbones import find_backbone
+
+    model = build_transformer(arch, device="meta")
+    table = find_backbone(model).describe_sites(model)
+    expected = (SNAPSHOTS / f"{arch}.txt").read_text()
+    assert table.format((128, 128)) + "\n" == expected
+    counts = {k: len(table.of_kind(k)) for k in ("joint", "single", "self")}
+    assert counts == DIT_SITES[arch]
+
+
+#: joint (dual-stream), single-stream and image-only self sites of each published transformer
+DIT_SITES = {
+    "sd3-medium": {"joint": 24, "single": 0, "self": 0},
+    "sd35-medium": {"joint": 24, "single": 0, "self": 13},
+    "sd35-large": {"joint": 38, "single": 0, "self": 0},
+    "flux1-dev": {"joint": 19, "single": 38, "self": 0},
+    "flux1-fill-dev": {"joint": 19, "single": 38, "self": 0},
+}
+
+
+@pytest.mark.parametrize("recipe,arch", [("harmonpaint-flux-fill", "flux1-fill-dev"), ("harmonpaint-sd3", "sd35-medium"),
+                                         ("harmonpaint-sd3", "sd3-medium"), ("harmonpaint-sd3", "sd35-large")])
+def test_transformer_recipes_resolve_on_the_real_depth(recipe, arch):
+    """Each DiT recipe's selectors resolve on the published model they are meant for, to the sites documented."""
+    import attnctl
+    from attnctl.backbones import find_backbone
+    from harmonpaint_recipe.loading import load_recipe, resolved
+    from harmonpaint_recipe.runner import attach_config
+
+    model = build_transformer(arch, device="meta")
+    sites = find_backbone(model).describe_sites(model)
+    plan = attnctl.compile_plan(attach_config(resolved(load_recipe(recipe))), sites, attnctl.StrategyManager.default())
+    acting = {op.strategy: [] for ops in plan.site_ops.values() for op in ops}
+    for name, ops in plan.site_ops.items():
+        for op in ops:
+            acting[op.strategy].append(sites.by_name(name).key)
+    if arch.startswith("flux"):
+        assert acting["sams"] == [f"joint[{i}]" for i in range(19)]
+        assert acting["makvs"] == [f"single[{i}]" for i in range(30, 38)]
+    else:
+        joint = len(sites.of_kind("joint"))
+        assert acting["sams"] == [f"joint[{i}]" for i in range(12)]
+        assert acting["makvs"] == [f"joint[{i}]" for i in range(joint - 8, joint)]

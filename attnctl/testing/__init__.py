@@ -8,7 +8,14 @@
   SD 1.5, SD 2 and SDXL inpainting, from configs shipped with the package.
 """
 
-from attnctl.testing.architectures import UNET_CONFIGS, build_unet, load_unet_config
+from attnctl.testing.architectures import (
+    DIT_CONFIGS,
+    UNET_CONFIGS,
+    build_transformer,
+    build_unet,
+    load_transformer_config,
+    load_unet_config,
+)
 from attnctl.testing.pipelines import (
     SD_DDIM_SCHEDULER_CONFIG,
     PipelineSpec,
@@ -31,7 +38,7 @@ from attnctl.testing.tiny import (
 
 __all__ = [
     "SD_DDIM_SCHEDULER_CONFIG", "TINY_SD", "TINY_SDXL", "TINY_SDXL_UNET_CONFIG", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG",
-    "UNET_CONFIGS", "PipelineSpec", "build_inpaint_pipeline", "build_tiny_inpaint_pipeline", "build_unet",
+    "DIT_CONFIGS", "UNET_CONFIGS", "PipelineSpec", "build_transformer", "load_transformer_config", "build_inpaint_pipeline", "build_tiny_inpaint_pipeline", "build_unet",
     "byte_vocab", "clip_byte_symbols", "load_unet_config", "save_inpaint_pipeline", "save_tiny_inpaint_pipeline", "seeded",
     "write_byte_tokenizer",
 ]

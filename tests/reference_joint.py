@@ -30,14 +30,14 @@ def tiny_flux(seed: int = 0, dtype=torch.float32):
                                   pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).eval().to(dtype)
 
 
-def tiny_sd3(seed: int = 0, dtype=torch.float32):
+def tiny_sd3(seed: int = 0, dtype=torch.float32, dual_attention_layers: tuple[int, ...] = (0,)):
     """A bare tiny SD3.5-like transformer: 2 joint sites and one image-only attn2 (block 0), patch 2."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
     return SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
                                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                                 pooled_projection_dim=32, out_channels=16, dual_attention_layers=(0,),
+                                 pooled_projection_dim=32, out_channels=16, dual_attention_layers=dual_attention_layers,
                                  qk_norm="rms_norm").eval().to(dtype)
 
 

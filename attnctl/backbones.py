@@ -52,7 +52,14 @@ class CallInfo:
 
 
 class Backbone(Protocol):
-    """What attnctl asks of a denoising network's family."""
+    """What attnctl asks of a denoising network's family.
+
+    Transformers (``is_transformer``) also give latent guidance its view of the latent:
+    ``latent`` reads the step's latent from a call's arguments as ``[B, C, H, W]`` (what
+    latent ops and masks work on), ``with_latent`` puts one back, ``to_sample`` turns it into
+    the layout the scheduler steps (FLUX: packed tokens), and ``batch_arguments`` name the
+    arguments that carry one entry per batch row.
+    """
 
     #: short name (``unet``, ``sd3``, ``flux``), for messages and ``attnctl sites``
     name: str
@@ -60,6 +67,10 @@ class Backbone(Protocol):
     classes: tuple[str, ...]
     #: True for transformers whose attention holds text and image tokens together
     is_transformer: bool
+    #: whether the text the network attends to starts with a start token (CLIP's; FLUX's T5 text has none)
+    text_start_token: bool
+    #: forward arguments with one entry per batch row (transformers)
+    batch_arguments: frozenset[str]
 
     def describe_sites(self, model: torch.nn.Module) -> SiteTable:
         """The model's attention modules as sites."""
@@ -67,6 +78,18 @@ class Backbone(Protocol):
 
     def call_info(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> CallInfo:
         """What the run needs from one call's arguments."""
+        ...
+
+    def latent(self, model: torch.nn.Module, arguments: dict) -> torch.Tensor:
+        """The step's latent ``[B, C, H, W]`` in the call's (keyword) ``arguments`` (transformers)."""
+        ...
+
+    def with_latent(self, model: torch.nn.Module, arguments: dict, latent: torch.Tensor) -> dict:
+        """``arguments`` with ``latent`` ``[B, C, H, W]`` in place of the step's latent (transformers)."""
+        ...
+
+    def to_sample(self, model: torch.nn.Module, arguments: dict, latent: torch.Tensor) -> torch.Tensor:
+        """``latent`` ``[B, C, H, W]`` in the layout the scheduler steps (transformers)."""
         ...
 
 
@@ -86,6 +109,8 @@ class UNetBackbone:
     name = "unet"
     classes = ("UNet2DConditionModel",)
     is_transformer = False
+    text_start_token = True
+    batch_arguments: frozenset[str] = frozenset()  # the UNet path has its own (attnctl.guidance)
 
     def describe_sites(self, model):
         return describe_sites(model)
@@ -129,6 +154,9 @@ class SD3Backbone:
     name = "sd3"
     classes = ("SD3Transformer2DModel",)
     is_transformer = True
+    text_start_token = True  # the text starts with the CLIP encoders' 77 tokens
+    batch_arguments = frozenset({"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+                                 "block_controlnet_hidden_states"})
 
     def describe_sites(self, model):
         found = []
@@ -153,6 +181,21 @@ class SD3Backbone:
         h, w = hidden.shape[-2:]
         return CallInfo(t, hidden.shape[0], (h, w), text.shape[1], (h // p) * (w // p))
 
+    # the input is the latent (channels first), then any conditioning channels of an inpainting variant
+    def latent(self, model, arguments):
+        return arguments["hidden_states"][:, : model.config.out_channels]
+
+    def with_latent(self, model, arguments, latent):
+        import torch
+
+        hidden = arguments["hidden_states"]
+        extra = hidden[:, model.config.out_channels :]
+        latent = latent.to(hidden.dtype)
+        return {**arguments, "hidden_states": torch.cat([latent, extra], dim=1) if extra.shape[1] else latent}
+
+    def to_sample(self, model, arguments, latent):
+        return latent
+
 
 _FLUX_RE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
 
@@ -163,6 +206,9 @@ class FluxBackbone:
     name = "flux"
     classes = ("FluxTransformer2DModel",)
     is_transformer = True
+    text_start_token = False  # T5 text only
+    batch_arguments = frozenset({"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
+                                 "controlnet_block_samples", "controlnet_single_block_samples"})
 
     def describe_sites(self, model):
         found = []
@@ -187,18 +233,43 @@ class FluxBackbone:
         if img_ids is None:
             raise UnsupportedModelError("FluxTransformer2DModel was called without img_ids; attnctl reads the "
                                         "token grid from them")
-        ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-        if bool((ids[:, 0] != 0).any()):
-            raise UnsupportedModelError(
-                "this FLUX call carries reference-image tokens (img_ids with a non-zero first axis, as FLUX "
-                "Kontext's); attnctl's FLUX backbone supports FLUX.1 dev and Fill so far"
-            )
-        grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
-        if grid[0] * grid[1] != hidden.shape[1]:
-            raise UnsupportedModelError(
-                f"img_ids describe a {grid[0]}x{grid[1]} token grid but the call has {hidden.shape[1]} image tokens"
-            )
+        grid = _flux_grid(img_ids, hidden.shape[1])
         return CallInfo(t, hidden.shape[0], (2 * grid[0], 2 * grid[1]), text.shape[1], hidden.shape[1])
+
+    # the input is 2x2-packed latent tokens (channels last), then FLUX Fill's conditioning channels
+    def latent(self, model, arguments):
+        hidden = arguments["hidden_states"]
+        h, w = _flux_grid(arguments["img_ids"], hidden.shape[1])
+        packed = hidden[..., : model.config.out_channels]
+        b, c = hidden.shape[0], model.config.out_channels // 4
+        return packed.reshape(b, h, w, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * h, 2 * w)
+
+    def with_latent(self, model, arguments, latent):
+        import torch
+
+        hidden = arguments["hidden_states"]
+        packed = self.to_sample(model, arguments, latent).to(hidden.dtype)
+        return {**arguments, "hidden_states": torch.cat([packed, hidden[..., model.config.out_channels :]], dim=-1)}
+
+    def to_sample(self, model, arguments, latent):
+        b, c, h2, w2 = latent.shape
+        h, w = h2 // 2, w2 // 2
+        return latent.reshape(b, c, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * 4)
+
+
+def _flux_grid(img_ids: Any, tokens: int) -> tuple[int, int]:
+    """The token grid (rows, columns) ``img_ids`` describe; refuses reference tokens (FLUX Kontext's)."""
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    if bool((ids[:, 0] != 0).any()):
+        raise UnsupportedModelError(
+            "this FLUX call carries reference-image tokens (img_ids with a non-zero first axis, as FLUX "
+            "Kontext's); attnctl's FLUX backbone supports FLUX.1 dev and Fill so far"
+        )
+    grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+    if grid[0] * grid[1] != tokens:
+        raise UnsupportedModelError(f"img_ids describe a {grid[0]}x{grid[1]} token grid but the call has {tokens} "
+                                    "image tokens")
+    return grid
 
 
 UNET, SD3, FLUX = UNetBackbone(), SD3Backbone(), FluxBackbone()

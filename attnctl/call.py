@@ -130,6 +130,23 @@ class AttentionCall:
         own = "txt" if self.site.kind == "cross" else "img"
         return slice(0, n) if segment == own else None
 
+    def text_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """The img>txt maps in ``probs`` [B, h, Nq, Nk] (an observe op's): text columns, text position = column.
+
+        At a UNet cross site that is ``probs`` itself. At a joint site the image queries'
+        softmax also spends mass on image keys, so the text columns are renormalized over the
+        text (each row sums to 1, as a cross-attention map over the same text would), and
+        where the text has no start token (FLUX's T5) a zero column 0 stands for it, so that
+        token positions and losses count as on CLIP text (the prompt's tokens are 1..m).
+        """
+        import torch.nn.functional as F
+
+        if not self.context_keys:
+            return probs
+        text = probs[..., self.key_span("txt")]
+        text = text / text.sum(dim=-1, keepdim=True)
+        return text if self.state.text_start_token else F.pad(text, (1, 0))
+
     @property
     def own_key(self) -> torch.Tensor:
         """The module's own keys [B, h, num_own_keys, d]."""

@@ -34,6 +34,7 @@ from attnctl.run_state import RunState
 from attnctl.sites import SiteTable
 from attnctl.scheduler_hooks import wrap_scheduler
 from attnctl.step_ops import GuidanceTermOp, PredictionOp
+from attnctl.transformer_guidance import guide_transformer_call
 
 
 class Controller:
@@ -200,6 +201,7 @@ class Controller:
         )
         state.prompts = prompts
         state.tokenizer = getattr(self.pipe, "tokenizer", None)
+        state.text_start_token = self.backbone.text_start_token
         self.state = state
         self._rows = None
         needs_scheduler = self.plan.latent_ops or self.plan.rows or self.plan.step_ops
@@ -306,6 +308,10 @@ class Controller:
         state.begin_step(t, latent_hw=info.latent_hw, step_index=index)
         if first:
             self._preview_gates(state, t)
+        if state.active_latent_ops:
+            if torch.is_inference_mode_enabled():
+                raise RunError(_INFERENCE_MODE)
+            return guide_transformer_call(state, model, self.backbone, args, kwargs)
         return None
 
     def _post_forward(self, unet, args, output):
@@ -343,10 +349,7 @@ class Controller:
                 "scheduler.scale_model_input on the UNet's batch before the UNet); this pipeline is not supported"
             )
         if torch.is_inference_mode_enabled():
-            raise RunError(
-                "latent guidance needs gradients, but the pipeline runs under torch.inference_mode(); "
-                "call it under torch.no_grad() (what diffusers' pipelines use) or outside any grad mode"
-            )
+            raise RunError(_INFERENCE_MODE)
         channels = recorded.shape[1]
         layout = state.layout
         cond = torch.tensor(layout.cond_rows, device=recorded.device)
@@ -364,6 +367,10 @@ class Controller:
         new_sample = torch.cat([x, sample[:, channels:]], dim=1) if sample.shape[1] > channels else x
         own["scale_inputs"] = {}
         return call.with_sample(new_sample)
+
+
+_INFERENCE_MODE = ("latent guidance needs gradients, but the pipeline runs under torch.inference_mode(); "
+                   "call it under torch.no_grad() (what diffusers' pipelines use) or outside any grad mode")
 
 
 def _scheduler_step(scheduler: Any, timestep: float) -> tuple[int | None, float]:
@@ -390,7 +397,6 @@ def _refuse_unet_only(plan: Plan, backbone: Backbone) -> None:
         "add rows to the batch": [i for i, _ in plan.rows],
         "act on non-attention modules (feature ops)": sorted({op.strategy for op in plan.feature_ops}),
         "act around the scheduler step (prediction, noise or post-step ops)": sorted({op.strategy for op in plan.step_ops}),
-        "guide the latent (latent ops)": sorted({op.strategy for op in plan.latent_ops}),
         "read the block holding a site": sorted({op.strategy for ops in plan.site_ops.values() for op in ops
                                                  if getattr(op, "needs_block", False)}),
     }

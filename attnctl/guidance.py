@@ -32,7 +32,7 @@ BATCH_ARGUMENTS = frozenset({
 })
 
 
-def _take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     """Index the batch dimension of every tensor with one, wherever it sits in ``value``.
 
     Applied to the batch-carrying UNet arguments only (``BATCH_ARGUMENTS``): inside them,
@@ -46,11 +46,11 @@ def _take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
             return value.index_select(0, rows.to(value.device))
         return value
     if isinstance(value, dict):
-        return {k: _take_rows(v, rows, batch) for k, v in value.items()}
+        return {k: take_rows(v, rows, batch) for k, v in value.items()}
     if isinstance(value, list):
-        return [_take_rows(v, rows, batch) for v in value]
+        return [take_rows(v, rows, batch) for v in value]
     if isinstance(value, tuple):
-        return tuple(_take_rows(v, rows, batch) for v in value)
+        return tuple(take_rows(v, rows, batch) for v in value)
     return value
 
 
@@ -80,9 +80,9 @@ class UNetCall:
         """Arguments for a call on ``rows`` of the batch with ``sample`` as input."""
         batch = self.get("sample").shape[0]
         names = positional_names(self.unet)
-        args = tuple(_take_rows(a, rows, batch) if i < len(names) and names[i] in BATCH_ARGUMENTS else a
+        args = tuple(take_rows(a, rows, batch) if i < len(names) and names[i] in BATCH_ARGUMENTS else a
                      for i, a in enumerate(self.args))
-        kwargs = {k: _take_rows(v, rows, batch) if k in BATCH_ARGUMENTS else v for k, v in self.kwargs.items()}
+        kwargs = {k: take_rows(v, rows, batch) if k in BATCH_ARGUMENTS else v for k, v in self.kwargs.items()}
         if args:
             args = (sample, *args[1:])
         else:
@@ -135,21 +135,26 @@ class GuidanceContext:
             with torch.enable_grad():  # the input must keep z's graph even when called under no_grad
                 x = torch.cat([x, extra.to(x.dtype)], dim=1)
         args, kwargs = self._call.subset(idx, x)
-        kwargs["return_dict"] = False
-        handle = None
-        # a compiled forward cannot be left by an exception from a hook (dynamo would run the whole frame
-        # eagerly and compile the blocks one by one): the compiled pass runs to the end instead
-        if stop_after is not None and not _is_compiled(self._call.unet.forward):
-            module = self._call.unet.get_submodule(stop_after.name)
-            handle = module.register_forward_hook(_stop_pass)
-        try:
-            with state.guidance_pass(rows), torch.enable_grad(), _weights_without_grad(self._call.unet):
-                return self._call.unet(*args, **kwargs)[0]
-        except _StopPass:
-            return None
-        finally:
-            if handle is not None:
-                handle.remove()
+        return run_guidance_pass(self._call.unet, args, kwargs, state, rows, stop_after)
+
+
+def run_guidance_pass(model: torch.nn.Module, args: tuple, kwargs: dict, state: RunState, rows: tuple[int, ...],
+                      stop_after: Site | None) -> torch.Tensor | None:
+    """Call ``model`` as the guidance pass over ``rows`` with gradients; None if it ended at ``stop_after``."""
+    kwargs = {**kwargs, "return_dict": False}
+    handle = None
+    # a compiled forward cannot be left by an exception from a hook (dynamo would run the whole frame
+    # eagerly and compile the blocks one by one): the compiled pass runs to the end instead
+    if stop_after is not None and not _is_compiled(model.forward):
+        handle = model.get_submodule(stop_after.name).register_forward_hook(_stop_pass)
+    try:
+        with state.guidance_pass(rows), torch.enable_grad(), _weights_without_grad(model):
+            return model(*args, **kwargs)[0]
+    except _StopPass:
+        return None
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 @contextmanager

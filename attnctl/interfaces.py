@@ -31,6 +31,7 @@ class RunView(Protocol):
     latent_hw: tuple[int, int] | None
     #: (text, image) tokens of the current transformer call's joint attention; (0, 0) on a UNet
     tokens: tuple[int, int]
+    text_start_token: bool
 
     @property
     def t_norm(self) -> float | None: ...

@@ -192,13 +192,15 @@ def pipeline_token_indices(pipe: Any, prompt: str) -> list[int]:
     """Positions of the prompt's own tokens in the text the pipeline's network attends to.
 
     SD/SDXL and SD3 (whose text starts with the CLIP encoders' 77 tokens): the CLIP
-    positions 1..n; FLUX (T5 text only, no start token): 0..m-1 of the T5 tokenizer.
+    positions 1..n. FLUX (T5 text only, no start token): 1..m, the T5 tokens counted from 1,
+    as the maps a joint site hands to map-reading ops put a zero column 0 in place of the
+    start token (``AttentionCall.text_probs``).
     """
     transformer = getattr(pipe, "transformer", None)
     if transformer is not None and "guidance_embeds" in transformer.config:
         t5 = pipe.tokenizer_2
         ids = t5(prompt, truncation=True, max_length=t5.model_max_length).input_ids
-        return list(range(len(ids) - 1))  # [t_1 .. t_m, end]
+        return list(range(1, len(ids)))  # [t_1 .. t_m, end] -> 1..m
     return prompt_token_indices(pipe.tokenizer, prompt)
 
 

@@ -67,6 +67,8 @@ class RunState:
         self.latent_hw: tuple[int, int] | None = None
         #: (text, image) tokens of the current transformer call (``attnctl.backbones``); (0, 0) on a UNet
         self.tokens: tuple[int, int] = (0, 0)
+        #: whether the network's text starts with a start token (False for FLUX's T5 text)
+        self.text_start_token = True
         self.active: dict[str, ActiveOps] = {}
         self.active_latent_ops: tuple[LatentOp, ...] = ()
         self.active_step_ops: tuple[Op, ...] = ()

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attnctl
 from attnctl.errors import ConfigError, InputError, RunError
@@ -162,10 +162,13 @@ class _PassMaps:
 class RecordMaps(ObserveOp):
     """At a read site, in the guidance pass: hand the probabilities to the running pass."""
 
+    #: on a joint site the maps are the img>txt block, renormalized over the text (``call.text_probs``)
+    joint_sites: ClassVar[bool] = True
+
     def observe(self, call: AttentionCall, probs: torch.Tensor) -> None:
         maps = call.state.scratch_for(self.strategy).get("pass")
         if maps is not None:  # None: another instance's guidance pass
-            maps.add(call, probs)
+            maps.add(call, call.text_probs(probs))
 
 
 @dataclass(eq=False)
@@ -175,10 +178,8 @@ class SteerLatent(LatentOp):
     params: LatentGuidanceParams = field(kw_only=True)
     read_sites: tuple[Site, ...] = field(kw_only=True)
 
-    @property
-    def last_site(self) -> Site:
-        """The read site that runs last (read sites are cross sites: index = execution order)."""
-        return max(self.read_sites, key=lambda s: s.index)
+    #: the read site that runs last (where the gradient pass may stop)
+    last_site: Site = field(kw_only=True)
 
     def guide(self, z: torch.Tensor, ctx: GuidanceView) -> torch.Tensor:
         params = self.params
@@ -294,12 +295,13 @@ def attnctl_plan(instance: str, spec: StrategySpec, params: LatentGuidanceParams
     if spec.name != NAME:
         return None
     read = select_sites(params.read_sites, sites)
-    not_cross = [s.key for s in read if s.kind != "cross"]
+    not_cross = [s.key for s in read if "img>txt" not in s.blocks]
     if not_cross:
         raise ConfigError(
             f"strategies.{instance}.read_sites: {', '.join(not_cross)} are self-attention sites; the loss "
             "reads cross-attention maps over text tokens, select cross sites (e.g. 'cross/4,cross/2')"
         )
     ops: list[Op] = [RecordMaps(instance, site=s) for s in read]
-    ops.append(SteerLatent(instance, params=params, read_sites=tuple(read)))
+    # a UNet's table lists cross sites in execution order, a transformer's every site
+    ops.append(SteerLatent(instance, params=params, read_sites=tuple(read), last_site=max(read, key=sites.index)))
     return ops

@@ -65,7 +65,7 @@ def _random_case(seed: int, zero_grid: tuple[int, int] | None = None):
 
 
 def _fast_loss(sites, logits, state, **params):
-    op = SteerLatent("steer", params=LatentGuidanceParams(**params), read_sites=tuple(sites))
+    op = SteerLatent("steer", params=LatentGuidanceParams(**params), read_sites=tuple(sites), last_site=sites[-1])
     maps = _PassMaps()
     for site, lg in zip(sites, logits):
         maps.add(_FakeCall(state, site), lg.softmax(-1))

@@ -130,6 +130,19 @@ class AttentionCall:
         own = "txt" if self.site.kind == "cross" else "img"
         return slice(0, n) if segment == own else None
 
+    @property
+    def text_length(self) -> int:
+        """How many text positions maps of this site have (``text_probs``' width; 0 where the site holds no text)."""
+        if self.context_keys:
+            return self.context_keys + (0 if self.state.text_start_token else 1)
+        return self.num_own_keys if self.site.kind == "cross" else 0
+
+    def text_key(self, position: int) -> int:
+        """The index among this call's keys of text ``position`` (as counted by ``text_probs``)."""
+        if self.context_keys:
+            return self.num_own_keys + position - (0 if self.state.text_start_token else 1)
+        return position
+
     def text_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """The img>txt maps in ``probs`` [B, h, Nq, Nk] (an observe op's): text columns, text position = column.
 

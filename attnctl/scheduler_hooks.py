@@ -26,12 +26,13 @@ if TYPE_CHECKING:
 
 def wrap_scheduler(scheduler: Any, state: RunState, step_context: Callable[[RunState], Any]) -> Callable[[], None]:
     """Wrap ``scheduler`` for ``state``'s run; ``step_context(state)`` makes the step ops' view. Returns the restore."""
-    scale, step = scheduler.scale_model_input, scheduler.step
-    own = {name: scheduler.__dict__[name] for name in ("scale_model_input", "step") if name in scheduler.__dict__}
+    # flow-matching schedulers have no scale_model_input: their model input is the sample itself
+    scale, step = getattr(scheduler, "scale_model_input", None), scheduler.step
+    wrapped = ("scale_model_input", "step") if scale is not None else ("step",)
+    own = {name: scheduler.__dict__[name] for name in wrapped if name in scheduler.__dict__}
 
     # the wrappers present the originals' signatures: pipelines pass `eta`, `generator`, ... only to a
     # step whose signature names them
-    @functools.wraps(scale)
     def recording_scale(sample, timestep, *a, **kw):
         # by batch size: a pipeline may scale other inputs too (ControlNet's guess mode does)
         state.scratch_for("_attnctl").setdefault("scale_inputs", {})[sample.shape[0]] = sample
@@ -67,11 +68,13 @@ def wrap_scheduler(scheduler: Any, state: RunState, step_context: Callable[[RunS
         out.prev_sample = latents
         return out
 
-    scheduler.scale_model_input, scheduler.step = recording_scale, substituting_step
+    if scale is not None:
+        scheduler.scale_model_input = functools.wraps(scale)(recording_scale)
+    scheduler.step = substituting_step
     state.steps_done = 0
 
     def restore():  # what the instance had before (a user's own wrapper), or the class's methods
-        for name in ("scale_model_input", "step"):
+        for name in wrapped:
             if name in own:
                 setattr(scheduler, name, own[name])
             else:

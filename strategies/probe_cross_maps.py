@@ -19,7 +19,7 @@ upsamples each map to the image and draws grids (rows = steps, columns = tokens)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attnctl
 from attnctl.errors import ConfigError
@@ -120,6 +120,9 @@ class CrossMapsOp(MeasureOp):
 
     tokens: str | tuple[int, ...] = field(default="prompt", kw_only=True)
 
+    #: on a joint site: the img>txt block, renormalized over the text with one more column (all text keys)
+    joint_sites: ClassVar[bool] = True
+
     def columns(self, call: AttentionCall) -> torch.Tensor:
         n_keys = call.key.shape[-2]
         return call.memo((NAME, self.strategy, n_keys), lambda: self._columns(call, n_keys))
@@ -128,12 +131,15 @@ class CrossMapsOp(MeasureOp):
         import torch
 
         layout = call.layout
-        positions = [token_positions(call.state, self.tokens, p, call.num_own_keys, self.strategy)
+        positions = [token_positions(call.state, self.tokens, p, call.text_length, self.strategy)
                      for p in layout.prompts]
         width = max(len(p) for p in positions)
-        columns = torch.zeros(len(positions), 1, n_keys, width, device=call.query.device)
+        joint = bool(call.context_keys)
+        columns = torch.zeros(len(positions), 1, n_keys, width + joint, device=call.query.device)
         for row, pos in enumerate(positions):
-            columns[row, 0, pos, list(range(len(pos)))] = 1.0
+            columns[row, 0, [call.text_key(p) for p in pos], list(range(len(pos)))] = 1.0
+        if joint:  # the text's share of each row, to renormalize by (the softmax also spends mass on image keys)
+            columns[:, 0, call.key_span("txt"), width] = 1.0
         return columns
 
     def measure(self, call: AttentionCall, sums: torch.Tensor, output: torch.Tensor) -> None:
@@ -144,8 +150,10 @@ class CrossMapsOp(MeasureOp):
         note_site(collector.result, call)
         step = step_label(call.state)
         layout = call.layout
+        if call.context_keys:
+            sums = sums[..., :-1] / sums[..., -1:]
         for row, image in zip(picked, images):
-            positions = token_positions(call.state, self.tokens, layout.prompts[row], call.num_own_keys, self.strategy)
+            positions = token_positions(call.state, self.tokens, layout.prompts[row], call.text_length, self.strategy)
             collector.result.tokens[image] = positions
             head_mean = sums[row, :, :, : len(positions)].mean(dim=0)  # [HW, T]
             collector.sums.add(step, (call.site.level, image), head_mean.detach())
@@ -170,7 +178,7 @@ def attnctl_plan(instance: str, spec: StrategySpec, params: CrossMapsParams, sit
     if spec.name != NAME:
         return None
     picked = select_sites(params.sites, sites)
-    not_cross = [s.key for s in picked if s.kind != "cross"]
+    not_cross = [s.key for s in picked if "img>txt" not in s.blocks]
     if not_cross:
         raise ConfigError(f"probes.{instance}.sites: {', '.join(not_cross)} are self-attention sites; "
                           "token maps come from cross-attention sites (e.g. 'cross/4,cross/2')")

@@ -1,11 +1,16 @@
 """Random-weight models for tests, smoke runs and measurements: nothing here is downloaded.
 
 - ``build_tiny_inpaint_pipeline(seed, kind="sd"|"sdxl")`` / ``save_tiny_inpaint_pipeline``:
-  test-sized pipelines with SD 1.5's or SDXL's attention-site layout (their images are noise);
-- ``build_inpaint_pipeline(PipelineSpec(...), seed)``: the one builder behind them, for any
-  component configs (benchmarks build full-size architectures with it);
+  test-sized UNet pipelines with SD 1.5's or SDXL's attention-site layout (their images are noise);
+- ``build_tiny_dit_pipeline(kind="sd3"|"flux-fill", seed)`` / ``save_tiny_dit_pipeline``:
+  test-sized DiT inpainting pipelines, ``StableDiffusion3InpaintPipeline`` shaped like SD3.5
+  Medium and ``FluxFillPipeline``, with three or two text encoders and offline tokenizers;
+- ``build_inpaint_pipeline(PipelineSpec(...), seed)``: the one builder behind the UNet ones, for
+  any component configs (benchmarks build full-size architectures with it);
 - ``build_unet(arch, device="meta")`` / ``load_unet_config(arch)``: the full-size UNets of
-  SD 1.5, SD 2 and SDXL inpainting, from configs shipped with the package.
+  SD 1.5, SD 2 and SDXL inpainting, from configs shipped with the package;
+- ``build_transformer(arch, device="meta")`` / ``load_transformer_config(arch)``: the full-size
+  transformers of SD3 Medium, SD3.5 Medium and Large, FLUX.1 [dev] and FLUX.1 Fill [dev].
 """
 
 from attnctl.testing.architectures import (
@@ -16,12 +21,25 @@ from attnctl.testing.architectures import (
     load_transformer_config,
     load_unet_config,
 )
+from attnctl.testing.dit import (
+    FLUX_SCHEDULER_CONFIG,
+    SD3_SCHEDULER_CONFIG,
+    TINY_FLUX_FILL_TRANSFORMER_CONFIG,
+    TINY_SD3_TRANSFORMER_CONFIG,
+    build_tiny_dit_pipeline,
+    save_tiny_dit_pipeline,
+    t5_char_tokenizer,
+    t5_char_vocab,
+    write_t5_char_tokenizer,
+)
 from attnctl.testing.pipelines import (
     SD_DDIM_SCHEDULER_CONFIG,
     PipelineSpec,
     build_inpaint_pipeline,
+    byte_clip_tokenizer,
     byte_vocab,
     clip_byte_symbols,
+    clip_text_encoder,
     save_inpaint_pipeline,
     seeded,
     write_byte_tokenizer,
@@ -37,8 +55,12 @@ from attnctl.testing.tiny import (
 )
 
 __all__ = [
-    "SD_DDIM_SCHEDULER_CONFIG", "TINY_SD", "TINY_SDXL", "TINY_SDXL_UNET_CONFIG", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG",
-    "DIT_CONFIGS", "UNET_CONFIGS", "PipelineSpec", "build_transformer", "load_transformer_config", "build_inpaint_pipeline", "build_tiny_inpaint_pipeline", "build_unet",
-    "byte_vocab", "clip_byte_symbols", "load_unet_config", "save_inpaint_pipeline", "save_tiny_inpaint_pipeline", "seeded",
-    "write_byte_tokenizer",
+    "DIT_CONFIGS", "FLUX_SCHEDULER_CONFIG", "SD3_SCHEDULER_CONFIG", "SD_DDIM_SCHEDULER_CONFIG",
+    "TINY_FLUX_FILL_TRANSFORMER_CONFIG", "TINY_SD", "TINY_SD3_TRANSFORMER_CONFIG", "TINY_SDXL",
+    "TINY_SDXL_UNET_CONFIG", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG", "UNET_CONFIGS", "PipelineSpec",
+    "build_inpaint_pipeline", "build_tiny_dit_pipeline", "build_tiny_inpaint_pipeline", "build_transformer",
+    "build_unet", "byte_clip_tokenizer", "byte_vocab", "clip_byte_symbols", "clip_text_encoder",
+    "load_transformer_config", "load_unet_config", "save_inpaint_pipeline", "save_tiny_dit_pipeline",
+    "save_tiny_inpaint_pipeline", "seeded", "t5_char_tokenizer", "t5_char_vocab", "write_byte_tokenizer",
+    "write_t5_char_tokenizer",
 ]

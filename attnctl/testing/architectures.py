@@ -65,7 +65,7 @@ def build_unet(arch: str, device: Any = "meta", dtype: Any = None):
     return unet if dtype == torch.float32 else unet.to(dtype)
 
 
-def build_transformer(arch: str, device: Any = "meta", dtype: Any = None):
+def build_transformer(arch: str, device: Any = "meta", dtype: Any = None) -> Any:
     """Build the transformer of DiT architecture ``arch`` (``SD3Transformer2DModel`` or
     ``FluxTransformer2DModel``) with random weights; on ``meta`` the structure only, with no memory."""
     import diffusers

@@ -3,7 +3,8 @@
 Nothing is downloaded: every component is built from its config with random weights under a
 fixed seed, and the tokenizer is attnctl's byte-level CLIP tokenizer written locally. The
 same builder makes the tiny test models (``attnctl.testing.tiny``) and full-size
-architectures for speed and memory measurements.
+architectures for speed and memory measurements. Its CLIP text encoder and tokenizer builders
+also serve the DiT pipelines of ``attnctl.testing.dit``.
 """
 
 from __future__ import annotations
@@ -93,7 +94,12 @@ def write_byte_tokenizer(directory: str | Path) -> Path:
     return directory
 
 
-def _text_encoder(kwargs: dict[str, Any], with_projection: bool):
+def clip_text_encoder(kwargs: dict[str, Any], with_projection: bool) -> Any:
+    """A random-weight CLIP text encoder sized by ``kwargs`` (``CLIPTextConfig`` fields) for the byte tokenizer.
+
+    ``with_projection`` gives ``CLIPTextModelWithProjection`` (SDXL's second encoder, SD3's
+    two), otherwise ``CLIPTextModel``. Seed the global RNG (``seeded``) around the call.
+    """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab_size = len(byte_vocab())
@@ -102,6 +108,14 @@ def _text_encoder(kwargs: dict[str, Any], with_projection: bool):
                                "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1,
                                "pad_token_id": vocab_size - 1})
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def byte_clip_tokenizer() -> Any:
+    """The byte-level ``CLIPTokenizer`` (written to a temporary folder and loaded from it)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return CLIPTokenizer.from_pretrained(str(write_byte_tokenizer(tmp)))
 
 
 def build_inpaint_pipeline(spec: PipelineSpec, seed: int = 0, in_channels: int | None = None, device=None):
@@ -119,17 +133,15 @@ def build_inpaint_pipeline(spec: PipelineSpec, seed: int = 0, in_channels: int |
 
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTokenizer
 
     unet_config = spec.unet if in_channels is None else {**spec.unet, "in_channels": in_channels}
     on_device = torch.device(device) if device is not None else contextlib.nullcontext()
     with seeded(seed), on_device:
         unet = UNet2DConditionModel(**unet_config)
         vae = AutoencoderKL(**spec.vae)
-        text_encoder = _text_encoder(spec.text, with_projection=False)
-        text_encoder_2 = _text_encoder(spec.text_2, with_projection=True) if spec.is_sdxl else None
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = CLIPTokenizer.from_pretrained(str(write_byte_tokenizer(tmp)))
+        text_encoder = clip_text_encoder(spec.text, with_projection=False)
+        text_encoder_2 = clip_text_encoder(spec.text_2, with_projection=True) if spec.is_sdxl else None
+    tokenizer = byte_clip_tokenizer()
     scheduler = DDIMScheduler(**SD_DDIM_SCHEDULER_CONFIG)
     if spec.is_sdxl:
         from diffusers import StableDiffusionXLInpaintPipeline

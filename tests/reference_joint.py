@@ -118,3 +118,19 @@ class NaiveJointAttention(TorchFunctionMode):
         q, k, v = args[:3] if len(args) >= 3 else (kwargs["query"], kwargs["key"], kwargs["value"])
         scale = kwargs.get("scale") or q.shape[-1] ** -0.5
         return naive_joint(q, k, v, self.case, scale).to(q.dtype)
+
+
+class RecordJointProbs(TorchFunctionMode):
+    """Runs every SDPA call as is and keeps its explicit float64 softmax ``[B, h, S, S]`` (the reference maps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.probs: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            q, k = args[:2] if len(args) >= 2 else (kwargs["query"], kwargs["key"])
+            scale = kwargs.get("scale") or q.shape[-1] ** -0.5
+            self.probs.append(torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1))
+        return func(*args, **kwargs)

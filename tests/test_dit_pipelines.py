@@ -136,3 +136,40 @@ def test_steer_loss_guides_from_joint_maps(kind, images):
     assert all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in history)
     assert all(h["loss_after"] < h["loss"] for h in history)
     assert np.abs(guided - call(pipe, kind, images, steps=4)).max() > 1e-3  # the control: guidance moved the image
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cross_map_probe_reads_the_img_txt_block_renormalized_over_the_text(kind, images):
+    """The probe's maps at joint sites against the explicit joint softmax of the same call: A[img, txt] / A[img, txt].sum."""
+    from reference_joint import RecordJointProbs
+
+    pipe = build_tiny_dit_pipeline(kind)
+    positions = [1, 2, 3]  # FLUX's T5 text has no start token: position p is its token p - 1
+    config = {"probes": {"maps": {"strategy": "cross_maps", "enabled": True, "sites": "joint", "steps": "all",
+                                  "tokens": positions}}}
+    layout = BatchLayout.for_call(pipe, prompt="a red cup", guidance_scale=GUIDANCE[kind])
+    mask = torch.from_numpy(np.asarray(images[1]) / 255.0)
+    with attnctl.attach(pipe, config) as ctl, ctl.run(layout, mask=mask) as state:
+        call(pipe, kind, images, steps=1)
+    with RecordJointProbs() as recorded:  # the stock call: a probe changes nothing, so q and k are these
+        call(pipe, kind, images, steps=1)
+    maps = state.results["maps"].maps[(0, 1)][0]  # step 0, level 1 (2x2 patches), image 0
+    sites = [s for s in ctl.sites if s.kind == "joint"]
+    text, cond = (77 + 32, 1) if kind == "sd3" else (32, 0)  # the text tokens; the row conditioned on the prompt
+    # the transformer's calls over text + image tokens, in order (FLUX's single sites come after its joint ones)
+    joint_calls = [p for p in recorded.probs if p.shape[-1] == text + 16 * 24][: len(sites)]
+    assert len(joint_calls) == len(sites)
+    columns = [p if kind == "sd3" else p - 1 for p in positions]
+    expected = 0
+    for probs in joint_calls:
+        img, txt = (slice(0, 384), slice(384, 384 + text)) if kind == "sd3" else (slice(text, None), slice(0, text))
+        block = probs[cond, :, img, txt]
+        expected = expected + (block[..., columns] / block.sum(-1, keepdim=True)).mean(0)
+    expected = (expected / len(joint_calls)).T.reshape(len(positions), 16, 24)
+    assert np.abs(maps - expected.numpy()).max() < 1e-5
+    assert np.abs(maps - probs_without_renormalizing(joint_calls, img, txt, cond, columns)).max() > 1e-3  # control
+
+
+def probs_without_renormalizing(calls, img, txt, cond, columns):
+    raw = sum(p[cond, :, img, txt][..., columns].mean(0) for p in calls) / len(calls)
+    return raw.T.reshape(len(columns), 16, 24).numpy()

@@ -71,6 +71,9 @@ class Backbone(Protocol):
     text_start_token: bool
     #: forward arguments with one entry per batch row (transformers)
     batch_arguments: frozenset[str]
+    #: the submodule whose output is the rotary position embedding ``(cos, sin)`` [S, d] of the call's tokens
+    #: in attention order, or None (no rotary embedding)
+    rotary_module: str | None
 
     def describe_sites(self, model: torch.nn.Module) -> SiteTable:
         """The model's attention modules as sites."""
@@ -111,6 +114,7 @@ class UNetBackbone:
     is_transformer = False
     text_start_token = True
     batch_arguments: frozenset[str] = frozenset()  # the UNet path has its own (attnctl.guidance)
+    rotary_module = None
 
     def describe_sites(self, model):
         return describe_sites(model)
@@ -157,6 +161,7 @@ class SD3Backbone:
     text_start_token = True  # the text starts with the CLIP encoders' 77 tokens
     batch_arguments = frozenset({"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
                                  "block_controlnet_hidden_states"})
+    rotary_module = None  # absolute positions, added once before the blocks
 
     def describe_sites(self, model):
         found = []
@@ -209,6 +214,7 @@ class FluxBackbone:
     text_start_token = False  # T5 text only
     batch_arguments = frozenset({"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
                                  "controlnet_block_samples", "controlnet_single_block_samples"})
+    rotary_module = "pos_embed"  # of the ids [txt_ids; img_ids]: text then image, the attention order
 
     def describe_sites(self, model):
         found = []

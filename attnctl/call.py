@@ -130,6 +130,16 @@ class AttentionCall:
         own = "txt" if self.site.kind == "cross" else "img"
         return slice(0, n) if segment == own else None
 
+    def image_rotary(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(cos, sin)`` [N, d] of the rotary position embedding of this call's image tokens (FLUX), or None
+        (no rotary embedding, or no planned op asked for it: ``SiteOp.needs_rotary``)."""
+        rotary = self.state.rotary
+        if rotary is None:
+            return None
+        text = self.state.tokens[0] if self.site.sequence and self.site.sequence[0] == "txt" else 0
+        n = self.state.tokens[1]
+        return rotary[0][text : text + n], rotary[1][text : text + n]
+
     @property
     def text_length(self) -> int:
         """How many text positions maps of this site have (``text_probs``' width; 0 where the site holds no text)."""

@@ -74,6 +74,9 @@ class Controller:
             module = unet.get_submodule(name)
             hook = block_recorder(name, module, lambda: self.slot.state)
             self._module_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        rotary = backbone.rotary_module if backbone.is_transformer else None
+        if rotary and any(op.needs_rotary() for ops in plan.site_ops.values() for op in ops):
+            self._module_hooks.append(unet.get_submodule(rotary).register_forward_hook(self._keep_rotary))
         for name, ops in feature_modules(plan.feature_ops, unet).items():  # only where a feature op acts
             module = unet.get_submodule(name)
             self._module_hooks.append(module.register_forward_hook(feature_hook(name, ops, lambda: self.slot.state)))
@@ -292,6 +295,11 @@ class Controller:
         if guided is not None:
             call = UNetCall(unet, *guided)
         return self._rows.extend(call, t, unscaled)
+
+    def _keep_rotary(self, module, args, output) -> None:
+        """The rotary embedding of the current call, for ops that read it (``call.image_rotary()``)."""
+        if self.state is not None:
+            self.state.rotary = output
 
     def _pre_transformer(self, model, state: RunState, args: tuple, kwargs: dict) -> None:
         """Before a transformer call: the step (by the scheduler's index), the latent size, the token segments."""

@@ -32,6 +32,7 @@ class RunView(Protocol):
     #: (text, image) tokens of the current transformer call's joint attention; (0, 0) on a UNet
     tokens: tuple[int, int]
     text_start_token: bool
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
 
     @property
     def t_norm(self) -> float | None: ...

@@ -98,6 +98,11 @@ class SiteOp(Op):
     needs_block: ClassVar[bool] = False
     joint_sites: ClassVar[bool] = False
 
+    def needs_rotary(self) -> bool:
+        """True if the op reads the transformer's rotary position embedding (``call.image_rotary()``):
+        attnctl then keeps it for each call (FLUX), and only then."""
+        return False
+
 
 @dataclass(eq=False)
 class ProjectionOp(SiteOp):

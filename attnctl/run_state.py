@@ -69,6 +69,9 @@ class RunState:
         self.tokens: tuple[int, int] = (0, 0)
         #: whether the network's text starts with a start token (False for FLUX's T5 text)
         self.text_start_token = True
+        #: the current transformer call's rotary embedding ``(cos, sin)`` [S, d] in attention order, kept
+        #: only while an op needs it (``SiteOp.needs_rotary``)
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.active: dict[str, ActiveOps] = {}
         self.active_latent_ops: tuple[LatentOp, ...] = ()
         self.active_step_ops: tuple[Op, ...] = ()

@@ -38,6 +38,7 @@ from attnctl.ops import KeyValueOp
 from attnctl.params import StrategySpec
 from attnctl.sites import SiteTable
 from strategies._attention_sites import grid_tokens, self_attention_sites
+from strategies._rotary import rotate, unrotate
 
 if TYPE_CHECKING:
     import torch
@@ -131,6 +132,35 @@ def masked_mean_bank(call: AttentionCall, op: KvBankOp) -> Bank | None:
     )
 
 
+def positions_masked_mean_bank(call: AttentionCall, op: KvBankOp) -> Bank | None:
+    """Eq. 10 where keys carry rotary positions (FLUX): the mean of the unmasked keys rotated back to
+    position 0, rotated again to each masked token's position; HW bank keys, no shared key.
+
+    Without a rotary embedding (UNets, SD3) this is Eq. 10 as ``masked_mean_bank`` computes it.
+    """
+    import torch
+
+    rotary = call.image_rotary()
+    if rotary is None:
+        return masked_mean_bank(call, op)
+    hw = grid_tokens(call)
+    masked = call.mask()
+    n_keep = hw - masked.sum(-1)
+    if bool((n_keep == 0).any()):
+        _warn_once(call, op, f"{call.site.key}: the mask covers every token at this {call.grid} grid "
+                   "for some image, so the unmasked mean is undefined; kv_bank skips injection there")
+    key, value = call.key[..., :hw, :], call.value[..., :hw, :]
+    weights = ((1.0 - masked) / n_keep.clamp(min=1)[:, None])[:, None, None, :]
+    cos, sin = (t.to(key.device) for t in rotary)
+    k_bar = torch.matmul(weights, unrotate(key, cos, sin))  # [B, h, 1, d] at position 0, fp32
+    v_bar = torch.matmul(weights, value.float())
+    at_masked = (masked > 0)[:, None, :, None]
+    k_tilde = torch.where(at_masked, rotate(k_bar.expand_as(key), cos, sin), key.float()).to(key.dtype)
+    v_tilde = torch.where(at_masked, v_bar.expand_as(value), value.float()).to(value.dtype)
+    bias = torch.zeros_like(masked).masked_fill((n_keep == 0)[:, None], -math.inf)  # no mean: no injection
+    return Bank(k_tilde, v_tilde, bias[:, None, None, :])
+
+
 def reference_row_bank(call: AttentionCall, op: KvBankOp) -> Bank:
     """The own keys/values of image ``source_image`` in the same CFG branch as each row."""
     import torch
@@ -158,6 +188,8 @@ SOURCES: dict[str, Callable[[AttentionCall, "KvBankOp"], Bank | None]] = {
     "masked_mean": masked_mean_bank,
     "row": reference_row_bank,
 }
+#: how ``masked_mean`` treats keys rotated by position (FLUX): mean of the rotated keys, or at positions
+ROPE_MODES = ("rotated", "positions")
 
 
 def _warn_once(call: AttentionCall, op: KvBankOp, message: str) -> None:
@@ -176,6 +208,10 @@ class KvBankParams:
     scale: float = field(default=1.4, metadata={"help": "lambda: scale of the bank keys (Eq. 11), > 0"})
     source: str = field(default="masked_mean", metadata={"help": f"bank source: {', '.join(SOURCES)}"})
     source_image: int = field(default=0, metadata={"help": "source=row: index of the reference image"})
+    rope: str = field(default="rotated", metadata={
+        "help": "masked_mean on keys with rotary positions (FLUX): 'rotated' (the mean of the rotated keys, one "
+                "bank key; cheap) or 'positions' (the mean rotated back to position 0, then to each masked "
+                "token's position; HW bank keys); the same on models without rotary positions"})
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.scale) and self.scale > 0):
@@ -186,6 +222,8 @@ class KvBankParams:
             )
         if self.source_image < 0:
             raise ConfigError(f"source_image must be an image index >= 0, got {self.source_image}")
+        if self.rope not in ROPE_MODES:
+            raise ConfigError(f"rope: unknown '{self.rope}'; choose one of {', '.join(ROPE_MODES)}")
 
 
 SPEC = StrategySpec(
@@ -202,14 +240,19 @@ class KvBankOp(KeyValueOp):
     scale: float = field(default=1.4, kw_only=True)
     source: str = field(default="masked_mean", kw_only=True)
     source_image: int = field(default=0, kw_only=True)
+    rope: str = field(default="rotated", kw_only=True)
 
     #: on a joint site the bank joins the image queries' keys (text queries never see it); on a
     #: transformer with rotary embedding (FLUX) the keys are rotated by position before attention,
     #: so the masked mean is a mean of rotated keys
     joint_sites: ClassVar[bool] = True
 
+    def needs_rotary(self) -> bool:
+        return self.source == "masked_mean" and self.rope == "positions"
+
     def extend(self, call: AttentionCall) -> None:
-        bank = SOURCES[self.source](call, self)
+        source = positions_masked_mean_bank if self.needs_rotary() else SOURCES[self.source]
+        bank = source(call, self)
         if bank is not None:
             call.append_keys(self.scale * bank.key, bank.value, bank.bias)
 
@@ -225,7 +268,8 @@ def attnctl_plan(instance: str, spec: StrategySpec, params: KvBankParams, sites:
         return None
     where = f"strategies.{instance}"
     return [
-        KvBankOp(instance, site=site, scale=params.scale, source=params.source, source_image=params.source_image)
+        KvBankOp(instance, site=site, scale=params.scale, source=params.source, source_image=params.source_image,
+                 rope=params.rope)
         for site in self_attention_sites(params.sites, sites, where)
     ]
 

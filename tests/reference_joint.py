@@ -72,6 +72,20 @@ class JointCase:
     masks: torch.Tensor
     tau: float | None = None
     lam: float | None = None
+    #: FLUX's (cos, sin) [S, d] of the call's tokens: the bank's mean key is taken at position 0 and
+    #: rotated to each masked token (kv_bank rope: positions)
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def positions_bank(k_img: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Eq. 10 on rotated keys, with complex numbers: pairs (x_2i, x_2i+1) = x_2i + i x_2i+1 turned by e^{i theta}."""
+    turn = torch.complex(cos[:, 0::2].double(), sin[:, 0::2].double())  # e^{i theta} per token and pair
+    kc = torch.view_as_complex(k_img.double().reshape(*k_img.shape[:-1], -1, 2).contiguous())
+    at_zero = kc * turn.conj()
+    keep = (1 - mask.double())[:, None, :, None]
+    mean = (keep * at_zero).sum(2, keepdim=True) / keep.sum(2, keepdim=True)
+    tilde = torch.where(keep > 0, kc, mean * turn)
+    return torch.view_as_real(tilde).flatten(-2)
 
 
 def naive_joint(q, k, v, case: JointCase, scale: float) -> torch.Tensor:
@@ -88,7 +102,12 @@ def naive_joint(q, k, v, case: JointCase, scale: float) -> torch.Tensor:
     keys, values = k, v
     if case.lam is not None:  # the bank follows the module's keys, for image queries only
         k_img, v_img = k[..., img, :], v[..., img, :]
-        keys = torch.cat([k, case.lam * makvs_bank(k_img, case.masks)], dim=2)
+        if case.rotary is not None:
+            cos, sin = (t[img] for t in case.rotary)
+            bank = positions_bank(k_img, case.masks, cos, sin)
+        else:
+            bank = makvs_bank(k_img, case.masks)
+        keys = torch.cat([k, case.lam * bank], dim=2)
         values = torch.cat([v, makvs_bank(v_img, case.masks)], dim=2)
     probs = torch.softmax(q @ keys.transpose(-1, -2) * scale, dim=-1)
     weights = torch.ones_like(probs[:, :1])

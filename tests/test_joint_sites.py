@@ -127,3 +127,38 @@ def test_an_op_not_written_for_joint_sites_is_refused_there():
     with pytest.raises(ConfigError, match=r"not written for joint sites"):
         attnctl.attach(tiny_flux(), {"strategies": {"s": {"strategy": "toy_scale", "sites": "joint[0]"}}},
                        manager=manager)
+
+
+def test_rotation_helpers_are_fluxs_and_invert_exactly():
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from strategies._rotary import rotate, unrotate
+
+    model = tiny_flux(dtype=torch.float64)
+    inputs = flux_inputs(GRID, dtype=torch.float64)
+    cos, sin = model.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"]]))
+    x = torch.randn(1, 2, cos.shape[0], cos.shape[1], dtype=torch.float64)
+    assert torch.allclose(rotate(x, cos, sin).double(), apply_rotary_emb(x, (cos, sin)), atol=1e-6)
+    assert (unrotate(rotate(x.double(), cos, sin), cos, sin) - x).abs().max() < 1e-5  # fp32 helpers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_bank_at_positions_is_eq10_with_rotated_keys(family):
+    """rope: positions takes the unmasked keys' mean at position 0 and turns it to each masked token (FLUX);
+    on SD3 (no rotary positions) it is the plain masked mean."""
+    make, inputs, order, text, rows, cfg = FAMILIES[family]
+    model = make(dtype=torch.float64)
+    args = inputs(torch.float64)
+    config = {"strategies": {"makvs": {"strategy": "kv_bank", "sites": "*", "scale": 1.4, "rope": "positions"}}}
+    fast = run_attached(model, config, args, cfg)
+    rotary = model.pos_embed(torch.cat([args["txt_ids"], args["img_ids"]])) if family == "flux" else None
+    case = JointCase(order, text, token_masks(rows), lam=1.4, rotary=rotary)
+    with NaiveJointAttention(case), torch.no_grad():
+        reference = model(**args)[0]
+    assert (fast - reference).abs().max() < 1e-5  # the rotations run in fp32
+    rotated = run_attached(model, {"strategies": {"makvs": {**config["strategies"]["makvs"], "rope": "rotated"}}},
+                           args, cfg)
+    if family == "flux":
+        assert (rotated - fast).abs().max() > 1e-3  # the control: the two readings differ where keys rotate
+    else:
+        assert (rotated - fast).abs().max() < 1e-10

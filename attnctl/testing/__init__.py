@@ -5,8 +5,8 @@
 - ``build_tiny_dit_pipeline(kind="sd3"|"flux-fill", seed)`` / ``save_tiny_dit_pipeline``:
   test-sized DiT inpainting pipelines, ``StableDiffusion3InpaintPipeline`` shaped like SD3.5
   Medium and ``FluxFillPipeline``, with three or two text encoders and offline tokenizers;
-- ``build_inpaint_pipeline(PipelineSpec(...), seed)``: the one builder behind the UNet ones, for
-  any component configs (benchmarks build full-size architectures with it);
+- ``build_inpaint_pipeline(PipelineSpec(...), seed)`` / ``build_dit_pipeline(DitSpec(...), seed)``:
+  the builders behind them, for any component configs (benchmarks build larger architectures with them);
 - ``build_unet(arch, device="meta")`` / ``load_unet_config(arch)``: the full-size UNets of
   SD 1.5, SD 2 and SDXL inpainting, from configs shipped with the package;
 - ``build_transformer(arch, device="meta")`` / ``load_transformer_config(arch)``: the full-size
@@ -24,8 +24,11 @@ from attnctl.testing.architectures import (
 from attnctl.testing.dit import (
     FLUX_SCHEDULER_CONFIG,
     SD3_SCHEDULER_CONFIG,
+    TINY_DIT,
     TINY_FLUX_FILL_TRANSFORMER_CONFIG,
     TINY_SD3_TRANSFORMER_CONFIG,
+    DitSpec,
+    build_dit_pipeline,
     build_tiny_dit_pipeline,
     save_tiny_dit_pipeline,
     t5_char_tokenizer,
@@ -55,7 +58,7 @@ from attnctl.testing.tiny import (
 )
 
 __all__ = [
-    "DIT_CONFIGS", "FLUX_SCHEDULER_CONFIG", "SD3_SCHEDULER_CONFIG", "SD_DDIM_SCHEDULER_CONFIG",
+    "DIT_CONFIGS", "TINY_DIT", "DitSpec", "build_dit_pipeline", "FLUX_SCHEDULER_CONFIG", "SD3_SCHEDULER_CONFIG", "SD_DDIM_SCHEDULER_CONFIG",
     "TINY_FLUX_FILL_TRANSFORMER_CONFIG", "TINY_SD", "TINY_SD3_TRANSFORMER_CONFIG", "TINY_SDXL",
     "TINY_SDXL_UNET_CONFIG", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG", "UNET_CONFIGS", "PipelineSpec",
     "build_inpaint_pipeline", "build_tiny_dit_pipeline", "build_tiny_inpaint_pipeline", "build_transformer",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -176,7 +177,7 @@ def t5_encoder(kwargs: dict[str, Any] | None = None) -> Any:
     character-level T5 tokenizer. Seed the global RNG (``seeded``) around the call."""
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(**{**TINY_T5_CONFIG, **(kwargs or {}), "vocab_size": len(t5_char_vocab()),
+    config = T5Config(**{"vocab_size": len(t5_char_vocab()), **TINY_T5_CONFIG, **(kwargs or {}),
                          "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0})
     return T5EncoderModel(config)
 
@@ -199,6 +200,75 @@ def _eval(pipe: Any) -> Any:
     return pipe
 
 
+@dataclass(frozen=True)
+class DitSpec:
+    """The component configs of a DiT inpainting pipeline (random weights; nothing downloaded).
+
+    Attributes:
+        kind: ``"sd3"`` (``StableDiffusion3InpaintPipeline``) or ``"flux-fill"`` (``FluxFillPipeline``).
+        transformer: ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` kwargs.
+        vae: ``AutoencoderKL`` kwargs.
+        clip: ``CLIPTextConfig`` kwargs of the CLIP encoder(s): two with projection for SD3, one for FLUX.
+        t5: ``T5Config`` kwargs over ``TINY_T5_CONFIG`` (its ``d_model`` is the transformer's
+            ``joint_attention_dim``; the vocabulary is the character-level tokenizer's unless given).
+        scheduler: ``FlowMatchEulerDiscreteScheduler`` kwargs.
+    """
+
+    kind: DitKind
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+    clip: tuple[dict[str, Any], ...]
+    t5: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+
+TINY_DIT: dict[str, DitSpec] = {
+    "sd3": DitSpec("sd3", TINY_SD3_TRANSFORMER_CONFIG, TINY_SD3_VAE_CONFIG, (_TINY_SD3_CLIP_L, _TINY_SD3_CLIP_G),
+                   scheduler=SD3_SCHEDULER_CONFIG),
+    "flux-fill": DitSpec("flux-fill", TINY_FLUX_FILL_TRANSFORMER_CONFIG, TINY_FLUX_VAE_CONFIG, (_TINY_FLUX_CLIP,),
+                         scheduler=FLUX_SCHEDULER_CONFIG),
+}
+
+
+def build_dit_pipeline(spec: DitSpec, seed: int = 0, device: Any = None) -> Any:
+    """A random-weight DiT inpainting pipeline from ``spec`` (weights from ``seed``; models made on
+    ``device``, default the CPU). The global CPU RNG state is left untouched."""
+    import contextlib
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    _check_kind(spec.kind)
+    t5_tokenizer, clip_tokenizer = t5_char_tokenizer(), byte_clip_tokenizer()
+    scheduler = FlowMatchEulerDiscreteScheduler(**spec.scheduler)
+    on_device = torch.device(device) if device is not None else contextlib.nullcontext()
+    if spec.kind == "sd3":
+        from diffusers import SD3Transformer2DModel, StableDiffusion3InpaintPipeline
+
+        with seeded(seed), on_device:
+            transformer = SD3Transformer2DModel(**spec.transformer)
+            vae = AutoencoderKL(**spec.vae)
+            text_encoder = clip_text_encoder(spec.clip[0], with_projection=True)
+            text_encoder_2 = clip_text_encoder(spec.clip[1], with_projection=True)
+            text_encoder_3 = t5_encoder(spec.t5)
+        return _eval(StableDiffusion3InpaintPipeline(
+            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer,
+            text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer, text_encoder_3=text_encoder_3,
+            tokenizer_3=t5_tokenizer,
+        ))
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    with seeded(seed), on_device:
+        transformer = FluxTransformer2DModel(**spec.transformer)
+        vae = AutoencoderKL(**spec.vae)
+        text_encoder = clip_text_encoder(spec.clip[0], with_projection=False)
+        text_encoder_2 = t5_encoder(spec.t5)
+    return _eval(FluxFillPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer,
+    ))
+
+
 def build_tiny_dit_pipeline(kind: DitKind, seed: int = 0) -> Any:
     """A tiny random DiT inpainting pipeline: ``StableDiffusion3InpaintPipeline`` (``kind="sd3"``)
     or ``FluxFillPipeline`` (``"flux-fill"``), its weights from ``seed``.
@@ -208,34 +278,7 @@ def build_tiny_dit_pipeline(kind: DitKind, seed: int = 0) -> Any:
     untouched.
     """
     _check_kind(kind)
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-
-    t5_tokenizer, clip_tokenizer = t5_char_tokenizer(), byte_clip_tokenizer()
-    if kind == "sd3":
-        from diffusers import SD3Transformer2DModel, StableDiffusion3InpaintPipeline
-
-        with seeded(seed):
-            transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER_CONFIG)
-            vae = AutoencoderKL(**TINY_SD3_VAE_CONFIG)
-            text_encoder = clip_text_encoder(_TINY_SD3_CLIP_L, with_projection=True)
-            text_encoder_2 = clip_text_encoder(_TINY_SD3_CLIP_G, with_projection=True)
-            text_encoder_3 = t5_encoder()
-        return _eval(StableDiffusion3InpaintPipeline(
-            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG), vae=vae,
-            text_encoder=text_encoder, tokenizer=clip_tokenizer, text_encoder_2=text_encoder_2,
-            tokenizer_2=clip_tokenizer, text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer,
-        ))
-    from diffusers import FluxFillPipeline, FluxTransformer2DModel
-
-    with seeded(seed):
-        transformer = FluxTransformer2DModel(**TINY_FLUX_FILL_TRANSFORMER_CONFIG)
-        vae = AutoencoderKL(**TINY_FLUX_VAE_CONFIG)
-        text_encoder = clip_text_encoder(_TINY_FLUX_CLIP, with_projection=False)
-        text_encoder_2 = t5_encoder()
-    return _eval(FluxFillPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG), vae=vae, text_encoder=text_encoder,
-        tokenizer=clip_tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer,
-    ))
+    return build_dit_pipeline(TINY_DIT[kind], seed=seed)
 
 
 def save_tiny_dit_pipeline(directory: str | Path, kind: DitKind, seed: int = 0) -> Path:

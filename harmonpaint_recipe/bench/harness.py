@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from attnctl.backbones import denoiser_of as denoiser
 from attnctl.errors import ConfigError
 from attnctl.layout import BatchLayout
 from harmonpaint_recipe.bench.archs import ARCHITECTURES, build_pipeline
@@ -60,7 +61,7 @@ class BenchConfig:
     device: str = "auto"
     repeats: int = 3
     warmup: int = 1
-    variants: list[str] = field(default_factory=lambda: parse_variants(None))
+    variants: list[str] = field(default_factory=lambda: ["all"])  # names or groups (parse_variants)
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend; "eager" traces with dynamo only
     guidance_scale: float = 7.5
@@ -152,7 +153,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
     device = resolve_device(cfg.device, option="--device")
     dtype = resolve_dtype(cfg.dtype, device, option="--dtype")
     size = cfg.size or arch.default_size
-    names = parse_variants(",".join(cfg.variants))
+    names = parse_variants(",".join(cfg.variants), transformer=arch.transformer)
     if device.type == "cpu":
         pin_mmap_threshold()
 
@@ -160,6 +161,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
         from tqdm.auto import tqdm
 
         log = tqdm.write  # above the progress bar
+    if arch.transformer and cfg.compile:
+        raise ConfigError(f"--compile is measured on UNet architectures only so far, not on {arch.name}")
     log(f"building {arch.name} ({arch.description}) with random weights ...")
     pipe = build_pipeline(arch, cfg.seed, device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -185,8 +188,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
         )
 
     recipe = cfg.recipe or arch.recipe
-    # diffusers runs CFG (rows [uncond, cond]) iff guidance_scale > 1
-    layout = BatchLayout.for_pipeline(num_prompts=1, cfg=cfg.guidance_scale > 1.0)
+    # the pipeline's own rule: CFG (rows [uncond, cond]) iff guidance_scale > 1, never on FLUX (guidance-distilled)
+    layout = BatchLayout.for_call(pipe, prompt=PROMPT, guidance_scale=cfg.guidance_scale)
     inputs = BenchInputs(pipe=pipe, call_kwargs=call_kwargs, mask=mask, prompt=PROMPT, recipe=recipe, layout=layout)
     variants = {n: VARIANTS.get(n)() for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -283,7 +286,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
         "config": {**asdict(cfg), "size": size, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
                    "recipe": recipe},
         "arch": {"name": arch.name, "description": arch.description, "full_size": arch.full_size,
-                 "unet_parameters": sum(p.numel() for p in pipe.unet.parameters())},
+                 "transformer" if arch.transformer else "unet_parameters":
+                     sum(p.numel() for p in denoiser(pipe).parameters())},
         "device": device_name(device),
         "memory_method": ("cuda max_memory_allocated (absolute)" if device.type == "cuda"
                           else "RSS increase over the pre-run baseline (sampling thread; VmHWM reset as cross-check)"),

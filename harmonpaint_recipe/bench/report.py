@@ -25,8 +25,11 @@ def markdown_table(result: dict[str, Any]) -> str:
     cfg = meta["config"]
     cpu = cfg["device"].startswith("cpu")
     mem_head = "peak RSS increase" if cpu else "peak allocated"
+    # a transformer steps with its flow-matching scheduler; FLUX's guidance scale is an input, not CFG
+    sampling = (f"{cfg['steps']} flow-matching steps, guidance {cfg['guidance_scale']}" if "transformer" in meta["arch"]
+                else f"{cfg['steps']} DDIM steps, CFG {cfg['guidance_scale']}")
     lines = [
-        f"`{meta['arch']['name']}`, {cfg['size']}x{cfg['size']}, {cfg['steps']} DDIM steps, CFG {cfg['guidance_scale']}, "
+        f"`{meta['arch']['name']}`, {cfg['size']}x{cfg['size']}, {sampling}, "
         f"{cfg['dtype']}, {meta['device']}, torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['date']}; "
         f"{cfg['repeats']} repeats + {cfg['warmup']} warm-up, interleaved{', torch.compile' if cfg['compile'] else ''}"
         + (f"; load average {meta['load_average']['before'][0]} before, {meta['load_average']['after'][0]} after"

@@ -36,9 +36,9 @@ class BenchInputs:
     layout: BatchLayout = field(default_factory=lambda: BatchLayout.for_pipeline(num_prompts=1, cfg=True))
 
     def token_indices(self) -> list[list[int]]:
-        from harmonpaint_recipe.runner import prompt_token_indices
+        from attnctl.layout import pipeline_token_indices
 
-        return [prompt_token_indices(self.pipe.tokenizer, self.prompt)]
+        return [pipeline_token_indices(self.pipe, self.prompt)]
 
 
 class Variant:
@@ -87,8 +87,10 @@ class RecipeVariant(Variant):
         from harmonpaint_recipe.runner import Runner
 
         self.inputs = inputs
-        overrides = self.overrides(inputs.prompt) if callable(self.overrides) else self.overrides
-        cfg = load_recipe(self.recipe or inputs.recipe, list(overrides))
+        overrides = list(self.overrides(inputs.prompt) if callable(self.overrides) else self.overrides)
+        if getattr(inputs.pipe, "unet", None) is None:  # a transformer: every variant steps with its own scheduler
+            overrides.append("sampler.scheduler=pipeline")
+        cfg = load_recipe(self.recipe or inputs.recipe, overrides)
         self.runner = Runner(inputs.pipe, cfg)
         self.tokens = inputs.token_indices()
 
@@ -166,6 +168,10 @@ VARIANTS: Registry[Callable[[], Variant]] = Registry("variant", {
     ),
     "harmonpaint": lambda: RecipeVariant("harmonpaint", "full HarmonPaint recipe", None),
     "naive": NaiveVariant,
+    "harmonpaint+steer": lambda: RecipeVariant(
+        "harmonpaint+steer", "the transformer recipe with the steer loss on (read at every joint site)", None,
+        ("strategies.steer.enabled=true", "strategies.steer.read_sites=joint"),
+    ),
     "probe-cross": lambda: RecipeVariant(
         "probe-cross", "no strategy (recipe sdi), cross_maps probe at cross/4,cross/2 on every step", "sdi",
         ("probes.cross_maps.enabled=true", "probes.cross_maps.steps=all"),
@@ -198,14 +204,18 @@ VARIANTS: Registry[Callable[[], Variant]] = Registry("variant", {
 METHODS = ("p2p", "masactrl", "style-aligned", "attend-excite", "pag", "reference-only", "hd-painter", "vsp",
            "masactrl-real", "style-aligned-real")
 #: variants run only when named in ``--variants`` (not part of ``all``)
-OPT_IN = ("stock-eager", "probe-cross", *METHODS)
+OPT_IN = ("stock-eager", "probe-cross", "harmonpaint+steer", *METHODS)
+#: what runs on a transformer architecture (SD3, FLUX); ``all`` there is every one of them
+TRANSFORMER_VARIANTS = ("stock", "idle", "sams+makvs", "harmonpaint+steer")
 
 
-def parse_variants(text: str | None) -> list[str]:
+def parse_variants(text: str | None, transformer: bool = False) -> list[str]:
     """``"stock,idle"`` -> names in report order; ``stock`` is always included (every ratio is to it).
 
     ``all`` (the default) is every variant but the opt-in ones (``OPT_IN``).
     """
+    if transformer:
+        return _transformer_variants(text)
     if not text or text == "all":
         return [n for n in VARIANTS.names() if n not in OPT_IN]
     parts = [p.strip() for p in text.split(",")]
@@ -213,4 +223,18 @@ def parse_variants(text: str | None) -> list[str]:
     named = [p for p in parts if p not in groups]
     names = {"stock", *(n for p in parts for n in groups.get(p, ())),
              *(VARIANTS.parse_list(",".join(named), "--variants") if named else ())}
+    return [n for n in VARIANTS if n in names]
+
+
+def _transformer_variants(text: str | None) -> list[str]:
+    """The variants of a transformer architecture: ``all`` is ``TRANSFORMER_VARIANTS``; others are refused."""
+    from attnctl.errors import ConfigError
+
+    if not text or text == "all":
+        return list(TRANSFORMER_VARIANTS)
+    names = ["stock", *VARIANTS.parse_list(text, "--variants")]
+    other = [n for n in names if n not in TRANSFORMER_VARIANTS]
+    if other:
+        raise ConfigError(f"--variants {', '.join(other)} run on UNet architectures only; on a transformer "
+                          f"architecture choose among {', '.join(TRANSFORMER_VARIANTS)}")
     return [n for n in VARIANTS if n in names]

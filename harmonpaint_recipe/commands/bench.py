@@ -45,11 +45,10 @@ def _bench(args: argparse.Namespace) -> int:
     require("bench", "psutil", "matplotlib", what="attnctl bench (memory sampling, the PNG chart)")
     from harmonpaint_recipe.bench import BenchConfig, run_benchmark, write_reports
     from harmonpaint_recipe.bench.report import markdown_table
-    from harmonpaint_recipe.bench.variants import parse_variants
 
     cfg = BenchConfig(
         arch=args.arch, size=args.size, steps=args.steps, dtype=args.dtype, device=args.device,
-        repeats=args.repeats, warmup=args.warmup, variants=parse_variants(args.variants),
+        repeats=args.repeats, warmup=args.warmup, variants=args.variants.split(","),
         compile=args.compile, compile_backend=args.compile_backend, guidance_scale=args.guidance_scale, seed=args.seed, recipe=args.recipe,
     )
     result = run_benchmark(cfg)
@@ -79,6 +78,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         "the UNet uncompiled under --compile), probe-cross "
                         "(cross-attention map probe) and the methods p2p,masactrl,style-aligned,attend-excite,pag,"
                         "reference-only,hd-painter,vsp,masactrl-real,style-aligned-real ('methods' names them all); "
+                        "on the transformer architectures (sd35-medium, flux1-fill-dev, mid-sd35, mid-flux-fill, "
+                        "tiny-sd3, tiny-flux-fill) all = stock,idle,sams+makvs,harmonpaint+steer; "
                         "stock is always run [all]")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet's forward (every variant but stock-eager, the uncompiled baseline)")

@@ -184,6 +184,12 @@ class Controller:
         self.sync_processors()
         if self.state is not None:
             raise RunError("a run is already active on this controller; runs cannot be nested")
+        if getattr(self.unet, "is_cache_enabled", False) and not self.plan.is_idle:
+            raise ConfigError(
+                f"the {type(self.unet).__name__} has a cache enabled (enable_cache: FirstBlockCache, "
+                "PyramidAttentionBroadcast, ...), which skips or reuses blocks on some steps, so the strategies' "
+                "ops would not run there; call disable_cache() while strategies act"
+            )
         if self.plan.latent_ops and self.scheduler is None:
             raise ConfigError(
                 "latent guidance needs the pipeline's scheduler; attach to the pipeline "

@@ -8,7 +8,7 @@ from peft import LoraConfig
 
 import attnctl
 from attnctl import BatchLayout, StrategyManager
-from attnctl.errors import UnsupportedProcessorError
+from attnctl.errors import ConfigError, UnsupportedProcessorError
 from attnctl.processor import innermost
 from reference_joint import JointCase, NaiveJointAttention, flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
 from test_joint_sites import GRID, LATENT, box_mask, token_masks
@@ -105,3 +105,15 @@ def test_context_parallelism_is_refused_at_active_sites():
     config = {"strategies": {"sams": {"strategy": "region_mask", "sites": "joint[0]"}}}
     with pytest.raises(UnsupportedProcessorError, match=r"context parallelism"):
         run(model, config, flux_inputs(GRID))
+
+
+def test_a_transformer_cache_is_refused_while_strategies_act():
+    from diffusers import FirstBlockCacheConfig
+
+    model = tiny_flux()
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    config = {"strategies": {"sams": {"strategy": "region_mask", "sites": "joint"}}}
+    with pytest.raises(ConfigError, match=r"cache enabled .*disable_cache\(\)"):
+        run(model, config, flux_inputs(GRID))
+    model.disable_cache()
+    run(model, config, flux_inputs(GRID))  # and without it, it runs

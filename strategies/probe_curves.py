@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attnctl
 from attnctl.errors import ConfigError
@@ -188,6 +188,9 @@ def _region_stats(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.
 class SelfCurvesOp(MeasureOp):
     """Columns: unmasked own keys, appended keys, all keys. Records background/bank shares and feature gaps."""
 
+    #: on a joint site: own keys are the image keys; the text keys count in the total only
+    joint_sites: ClassVar[bool] = True
+
     def columns(self, call: AttentionCall) -> torch.Tensor:
         n_keys = call.key.shape[-2]
         return call.memo((NAME, "self", n_keys), lambda: self._columns(call, n_keys))
@@ -200,7 +203,7 @@ class SelfCurvesOp(MeasureOp):
         mask = call.mask()
         columns = torch.zeros(mask.shape[0], 1, n_keys, 3, device=mask.device)
         columns[:, 0, :hw, 0] = 1.0 - mask
-        columns[:, 0, hw:, 1] = 1.0
+        columns[:, 0, hw + call.context_keys :, 1] = 1.0  # keys appended by key/value ops
         columns[..., 2] = 1.0
         return columns
 
@@ -236,6 +239,9 @@ class CrossCurvesOp(MeasureOp):
 
     tokens: str | tuple[int, ...] = field(default="prompt", kw_only=True)
 
+    #: on a joint site: the img>txt block (masses are shares of the whole joint softmax)
+    joint_sites: ClassVar[bool] = True
+
     def columns(self, call: AttentionCall) -> torch.Tensor:
         n_keys = call.key.shape[-2]
         return call.memo((NAME, "cross", self.strategy, n_keys), lambda: self._columns(call, n_keys))
@@ -246,8 +252,10 @@ class CrossCurvesOp(MeasureOp):
         prompts = call.layout.prompts
         columns = torch.zeros(len(prompts), 1, n_keys, 2, device=call.query.device)
         for row, prompt in enumerate(prompts):
-            columns[row, 0, token_positions(call.state, self.tokens, prompt, call.num_own_keys, self.strategy), 0] = 1.0
-        columns[:, 0, 1 : call.num_own_keys, 1] = 1.0
+            positions = token_positions(call.state, self.tokens, prompt, call.text_length, self.strategy)
+            columns[row, 0, [call.text_key(p) for p in positions], 0] = 1.0
+        text = call.key_span("txt")
+        columns[:, 0, text.start + int(call.state.text_start_token) : text.stop, 1] = 1.0  # the start token left out
         return columns
 
     def measure(self, call: AttentionCall, sums: torch.Tensor, output: torch.Tensor) -> None:
@@ -277,7 +285,8 @@ def attnctl_plan(instance: str, spec: StrategySpec, params: CurvesParams, sites:
     gate = AtSteps(StepChoice.parse(params.steps))
     self_sites = select_sites(params.self_sites, sites)
     cross_sites = select_sites(params.cross_sites, sites)
-    wrong = [s.key for s in self_sites if s.kind != "self"] + [s.key for s in cross_sites if s.kind != "cross"]
+    wrong = ([s.key for s in self_sites if "img>img" not in s.blocks]
+             + [s.key for s in cross_sites if "img>txt" not in s.blocks])
     if wrong:
         raise ConfigError(f"probes.{instance}: {', '.join(wrong)} are in the wrong selector; self_sites takes "
                           "self-attention sites (e.g. 'self'), cross_sites cross-attention sites (e.g. 'cross/4,cross/2')")

@@ -19,7 +19,7 @@ the full-resolution grid (``self/1``, 4096 tokens at 512x512) unless you need it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attnctl
 from attnctl.ops import MAIN, ObserveOp
@@ -157,6 +157,9 @@ class SelfMapsOp(ObserveOp):
     """Sums the head-mean self-attention map over the site's own keys, for the conditional rows."""
 
     passes: frozenset[str] = field(default=frozenset({MAIN}), kw_only=True)
+
+    #: on a joint site: the img>img block of the joint softmax (the image keys' columns)
+    joint_sites: ClassVar[bool] = True
 
     def observe(self, call: AttentionCall, probs: torch.Tensor) -> None:
         picked, images = cond_rows(call)

@@ -173,3 +173,35 @@ def test_cross_map_probe_reads_the_img_txt_block_renormalized_over_the_text(kind
 def probs_without_renormalizing(calls, img, txt, cond, columns):
     raw = sum(p[cond, :, img, txt][..., columns].mean(0) for p in calls) / len(calls)
     return raw.T.reshape(len(columns), 16, 24).numpy()
+
+
+@pytest.fixture
+def files(tmp_path, images):
+    images[0].save(tmp_path / "img.png")
+    images[1].save(tmp_path / "mask.png")
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_commands_run_offline_on_the_tiny_transformers(kind, files, capsys):
+    """attnctl sites, inpaint and probe on tiny-sd3 / tiny-flux-fill, as docs/transformers.md shows them."""
+    import json
+
+    from attnctl.cli import main
+
+    model = f"tiny-{kind}"
+    assert main(["sites", model]) == 0
+    table = capsys.readouterr().out
+    assert "transformer_blocks.1.attn" in table and "img>img img>txt txt>img txt>txt" in table
+    assert ("single[1]" in table) == (kind == "flux-fill") and ("self[0]" in table) == (kind == "sd3")
+    out = files / "out.png"
+    assert main(["inpaint", "--recipe", RECIPE[kind], "--image", str(files / "img.png"), "--mask",
+                 str(files / "mask.png"), "--prompt", "a red cup", "--out", str(out), "--seed", "1",
+                 f"model.pretrained={model}", "sampler.steps=4"]) == 0
+    assert Image.open(out).size == (96, 64)
+    assert main(["probe", "--recipe", RECIPE[kind], "--image", str(files / "img.png"), "--mask",
+                 str(files / "mask.png"), "--prompt", "a red cup", "--out-dir", str(files / "probe"), "--seed", "1",
+                 f"model.pretrained={model}", "sampler.steps=4"]) == 0
+    record = json.loads((files / "probe" / "probes.json").read_text())
+    text = json.dumps(record)
+    assert "background_share" in text and "object_share" in text

@@ -162,3 +162,35 @@ def test_kv_bank_at_positions_is_eq10_with_rotated_keys(family):
         assert (rotated - fast).abs().max() > 1e-3  # the control: the two readings differ where keys rotate
     else:
         assert (rotated - fast).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("recipe", ["masactrl", "style-aligned", "p2p-replace", "pag", "reference-only",
+                                    "attentive-eraser", "hd-painter", "visual-style-prompting", "attend-excite"])
+def test_unet_recipes_of_other_methods_are_refused_on_a_transformer(recipe):
+    """Their selectors name UNet stages and grids, or their ops need UNet machinery: refused with a message."""
+    from harmonpaint_recipe.loading import load_recipe, resolved
+    from harmonpaint_recipe.runner import attach_config
+
+    with pytest.raises(attnctl.errors.AttnctlError, match=r"matches no attention site|strategies\.\w+|give sites"):
+        attnctl.attach(tiny_flux(), attach_config(resolved(load_recipe(recipe))))
+
+
+def _row(instance, sites):
+    from attnctl.rows import RowOp, RowSpec
+
+    return [RowOp(instance, row=RowSpec(role="source"))]
+
+
+def _prediction(instance, sites):
+    from attnctl.step_ops import PredictionOp
+
+    return [PredictionOp(instance)]
+
+
+@pytest.mark.parametrize("make,what", [(_row, "add rows to the batch"), (_prediction, "act around the scheduler step")])
+def test_unet_only_machinery_is_refused_by_name_on_a_transformer(make, what):
+    from toy_strategies import FactoryPlugin
+
+    manager = StrategyManager(plugins=[FactoryPlugin(make)], autoload=False)
+    with pytest.raises(ConfigError, match=rf"strategies\.mine {what}.*transformer"):
+        attnctl.attach(tiny_flux(), {"strategies": {"mine": {"strategy": "toy_ops"}}}, manager=manager)

@@ -45,3 +45,18 @@ def test_make_tiny_model_sdxl_writes_an_sdxl_pipeline(tmp_path, capsys):
     pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(target))
     sites = describe_sites(pipe.unet)
     assert sum(s.kind == "self" for s in sites) == 70 and sum(s.kind == "cross" for s in sites) == 70
+
+
+def test_make_tiny_model_dit_writes_a_transformer_pipeline_sites_and_inpaint_read(tmp_path, capsys):
+    from diffusers import FluxFillPipeline
+
+    target = tmp_path / "tiny-flux"
+    assert main(["make-tiny-model", str(target), "--dit", "flux-fill"]) == 0
+    assert "FluxFillPipeline.from_pretrained" in capsys.readouterr().out
+    assert type(FluxFillPipeline.from_pretrained(str(target)).transformer).__name__ == "FluxTransformer2DModel"
+    assert main(["sites", str(target), "--height", "64", "--width", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"# {target}: sites at 64x64 (latent 32x32, flux transformer)"
+    assert [line.split()[0] for line in lines[1:]] == ["joint[0]", "joint[1]", "single[0]", "single[1]"]
+    assert main(["make-tiny-model", str(tmp_path / "x"), "--dit", "sd3", "--sdxl"]) == 2
+    assert "two different models" in capsys.readouterr().err

@@ -53,6 +53,8 @@ def joint_compute(site: Site, state: RunView, ops: ActiveOps, query: torch.Tenso
     img, txt = spans["img"], spans["txt"]
 
     def keys_img_first(x: torch.Tensor) -> torch.Tensor:
+        if img.start == 0:  # SD3's order already: no copy
+            return x
         return torch.cat([x[..., img, :], x[..., txt, :]], dim=-2)
 
     img_bias = txt_bias = None
@@ -60,7 +62,7 @@ def joint_compute(site: Site, state: RunView, ops: ActiveOps, query: torch.Tenso
         if bias.dtype == torch.bool:
             bias = torch.zeros(bias.shape, dtype=query.dtype, device=query.device).masked_fill(~bias, float("-inf"))
         by_query = bias.shape[-2] > 1
-        img_bias = torch.cat([bias[..., img], bias[..., txt]], dim=-1)
+        img_bias = bias if img.start == 0 else torch.cat([bias[..., img], bias[..., txt]], dim=-1)
         img_bias = img_bias[..., img, :] if by_query else img_bias
         txt_bias = bias[..., txt, :] if by_query else bias
     call = AttentionCall(site, state, query[..., img, :], keys_img_first(key), keys_img_first(value), img_bias, scale,

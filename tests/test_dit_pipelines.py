@@ -205,3 +205,21 @@ def test_commands_run_offline_on_the_tiny_transformers(kind, files, capsys):
     record = json.loads((files / "probe" / "probes.json").read_text())
     text = json.dumps(record)
     assert "background_share" in text and "object_share" in text
+
+
+def test_steps_are_counted_by_the_scheduler_not_by_bf16_rounded_timesteps(images):
+    """FLUX hands its transformer t / 1000 in the latent dtype: in bf16 the value comes back rounded,
+    yet every call gets its step index and the schedule's own timestep."""
+    pipe = build_tiny_dit_pipeline("flux-fill").to(torch.bfloat16)
+    seen = []
+    layout = BatchLayout.for_call(pipe, prompt="a red cup", guidance_scale=30.0)
+    with attnctl.attach(pipe, {}) as ctl, ctl.run(layout, mask=torch.ones(64, 96)) as state:
+        hook = pipe.transformer.register_forward_pre_hook(
+            lambda m, a, k: seen.append((state.step_index, state.timestep, float(k["timestep"][0]) * 1000)),
+            with_kwargs=True)
+        call(pipe, "flux-fill", images, steps=5)
+        hook.remove()
+    schedule = [float(t) for t in pipe.scheduler.timesteps]
+    assert [index for index, _, _ in seen] == [0, 1, 2, 3, 4]
+    assert [t for _, t, _ in seen] == schedule
+    assert any(abs(given - t) > 0.5 for _, t, given in seen)  # what value matching would have missed

@@ -125,6 +125,24 @@ class UNetBackbone:
         return CallInfo(t, sample.shape[0], tuple(sample.shape[-2:]))
 
 
+def _matched_sites(model, pattern: re.Pattern, backbone: str, describe) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """(name, kind, stage, sequence) of every attention module, in execution order.
+
+    ``describe(match)`` gives ``(order key, kind, stage, sequence)`` for a module whose name
+    ``pattern`` matches; a module it does not match is refused (a variant not supported yet).
+    """
+    found = []
+    for name, _ in _attention_modules(model):
+        m = pattern.match(name)
+        if m is None:
+            raise _unexpected(model, name, backbone)
+        order, kind, stage, sequence = describe(m)
+        found.append((order, name, kind, stage, sequence))
+    if not found:
+        raise UnsupportedModelError(f"{type(model).__name__} has no attention modules to control")
+    return [(name, kind, stage, sequence) for _, name, kind, stage, sequence in sorted(found)]
+
+
 def _numbered(found: list[tuple[str, str, str, tuple[str, ...]]], level: int) -> SiteTable:
     """Sites in execution order, indexed per kind: ``found`` is (name, kind, stage, sequence)."""
     counts: dict[str, int] = {}
@@ -164,19 +182,12 @@ class SD3Backbone:
     rotary_module = None  # absolute positions, added once before the blocks
 
     def describe_sites(self, model):
-        found = []
-        for name, _ in _attention_modules(model):
-            m = _SD3_RE.match(name)
-            if m is None:
-                raise _unexpected(model, name, "SD3")
-            joint = m.group(2) == "attn"
-            found.append((int(m.group(1)), m.group(2), name, "joint" if joint else "self",
-                          ("img", "txt") if joint else ("img",)))
-        if not found:
-            raise UnsupportedModelError(f"{type(model).__name__} has no attention modules to control")
-        found.sort()
-        level = int(math.log2(model.config.patch_size))
-        return _numbered([(name, kind, "joint", seq) for _, _, name, kind, seq in found], level)
+        def site(m: re.Match) -> tuple:  # (block, attn before attn2): their execution order
+            if m.group(2) == "attn":
+                return (int(m.group(1)), 0), "joint", "joint", ("img", "txt")
+            return (int(m.group(1)), 1), "self", "joint", ("img",)
+
+        return _numbered(_matched_sites(model, _SD3_RE, "SD3", site), int(math.log2(model.config.patch_size)))
 
     def call_info(self, model, args, kwargs):
         hidden = _argument(args, kwargs, "hidden_states", 0)
@@ -217,18 +228,12 @@ class FluxBackbone:
     rotary_module = "pos_embed"  # of the ids [txt_ids; img_ids]: text then image, the attention order
 
     def describe_sites(self, model):
-        found = []
-        for name, _ in _attention_modules(model):
-            m = _FLUX_RE.match(name)
-            if m is None:
-                raise _unexpected(model, name, "FLUX")
-            single = m.group(1) == "single_transformer_blocks"
-            found.append((int(single), int(m.group(2)), name, "single" if single else "joint"))
-        if not found:
-            raise UnsupportedModelError(f"{type(model).__name__} has no attention modules to control")
-        found.sort()
+        def site(m: re.Match) -> tuple:  # dual-stream blocks run before single-stream ones
+            kind = "single" if m.group(1) == "single_transformer_blocks" else "joint"
+            return (kind == "single", int(m.group(2))), kind, kind, ("txt", "img")
+
         # the pipeline packs 2x2 latent pixels into one token
-        return _numbered([(name, kind, kind, ("txt", "img")) for _, _, name, kind in found], 1)
+        return _numbered(_matched_sites(model, _FLUX_RE, "FLUX", site), 1)
 
     def call_info(self, model, args, kwargs):
         hidden = _argument(args, kwargs, "hidden_states", 0)

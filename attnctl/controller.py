@@ -410,7 +410,8 @@ def _refuse_unet_only(plan: Plan, backbone: Backbone) -> None:
     unet_only = {
         "add rows to the batch": [i for i, _ in plan.rows],
         "act on non-attention modules (feature ops)": sorted({op.strategy for op in plan.feature_ops}),
-        "act around the scheduler step (prediction, noise or post-step ops)": sorted({op.strategy for op in plan.step_ops}),
+        "act around the scheduler step (prediction, noise or post-step ops)":
+            sorted({op.strategy for op in plan.step_ops}),
         "read the block holding a site": sorted({op.strategy for ops in plan.site_ops.values() for op in ops
                                                  if getattr(op, "needs_block", False)}),
     }

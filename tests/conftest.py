@@ -79,3 +79,19 @@ def app_api_pipe(served_app):
     pipe = hp.load_pipeline(hp.load_recipe("harmonpaint", TINY))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every network connection refused (``OSError``); the attempted addresses are counted in the list returned."""
+    import socket
+
+    attempts = []
+
+    def refuse(address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, address: refuse(address))
+    return attempts

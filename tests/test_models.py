@@ -3,7 +3,6 @@ the same local-folder check and the same offline rule for ``sites``, ``inpaint``
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 
@@ -31,18 +30,10 @@ def model_plugin(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def offline(monkeypatch):
+def offline(monkeypatch, no_network):
     """No network: every connection is refused; the attempts are counted."""
-    attempts = []
-
-    def refuse(address, *args, **kwargs):
-        attempts.append(address)
-        raise OSError("network is unreachable")
-
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", lambda self, address: refuse(address))
-    return attempts
+    return no_network
 
 
 def test_the_built_in_names_are_shared():

@@ -8,7 +8,6 @@ numbers of attention modules.
 
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -31,18 +30,10 @@ PIPELINE_CLASS = {"sd3": "StableDiffusion3InpaintPipeline", "flux-fill": "FluxFi
 
 
 @pytest.fixture
-def offline(monkeypatch):
+def offline(monkeypatch, no_network):
     """No network: ``HF_HUB_OFFLINE=1`` and every connection refused; the attempts are counted."""
-    attempts = []
-
-    def refuse(address, *args, **kwargs):
-        attempts.append(address)
-        raise OSError("network is unreachable")
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", lambda self, address: refuse(address))
-    return attempts
+    return no_network
 
 
 @pytest.fixture(scope="module", params=KINDS)

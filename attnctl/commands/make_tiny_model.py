@@ -9,6 +9,9 @@ from attnctl.cli import Command
 from attnctl.errors import InputError
 
 
+_DIT_CLASSES = {"sd3": "StableDiffusion3InpaintPipeline", "flux-fill": "FluxFillPipeline"}
+
+
 def run(args: argparse.Namespace) -> int:
     from attnctl.testing import save_tiny_dit_pipeline, save_tiny_inpaint_pipeline
 
@@ -19,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--sdxl and --dit name two different models; give one of them")
     if args.dit:
         save_tiny_dit_pipeline(out, args.dit, seed=args.seed)
-        kind, cls = args.dit.upper(), {"sd3": "StableDiffusion3InpaintPipeline", "flux-fill": "FluxFillPipeline"}[args.dit]
+        kind, cls = args.dit.upper(), _DIT_CLASSES[args.dit]
     else:
         kind = "sdxl" if args.sdxl else "sd"
         save_tiny_inpaint_pipeline(out, seed=args.seed, kind=kind)

@@ -58,7 +58,8 @@ from attnctl.testing.tiny import (
 )
 
 __all__ = [
-    "DIT_CONFIGS", "TINY_DIT", "DitSpec", "build_dit_pipeline", "FLUX_SCHEDULER_CONFIG", "SD3_SCHEDULER_CONFIG", "SD_DDIM_SCHEDULER_CONFIG",
+    "DIT_CONFIGS", "TINY_DIT", "DitSpec", "build_dit_pipeline", "FLUX_SCHEDULER_CONFIG", "SD3_SCHEDULER_CONFIG",
+    "SD_DDIM_SCHEDULER_CONFIG",
     "TINY_FLUX_FILL_TRANSFORMER_CONFIG", "TINY_SD", "TINY_SD3_TRANSFORMER_CONFIG", "TINY_SDXL",
     "TINY_SDXL_UNET_CONFIG", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG", "UNET_CONFIGS", "PipelineSpec",
     "build_inpaint_pipeline", "build_tiny_dit_pipeline", "build_tiny_inpaint_pipeline", "build_transformer",

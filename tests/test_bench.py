@@ -74,7 +74,7 @@ def test_bad_options_fail_with_a_message(tmp_path, capsys):
 def test_naive_reference_makes_the_same_image_as_the_library(tiny_pipe):
     """The benchmark compares like with like: naive and harmonpaint agree, idle equals stock."""
     from harmonpaint_recipe.bench.harness import make_inputs
-    from harmonpaint_recipe.bench.variants import VARIANTS, BenchInputs
+    from harmonpaint_recipe.bench.variants import TRANSFORMER_ONLY, VARIANTS, BenchInputs
 
     image, mask_image, mask = make_inputs(64, 0)
 
@@ -86,6 +86,8 @@ def test_naive_reference_makes_the_same_image_as_the_library(tiny_pipe):
     inputs = BenchInputs(pipe=tiny_pipe, call_kwargs=call_kwargs, mask=mask, prompt="a red fox in the snow")
     images = {}
     for name, factory in VARIANTS.items():
+        if name in TRANSFORMER_ONLY:
+            continue
         variant = factory()
         variant.setup(inputs)
         try:
@@ -108,3 +110,17 @@ def test_time_limit_cuts_warm_up_and_timed_rounds_but_keeps_one_of_each():
     stock = result["variants"]["stock"]
     assert len(stock["warmup_seconds"]) == 1 and len(stock["seconds"]) == 1
     assert any(line.startswith("skipping warm-up rounds 2-2") for line in lines)
+
+
+def test_transformer_architectures_run_their_variants_and_refuse_the_others(tmp_path, capsys):
+    """tiny-flux-fill: stock, idle, sams+makvs and harmonpaint+steer side by side; UNet-only variants refused."""
+    from harmonpaint_recipe.bench.harness import BenchConfig, run_benchmark
+
+    result = run_benchmark(BenchConfig(arch="tiny-flux-fill", steps=2, repeats=1, warmup=0), log=lambda line: None)
+    assert list(result["variants"]) == ["stock", "idle", "sams+makvs", "harmonpaint+steer"]
+    assert result["meta"]["arch"]["transformer_parameters"] > 0
+    assert all(v["finite_output"] for v in result["variants"].values())
+    assert main(["bench", "--arch", "tiny-sd3", "--variants", "stock,naive", "--out", str(tmp_path)]) == 2
+    assert "naive run on UNet architectures only" in capsys.readouterr().err
+    assert main(["bench", "--arch", "tiny", "--variants", "harmonpaint+steer", "--out", str(tmp_path)]) == 2
+    assert "run on transformer architectures only" in capsys.readouterr().err

@@ -286,7 +286,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
         "config": {**asdict(cfg), "size": size, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
                    "recipe": recipe},
         "arch": {"name": arch.name, "description": arch.description, "full_size": arch.full_size,
-                 "transformer" if arch.transformer else "unet_parameters":
+                 "transformer_parameters" if arch.transformer else "unet_parameters":
                      sum(p.numel() for p in denoiser(pipe).parameters())},
         "device": device_name(device),
         "memory_method": ("cuda max_memory_allocated (absolute)" if device.type == "cuda"

@@ -207,6 +207,8 @@ METHODS = ("p2p", "masactrl", "style-aligned", "attend-excite", "pag", "referenc
 OPT_IN = ("stock-eager", "probe-cross", "harmonpaint+steer", *METHODS)
 #: what runs on a transformer architecture (SD3, FLUX); ``all`` there is every one of them
 TRANSFORMER_VARIANTS = ("stock", "idle", "sams+makvs", "harmonpaint+steer")
+#: what runs on transformer architectures only (its overrides name joint sites)
+TRANSFORMER_ONLY = ("harmonpaint+steer",)
 
 
 def parse_variants(text: str | None, transformer: bool = False) -> list[str]:
@@ -223,6 +225,12 @@ def parse_variants(text: str | None, transformer: bool = False) -> list[str]:
     named = [p for p in parts if p not in groups]
     names = {"stock", *(n for p in parts for n in groups.get(p, ())),
              *(VARIANTS.parse_list(",".join(named), "--variants") if named else ())}
+    only = sorted(names & set(TRANSFORMER_ONLY))
+    if only:
+        from attnctl.errors import ConfigError
+
+        raise ConfigError(f"--variants {', '.join(only)} run on transformer architectures only "
+                          "(--arch mid-flux-fill, mid-sd35, ...)")
     return [n for n in VARIANTS if n in names]
 
 

@@ -9,6 +9,12 @@ for any scheduler and step count. HarmonPaint's efficient division (eta = 0.6):
 ``{sams: {min: 0.6}, steer: {min: 0.6}, makvs: {max: 0.6}}``; with DDIM 50 steps
 (t = 981, 961, ..., 1) that is 20 structure steps, then 30 style steps.
 
+For flow-matching schedulers (SD3, FLUX) t / T_train is the noise level sigma. With
+``on: step`` the rules read the share of steps still to come, 1 - k / N (k the step's
+index, N the run's step count: 1 at the first step, falling like t / T_train), so
+``{min: 0.5}`` keeps the steps with at least half of the run to come, whatever the
+schedule's shift.
+
 This is an ordinary strategy: it plans one ``GateOp`` per rule, and the core ANDs each
 gate into the target instance's ops. Rules naming a disabled instance are ignored;
 rules naming an instance that is not in the config are an error (raised by the core).
@@ -62,19 +68,26 @@ class TimestepGateParams:
         metadata={"help": "instance name -> {min, max} on t/T_train; active when min <= t/T_train < max"},
     )
 
+    on: str = field(default="t", metadata={
+        "help": "what min and max bound: 't' (t/T_train; sigma for flow matching) or 'step' (1 - k/N: the share "
+                "of steps still to come, 1 at the first step)"})
+
     def __post_init__(self) -> None:
         self.rules = {str(target): _parse_rule(str(target), rule) for target, rule in self.rules.items()}
+        if self.on not in VARIABLES:
+            raise ConfigError(f"on: unknown '{self.on}'; choose one of {', '.join(VARIABLES)}")
 
 
 @dataclass(frozen=True)
 class TimeWindow:
-    """Gate predicate ``min <= t / T_train < max`` on the run state's current step."""
+    """Gate predicate ``min <= v < max`` on the run state's current step, v = t / T_train or the step fraction."""
 
     min: float | None = None
     max: float | None = None
+    on: str = "t"
 
     def __call__(self, state: RunView) -> bool:
-        t = state.t_norm
+        t = state.t_norm if self.on == "t" else _steps_to_come(state)
         if t is None:  # no step entered yet
             return False
         return (self.min is None or t >= self.min) and (self.max is None or t < self.max)
@@ -82,12 +95,23 @@ class TimeWindow:
     def __str__(self) -> str:
         lo = "" if self.min is None else f"{self.min:g} <= "
         hi = "" if self.max is None else f" < {self.max:g}"
-        return f"{lo}t/T{hi}" if lo or hi else "always"
+        name = VARIABLES[self.on]
+        return f"{lo}{name}{hi}" if lo or hi else "always"
+
+
+#: what a rule can bound, and how messages name it
+VARIABLES = {"t": "t/T", "step": "1-k/N"}
+
+
+def _steps_to_come(state: RunView) -> float | None:
+    """1 - k / N: the share of the run's steps still to come, this one included (1 at the first), or None."""
+    n, k = state.num_inference_steps, state.step_index
+    return None if n is None or k is None else 1.0 - k / n
 
 
 SPEC = StrategySpec(
     name=NAME,
-    summary="Activate other strategy instances only for min <= t/T_train < max (e.g. HarmonPaint's phases)",
+    summary="Activate other strategy instances only for min <= t/T_train (or 1-k/N) < max (e.g. HarmonPaint's phases)",
     params=TimestepGateParams,
 )
 
@@ -106,6 +130,6 @@ def attnctl_plan(instance: str, spec: StrategySpec, params: TimestepGateParams, 
     if instance in params.rules:
         raise ConfigError(f"strategies.{instance}.rules.{instance}: a timestep gate cannot gate itself")
     return [
-        GateOp(instance, targets=(target,), gate=TimeWindow(rule["min"], rule["max"]))
+        GateOp(instance, targets=(target,), gate=TimeWindow(rule["min"], rule["max"], params.on))
         for target, rule in sorted(params.rules.items())
     ]

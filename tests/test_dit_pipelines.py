@@ -223,3 +223,16 @@ def test_steps_are_counted_by_the_scheduler_not_by_bf16_rounded_timesteps(images
     assert [index for index, _, _ in seen] == [0, 1, 2, 3, 4]
     assert [t for _, t, _ in seen] == schedule
     assert any(abs(given - t) > 0.5 for _, t, given in seen)  # what value matching would have missed
+
+
+def test_phase_gates_on_the_step_fraction(images):
+    """timestep_gate on: step bounds 1 - k/N, not FLUX's shifted sigmas: k = 0..5 of 10 have at least half to come."""
+    pipe = build_tiny_dit_pipeline("flux-fill")
+    recipe = load_recipe("harmonpaint-flux-fill", ["sampler.steps=10", "eta=0.5", "strategies.phases.on=step"])
+    seen = []
+    with Runner(pipe, recipe) as runner:
+        hook = pipe.transformer.register_forward_pre_hook(lambda m, a: seen.append(sorted(
+            {op.strategy for ops in runner.controller.state.active.values() for op in ops.all})))
+        runner(prepared(images), "a red cup", seed=1)
+        hook.remove()
+    assert seen == [["sams"]] * 6 + [["makvs"]] * 4

@@ -236,3 +236,39 @@ def test_phase_gates_on_the_step_fraction(images):
         runner(prepared(images), "a red cup", seed=1)
         hook.remove()
     assert seen == [["sams"]] * 6 + [["makvs"]] * 4
+
+
+def test_observed_text_maps_are_the_img_txt_block_renormalized_over_the_text(images):
+    """The explicit-map path latent guidance reads (an observe op, ``call.text_probs``) against the stock
+    call's explicit joint softmax: FLUX's zero column 0 included."""
+    from dataclasses import dataclass
+
+    from attnctl.ops import MAIN, ObserveOp
+    from reference_joint import RecordJointProbs
+
+    @dataclass(eq=False)
+    class KeepTextMaps(ObserveOp):
+        joint_sites = True
+
+        def observe(self, call, probs):
+            call.state.scratch_for(self.strategy).setdefault("maps", []).append(call.text_probs(probs).double())
+
+    def make(instance, sites):
+        return [KeepTextMaps(instance, site=s, passes=frozenset({MAIN})) for s in sites if s.kind == "joint"]
+
+    pipe = build_tiny_dit_pipeline("flux-fill")
+    manager = StrategyManager(plugins=[FactoryPlugin(make)], autoload=False)
+    layout = BatchLayout.for_call(pipe, prompt="a red cup", guidance_scale=30.0)
+    with attnctl.attach(pipe, {"strategies": {"keep": {"strategy": "toy_ops"}}}, manager=manager) as ctl:
+        with ctl.run(layout, mask=torch.ones(64, 96)) as state:
+            call(pipe, "flux-fill", images, steps=1)
+    with RecordJointProbs() as recorded:
+        call(pipe, "flux-fill", images, steps=1)
+    stock = [p for p in recorded.probs if p.shape[-1] == 32 + 16 * 24][:2]  # the two joint sites' calls
+    observed = state.scratch["keep"]["maps"]
+    assert len(observed) == len(stock) == 2
+    for maps, probs in zip(observed, stock):
+        block = probs[:, :, 32:, :32]  # image queries, text keys ([txt, img] order)
+        expected = torch.nn.functional.pad(block / block.sum(-1, keepdim=True), (1, 0))
+        assert (maps - expected).abs().max() < 1e-5
+        assert maps[..., 0].abs().max() == 0 and (maps.sum(-1) - 1).abs().max() < 1e-5

@@ -30,6 +30,24 @@ _LOCAL_HINT = {
 _CACHE_HINT = "HF_HUB_OFFLINE=1 or model.local_files_only=true"
 
 
+def model_family(pretrained: str) -> str:
+    """``sd``, ``sdxl``, ``sd3`` or ``flux`` for a hub id, local folder or built-in name (its saved
+    pipeline class where there is one, else its name)."""
+    index = Path(pretrained) / "model_index.json"
+    text = index.read_text(encoding="utf-8").split('"_class_name"', 1)[-1][:80] if index.is_file() else pretrained
+    return family_of_name(text)
+
+
+def family_of_name(name: str) -> str:
+    """The model family a pipeline class or model name speaks of (``FluxFillPipeline`` -> ``flux``)."""
+    lowered = name.lower()
+    if "flux" in lowered:
+        return "flux"
+    if "sd3" in lowered or "diffusion3" in lowered or "diffusion-3" in lowered:
+        return "sd3"
+    return "sdxl" if "xl" in lowered else "sd"
+
+
 def is_sdxl_model(pretrained: str) -> bool:
     """Whether ``pretrained`` (hub id or local folder) names an SDXL pipeline."""
     index = Path(pretrained) / "model_index.json"

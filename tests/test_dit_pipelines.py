@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -272,3 +274,19 @@ def test_observed_text_maps_are_the_img_txt_block_renormalized_over_the_text(ima
         expected = torch.nn.functional.pad(block / block.sum(-1, keepdim=True), (1, 0))
         assert (maps - expected).abs().max() < 1e-5
         assert maps[..., 0].abs().max() == 0 and (maps.sum(-1) - 1).abs().max() < 1e-5
+
+
+def test_the_app_runs_the_transformer_recipes_and_offers_only_its_family(tmp_path, images):
+    from harmonpaint_recipe.app.editor import editor_inputs
+    from harmonpaint_recipe.app.service import AppService, RunRequest
+
+    photo = images[0].convert("RGBA")
+    layer = Image.new("RGBA", photo.size, (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (16, 16, 48, 48))
+    service = AppService("harmonpaint-flux-fill", ["model.pretrained=tiny-flux-fill", "sampler.steps=2"], tmp_path,
+                         pipe=build_tiny_dit_pipeline("flux-fill"))
+    assert service.recipe_choices == ["harmonpaint-flux-fill"]  # no UNet recipe is offered for FLUX Fill
+    assert "FluxFillPipeline" in service.model_label
+    out = service.run(RunRequest(editor_inputs({"background": photo, "layers": [layer]}), "a red cup", 3,
+                                 "harmonpaint-flux-fill"))
+    assert len(out.outputs) == 2 and all(Path(o.image_path).is_file() for o in out.outputs)  # stock and recipe

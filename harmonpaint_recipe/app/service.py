@@ -37,7 +37,7 @@ from harmonpaint_recipe.app.controls import (
 from harmonpaint_recipe.inputs import PreparedInputs
 from harmonpaint_recipe.files import atomic_save_image
 from harmonpaint_recipe.loading import load_recipe, recipe_names, resolved
-from harmonpaint_recipe.model import is_sdxl_model, load_pipeline
+from harmonpaint_recipe.model import denoiser, family_of_name, load_pipeline, model_family
 from harmonpaint_recipe.probing.run import ProbeRun, token_labels
 from harmonpaint_recipe.runner import Runner
 from harmonpaint_recipe.sidecar import sidecar_path, sidecar_record, write_sidecar
@@ -166,16 +166,16 @@ class AppService:
     @property
     def model_label(self) -> str:
         """``tiny (StableDiffusionInpaintPipeline, cpu, float32)``."""
-        unet = self.pipe.unet
-        return f"{self.base_recipe.model.pretrained} ({type(self.pipe).__name__}, {self.pipe.device}, {unet.dtype})"
+        network = denoiser(self.pipe)
+        return f"{self.base_recipe.model.pretrained} ({type(self.pipe).__name__}, {self.pipe.device}, {network.dtype})"
 
     def _recipe_choices(self) -> list[str]:
-        """The start recipe, then the shipped recipes written for the loaded pipeline's family."""
-        sdxl = type(self.pipe).__name__.startswith("StableDiffusionXL")
+        """The start recipe, then the shipped recipes written for the loaded pipeline's family (SD, SDXL, SD3, FLUX)."""
+        family = family_of_name(type(self.pipe).__name__)
         names = [self.recipe_name]
         for name in recipe_names():
             own = load_recipe(name, manager=self.manager)
-            if name not in names and is_sdxl_model(str(own.model.pretrained)) == sdxl:
+            if name not in names and model_family(str(own.model.pretrained)) == family:
                 names.append(name)
         return names
 

@@ -213,6 +213,12 @@ class SD3Backbone:
         return latent
 
 
+#: named site sets of FLUX.1 (19 joint + 38 single sites), by place in execution order
+FLUX_PRESETS = {
+    # Stable Flow (Avrahami et al., 2025): the layers whose bypass changes the image most
+    "vital": (0, 1, 17, 18, 25, 28, 53, 54, 56),
+}
+
 _FLUX_RE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
 
 
@@ -233,7 +239,10 @@ class FluxBackbone:
             return (kind == "single", int(m.group(2))), kind, kind, ("txt", "img")
 
         # the pipeline packs 2x2 latent pixels into one token
-        return _numbered(_matched_sites(model, _FLUX_RE, "FLUX", site), 1)
+        table = _numbered(_matched_sites(model, _FLUX_RE, "FLUX", site), 1)
+        if len(table) == 57:  # FLUX.1's 19 + 38 blocks: the published layer lists refer to them
+            table.presets.update({name: tuple(table[i].name for i in order) for name, order in FLUX_PRESETS.items()})
+        return table
 
     def call_info(self, model, args, kwargs):
         hidden = _argument(args, kwargs, "hidden_states", 0)

@@ -5,7 +5,7 @@ Grammar (whitespace ignored)::
     selector := term ("," term)*                 union of the terms
     term     := kind ["@" stage] ["/" factor] ["[" index "]"] [":" block]
     kind     := "self" | "cross" | "joint" | "single" | "*"
-    stage    := "down" | "mid" | "up" | "joint" | "single"
+    stage    := "down" | "mid" | "up" | "joint" | "single" | preset   (a model's named site set)
     factor   := 1 | 2 | 4 | 8 ...                grid = latent / factor
     index    := i | start:stop | i,j,k           Python indexing, negatives count from the end
     block    := ("img" | "txt") ">" ("img" | "txt")
@@ -27,6 +27,7 @@ block, so a UNet recipe's selectors resolve there too (with another meaning of d
     joint[0:10]:img>txt      the first ten dual-stream sites (that hold an img>txt block)
     *[0,1,17,18,25,28]       sites by their place in execution order (published layer lists)
     single[-8:]              the last eight single-stream sites
+    *@vital                  a model's named site set (FLUX: Stable Flow's vital layers)
 
 A term that matches no site is an error (with the list of available sites), never a
 silent no-op. A YAML list of selectors is the union of its items.
@@ -42,11 +43,15 @@ from attnctl.sites import Site, SiteTable
 
 _TERM_RE = re.compile(
     r"^(?P<kind>self|cross|joint|single|\*)"
-    r"(?:@(?P<stage>down|mid|up|joint|single))?"
+    r"(?:@(?P<stage>[a-z_]+))?"
     r"(?:/(?P<factor>\d+))?"
     r"(?:\[(?P<index>-?\d*(?::-?\d*)?|-?\d+(?:,-?\d+)+)\])?"
     r"(?::(?P<block>(?:img|txt)>(?:img|txt)))?$"
 )
+
+
+#: the stages a selector's ``@`` filter knows (a model may name more site sets: ``SiteTable.presets``)
+STAGES = ("down", "mid", "up", "joint", "single")
 
 
 def _parse_index(text: str, term: str) -> slice | int | list[int]:
@@ -71,8 +76,14 @@ def _resolve_term(term: str, sites: SiteTable) -> list[Site]:
             "e.g. 'self[2:7]', 'self[-8:]', 'cross/4', 'self@up', 'joint[0,1,17]', 'joint[0:10]:img>txt'"
         )
     chosen = [s for s in sites if s.acts_as(m["kind"])]
-    if m["stage"]:
+    if m["stage"] in sites.presets:
+        chosen = [s for s in chosen if s.name in sites.presets[m["stage"]]]
+    elif m["stage"] in STAGES:
         chosen = [s for s in chosen if s.stage == m["stage"]]
+    elif m["stage"]:
+        named = ", ".join([*STAGES, *sites.presets])
+        raise SelectorError(f"selector term '{term}': '@{m['stage']}' is neither a stage nor a named site set of "
+                            f"this model; use one of {named}")
     if m["factor"]:
         factor = int(m["factor"])
         if factor < 1 or factor & (factor - 1):

@@ -105,9 +105,11 @@ def grid_at(level: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 class SiteTable(Sequence[Site]):
     """All sites of a model: a UNet's self sites then its cross sites, a transformer's in execution order."""
 
-    def __init__(self, sites: Sequence[Site]):
+    def __init__(self, sites: Sequence[Site], presets: dict[str, tuple[str, ...]] | None = None):
         self._sites = tuple(sites)
         self._by_name = {s.name: s for s in self._sites}
+        #: named site sets of this model (``self@vital``): preset name -> site names
+        self.presets: dict[str, tuple[str, ...]] = dict(presets or {})
 
     def __getitem__(self, i):  # type: ignore[override]
         return self._sites[i]

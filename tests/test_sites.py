@@ -142,3 +142,19 @@ def test_transformer_recipes_resolve_on_the_real_depth(recipe, arch):
         joint = len(sites.of_kind("joint"))
         assert acting["sams"] == [f"joint[{i}]" for i in range(12)]
         assert acting["makvs"] == [f"joint[{i}]" for i in range(joint - 8, joint)]
+
+
+def test_flux_names_stable_flows_vital_layers():
+    from attnctl.backbones import find_backbone
+    from attnctl.errors import SelectorError
+    from attnctl.selectors import select_sites
+
+    model = build_transformer("flux1-fill-dev", device="meta")
+    table = find_backbone(model).describe_sites(model)
+    vital = [s.key for s in select_sites("*@vital", table)]
+    assert vital == ["joint[0]", "joint[1]", "joint[17]", "joint[18]", "single[6]", "single[9]", "single[34]",
+                     "single[35]", "single[37]"]
+    assert vital == [s.key for s in select_sites("*[0,1,17,18,25,28,53,54,56]", table)]
+    assert [s.key for s in select_sites("single@vital", table)] == vital[4:]
+    with pytest.raises(SelectorError, match=r"'@vitals' is neither a stage nor a named site set.*vital"):
+        select_sites("*@vitals", table)

@@ -14,8 +14,8 @@ timestep in the scheduler's units, the batch size, the latent size and the token
   applied before attention; the transformer gets ``t / 1000`` (sigma) and the token grid
   in ``img_ids``.
 
-A package adds a backbone through the ``attnctl_add_backbones`` hook; backbones are matched
-by the class name of the network (exact), the first match wins, later ones first.
+A package adds a backbone through the ``attnctl_add_backbones`` hook. Backbones are matched
+by the network's class name (exact); plugins' backbones are tried before the built-in ones.
 """
 
 from __future__ import annotations

@@ -194,3 +194,29 @@ def test_unet_only_machinery_is_refused_by_name_on_a_transformer(make, what):
     manager = StrategyManager(plugins=[FactoryPlugin(make)], autoload=False)
     with pytest.raises(ConfigError, match=rf"strategies\.mine {what}.*transformer"):
         attnctl.attach(tiny_flux(), {"strategies": {"mine": {"strategy": "toy_ops"}}}, manager=manager)
+
+
+def test_a_plugin_adds_a_backbone_for_a_network_attnctl_does_not_know():
+    from diffusers import FluxTransformer2DModel
+
+    from attnctl.backbones import FluxBackbone
+
+    class MyFlux(FluxTransformer2DModel):
+        """A user's subclass: another class name, so no built-in backbone claims it."""
+
+    class MyFluxBackbone(FluxBackbone):
+        name, classes = "my-flux", ("MyFlux",)
+
+    class Plugin:
+        @attnctl.hookimpl
+        def attnctl_add_backbones(self):
+            return [MyFluxBackbone()]
+
+    torch.manual_seed(0)
+    model = MyFlux(patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
+                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                   axes_dims_rope=[4, 4, 8]).eval()
+    with pytest.raises(attnctl.errors.UnsupportedModelError, match=r"no backbone for it; it knows .*FluxTransformer2DModel"):
+        attnctl.attach(model, {}, manager=StrategyManager(autoload=False))
+    with attnctl.attach(model, {}, manager=StrategyManager(plugins=[Plugin()], autoload=False)) as ctl:
+        assert ctl.backbone.name == "my-flux" and [s.key for s in ctl.sites] == ["joint[0]", "single[0]"]

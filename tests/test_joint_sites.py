@@ -216,7 +216,7 @@ def test_a_plugin_adds_a_backbone_for_a_network_attnctl_does_not_know():
     model = MyFlux(patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                    axes_dims_rope=[4, 4, 8]).eval()
-    with pytest.raises(attnctl.errors.UnsupportedModelError, match=r"no backbone for it; it knows .*FluxTransformer2DModel"):
+    with pytest.raises(attnctl.errors.UnsupportedModelError, match=r"no backbone for it; it knows .*Flux"):
         attnctl.attach(model, {}, manager=StrategyManager(autoload=False))
     with attnctl.attach(model, {}, manager=StrategyManager(plugins=[Plugin()], autoload=False)) as ctl:
         assert ctl.backbone.name == "my-flux" and [s.key for s in ctl.sites] == ["joint[0]", "single[0]"]

@@ -241,7 +241,7 @@ def test_tiny_pipeline_with_full_mask_is_unchanged_and_warns_once(tiny_pipe):
 
 def test_parameters_defaults_and_errors():
     assert [(n, d) for n, _, d, _ in kv_bank.SPEC.parameter_table()] == [
-        ("sites", "self[-8:]"), ("scale", 1.4), ("source", "masked_mean"), ("source_image", 0)
+        ("sites", "self[-8:]"), ("scale", 1.4), ("source", "masked_mean"), ("source_image", 0), ("rope", "rotated")
     ]
     pipe = build_tiny_inpaint_pipeline(0)
     sites = describe_sites(pipe.unet)
@@ -249,7 +249,8 @@ def test_parameters_defaults_and_errors():
     plan = attnctl.compile_plan({"strategies": {"kv_bank": {}}}, sites, manager)
     assert sorted(sites.by_name(n).index for n in plan.site_ops) == list(range(8, 16))
     for bad, message in [({"scale": 0.0}, "scale"), ({"source": "masked_maen"}, "did you mean 'masked_mean'"),
-                         ({"sites": "cross[-8:]"}, "cross-attention"), ({"source_image": -1}, "source_image")]:
+                         ({"sites": "cross[-8:]"}, "cross-attention"), ({"source_image": -1}, "source_image"),
+                         ({"rope": "rotate"}, "rope: unknown 'rotate'")]:
         with pytest.raises(ConfigError, match=message):
             attnctl.compile_plan({"strategies": {"kv_bank": bad}}, sites, manager)
     config = {"strategies": {"style": {"strategy": "kv_bank", "source": "row", "source_image": 2}}}

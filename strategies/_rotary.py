@@ -21,11 +21,20 @@ def _pairs_turned(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([-odd, even], dim=-1).flatten(-2)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least fp32 (fp64 stays fp64)."""
+    import torch
+
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` [..., N, d] rotated by the angles of ``cos``/``sin`` [N, d] (FLUX's convention), in fp32."""
-    return x.float() * cos.float() + _pairs_turned(x.float()) * sin.float()
+    """``x`` [..., N, d] rotated by the angles of ``cos``/``sin`` [N, d] (FLUX's convention), in fp32 or wider."""
+    x = _wide(x)
+    return x * cos.to(x.dtype) + _pairs_turned(x) * sin.to(x.dtype)
 
 
 def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``rotate``: ``x`` [..., N, d] rotated back to position 0, in fp32."""
-    return x.float() * cos.float() - _pairs_turned(x.float()) * sin.float()
+    """The inverse of ``rotate``: ``x`` [..., N, d] rotated back to position 0, in fp32 or wider."""
+    x = _wide(x)
+    return x * cos.to(x.dtype) - _pairs_turned(x) * sin.to(x.dtype)

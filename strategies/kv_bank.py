@@ -152,11 +152,12 @@ def positions_masked_mean_bank(call: AttentionCall, op: KvBankOp) -> Bank | None
     key, value = call.key[..., :hw, :], call.value[..., :hw, :]
     weights = ((1.0 - masked) / n_keep.clamp(min=1)[:, None])[:, None, None, :]
     cos, sin = (t.to(key.device) for t in rotary)
-    k_bar = torch.matmul(weights, unrotate(key, cos, sin))  # [B, h, 1, d] at position 0, fp32
-    v_bar = torch.matmul(weights, value.float())
+    plain = unrotate(key, cos, sin)  # at position 0, fp32 or wider
+    k_bar = torch.matmul(weights.to(plain.dtype), plain)  # [B, h, 1, d]
+    v_bar = torch.matmul(weights.to(plain.dtype), value.to(plain.dtype))
     at_masked = (masked > 0)[:, None, :, None]
-    k_tilde = torch.where(at_masked, rotate(k_bar.expand_as(key), cos, sin), key.float()).to(key.dtype)
-    v_tilde = torch.where(at_masked, v_bar.expand_as(value), value.float()).to(value.dtype)
+    k_tilde = torch.where(at_masked, rotate(k_bar.expand_as(key), cos, sin), key.to(plain.dtype)).to(key.dtype)
+    v_tilde = torch.where(at_masked, v_bar.expand_as(value), value.to(plain.dtype)).to(value.dtype)
     bias = torch.zeros_like(masked).masked_fill((n_keep == 0)[:, None], -math.inf)  # no mean: no injection
     return Bank(k_tilde, v_tilde, bias[:, None, None, :])
 

@@ -303,7 +303,8 @@ def test_bad_parameters_are_named(tiny_pipe, tmp_path):
                          ({"reference_prompt": " ", "reference_image": ""}, "give reference_prompt"),
                          ({"early_steps": -1}, "early_steps >= 0"), ({"early_guidance_scale": float("nan")}, "finite"),
                          ({"start_step": 3, "end_step": 3}, "start_step < end_step"),
-                         ({"sites": "cross[-3:]"}, "cross-attention"), ({"sites": "self@nowhere"}, "cannot parse")]:
+                         ({"sites": "cross[-3:]"}, "cross-attention"),
+                         ({"sites": "self@nowhere"}, "neither a stage nor a named site set")]:
         with pytest.raises(ConfigError, match=message):
             attnctl.compile_plan({"strategies": {"v": {"strategy": vsp.NAME, "reference_prompt": "x", **bad}}},
                                  sites, StrategyManager())

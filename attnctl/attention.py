@@ -199,6 +199,10 @@ def _weight_factors(
     n_own, n_extra = call.num_own_keys, call.key.shape[-2] - call.num_own_keys
     if n_extra == 0:
         return factors
+    if all(op.partition_of_unity for op in reweight):
+        # sum_r a_r = 1 (a product of partitions is one): weight 1 on the other keys folds into every term
+        return [(a, torch.cat([b.expand(*b.shape[:-2], n_own, 1), b.new_ones(*b.shape[:-2], n_extra, 1)], dim=-2))
+                for a, b in factors]
     # appended keys: each term is zero there, and one extra term (1, indicator) gives weight 1
     padded = []
     for a, b in factors:

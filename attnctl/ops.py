@@ -156,9 +156,15 @@ class ReweightOp(SiteOp):
     their weights and the map is renormalized once if any of them asks for it.
     In fp16, a row whose reweighted mass underflows (below about 6e-8 of the row) comes out
     as zeros rather than 0/0.
+
+    ``partition_of_unity = True`` declares that the ``a_r`` of every call sum to 1 for each
+    query (SAMS: ``M^ + (1 - M^) = 1``). Then weight 1 on the keys the factors do not cover
+    (appended keys, a joint site's text keys) folds into every term, ``b_r`` extended by ones,
+    instead of costing one more fused term: fewer value channels, the same ``W``.
     """
 
     stage: ClassVar[int] = 2
+    partition_of_unity: ClassVar[bool] = False
     renormalize: bool = field(default=False, kw_only=True)
 
     def factors(self, call: AttentionCall) -> list[tuple[torch.Tensor, torch.Tensor]]:  # pragma: no cover

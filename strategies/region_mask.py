@@ -74,6 +74,8 @@ class RegionMaskOp(ReweightOp):
 
     #: on a joint site the factors weigh the img>img block; text keys keep weight 1
     joint_sites: ClassVar[bool] = True
+    #: M^ + (1 - M^) = 1: keys outside the image grid fold into the two terms (no third)
+    partition_of_unity: ClassVar[bool] = True
 
     def factors(self, call: AttentionCall) -> list[tuple[torch.Tensor, torch.Tensor]]:
         grid_tokens(call)  # queries and own keys are this grid's tokens

@@ -221,3 +221,26 @@ def test_a_plugin_adds_a_backbone_for_a_network_attnctl_does_not_know():
         attnctl.attach(model, {}, manager=StrategyManager(autoload=False))
     with attnctl.attach(model, {}, manager=StrategyManager(plugins=[Plugin()], autoload=False)) as ctl:
         assert ctl.backbone.name == "my-flux" and [s.key for s in ctl.sites] == ["joint[0]", "single[0]"]
+
+
+def test_sams_on_a_joint_site_is_two_fused_terms_text_keys_folded_in():
+    """SAMS's factors sum to 1 per query, so the text keys' weight 1 folds into its two terms: the image
+    queries' one SDPA call has values 2 x head width, not 3 x (and the result stays exact, above)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Widths(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.widths = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                self.widths.append(args[2].shape[-1] if len(args) > 2 else kwargs["value"].shape[-1])
+            return func(*args, **kwargs)
+
+    model = tiny_flux()
+    config = {"strategies": {"sams": {"strategy": "region_mask", "sites": "joint[0]", "tau": 0.1}}}
+    with Widths() as seen:
+        run_attached(model, config, flux_inputs(GRID), cfg=False)
+    assert max(seen.widths) == 2 * 16  # head width 16

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 import attnctl
-from attnctl.errors import ConfigError
+from attnctl.errors import ConfigError, InputError
 from attnctl.layout import BatchLayout, pipeline_token_indices, prompt_token_indices  # noqa: F401 - re-exported
 from harmonpaint_recipe.inputs import PreparedInputs
 from harmonpaint_recipe.loading import resolved
@@ -65,6 +65,20 @@ def _step_reporter(on_step: Callable[[int, int], None]) -> Callable[..., dict]:
 def attach_config(config: dict[str, Any]) -> dict[str, Any]:
     """The ``attnctl.attach`` config of a resolved recipe: its ``strategies`` and its ``probes``."""
     return {"strategies": config.get("strategies") or {}, "probes": config.get("probes") or {}}
+
+
+def _check_size(pipe: Any, width: int, height: int) -> None:
+    """Refuse, with the fix, image sides a transformer pipeline cannot take: its VAE factor times its
+    patch (SD3: ``patch_size``; FLUX: 2x2 packing), e.g. 16 for SD3 and FLUX.1 Fill."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        return  # UNets: multiples of 8, checked with the inputs
+    patch = getattr(transformer.config, "patch_size", 1)
+    multiple = int(pipe.vae_scale_factor) * (2 if "guidance_embeds" in transformer.config else int(patch))
+    if width % multiple or height % multiple:
+        fix_w, fix_h = max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+        raise InputError(f"image is {width}x{height}, but {type(pipe).__name__} needs width and height that are "
+                         f"multiples of {multiple}; crop or resize it, e.g. to {fix_w}x{fix_h}")
 
 
 def _drop_unaccepted(pipe: Any, kwargs: dict[str, Any]) -> None:
@@ -143,6 +157,7 @@ class Runner:
         ``cross_attention_kwargs``, ... ``on_step(done, total)`` is called after each
         denoising step (for progress displays).
         """
+        _check_size(self.pipe, *inputs.image.size)
         sampler = self.config["sampler"]
         seed = new_seed() if seed is None else int(seed)
         guidance = float(sampler["guidance_scale"])

@@ -142,7 +142,7 @@ def test_steer_loss_guides_from_joint_maps(kind, images):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cross_map_probe_reads_the_img_txt_block_renormalized_over_the_text(kind, images):
-    """The probe's maps at joint sites against the explicit joint softmax of the same call: A[img, txt] / A[img, txt].sum."""
+    """The probe's maps at joint sites against the explicit joint softmax of the call: A[img, txt] / A[img, txt].sum."""
     from reference_joint import RecordJointProbs
 
     pipe = build_tiny_dit_pipeline(kind)
@@ -290,3 +290,15 @@ def test_the_app_runs_the_transformer_recipes_and_offers_only_its_family(tmp_pat
     out = service.run(RunRequest(editor_inputs({"background": photo, "layers": [layer]}), "a red cup", 3,
                                  "harmonpaint-flux-fill"))
     assert len(out.outputs) == 2 and all(Path(o.image_path).is_file() for o in out.outputs)  # stock and recipe
+
+
+def test_image_sides_the_transformer_cannot_take_are_refused_with_the_fix():
+    """The tiny models' VAE factor 2 times the patch (or FLUX's packing) 2: sides must be multiples of 4."""
+    from attnctl.errors import InputError
+    from harmonpaint_recipe.runner import _check_size
+
+    for kind in KINDS:
+        pipe = build_tiny_dit_pipeline(kind)
+        _check_size(pipe, 64, 96)
+        with pytest.raises(InputError, match=r"image is 66x64, but \w+ needs .*multiples of 4; .*e\.g\. to 64x64"):
+            _check_size(pipe, 66, 64)

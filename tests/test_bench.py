@@ -124,3 +124,18 @@ def test_transformer_architectures_run_their_variants_and_refuse_the_others(tmp_
     assert "naive run on UNet architectures only" in capsys.readouterr().err
     assert main(["bench", "--arch", "tiny", "--variants", "harmonpaint+steer", "--out", str(tmp_path)]) == 2
     assert "run on transformer architectures only" in capsys.readouterr().err
+
+
+def test_the_report_names_a_transformers_sampling_as_it_is():
+    from harmonpaint_recipe.bench.report import markdown_table
+
+    meta = {"config": {"device": "cpu", "size": 64, "steps": 2, "guidance_scale": 30.0, "dtype": "float32",
+                       "repeats": 1, "warmup": 0, "compile": False},
+            "device": "CPU", "torch": "t", "diffusers": "d", "date": "now"}
+    row = {"sec_per_image": {"median": 1.0, "min": 1.0, "max": 1.0}, "it_per_s": 2.0, "time_ratio": 1.0,
+           "time_ratio_min": 1.0, "peak_memory": {"median_bytes": 1.0}, "memory_ratio": 1.0, "hwm_memory_ratio": None}
+    flux = markdown_table({"meta": {**meta, "arch": {"name": "tiny-flux-fill", "transformer_parameters": 1}},
+                           "variants": {"stock": row}, "targets": []})
+    unet = markdown_table({"meta": {**meta, "arch": {"name": "tiny", "unet_parameters": 1}},
+                           "variants": {"stock": row}, "targets": []})
+    assert "2 flow-matching steps, guidance 30.0" in flux and "2 DDIM steps, CFG 30.0" in unet

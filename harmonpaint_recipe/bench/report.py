@@ -26,7 +26,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     cpu = cfg["device"].startswith("cpu")
     mem_head = "peak RSS increase" if cpu else "peak allocated"
     # a transformer steps with its flow-matching scheduler; FLUX's guidance scale is an input, not CFG
-    sampling = (f"{cfg['steps']} flow-matching steps, guidance {cfg['guidance_scale']}" if "transformer" in meta["arch"]
+    transformer = "transformer_parameters" in meta["arch"]
+    sampling = (f"{cfg['steps']} flow-matching steps, guidance {cfg['guidance_scale']}" if transformer
                 else f"{cfg['steps']} DDIM steps, CFG {cfg['guidance_scale']}")
     lines = [
         f"`{meta['arch']['name']}`, {cfg['size']}x{cfg['size']}, {sampling}, "

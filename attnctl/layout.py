@@ -95,9 +95,7 @@ class BatchLayout:
             raise ConfigError("BatchLayout.for_call needs the prompt (or prompt_embeds) the pipeline is called with")
         scale = 7.5 if guidance_scale is None else float(guidance_scale)
         unet_config = getattr(getattr(pipe, "unet", None), "config", None)
-        transformer_config = getattr(getattr(pipe, "transformer", None), "config", None)
-        distilled = transformer_config is not None and "guidance_embeds" in transformer_config
-        cfg = scale > 1.0 and getattr(unet_config, "time_cond_proj_dim", None) is None and not distilled
+        cfg = scale > 1.0 and getattr(unet_config, "time_cond_proj_dim", None) is None and not is_flux(pipe)
         is_pag = hasattr(pipe, "set_pag_applied_layers")
         perturbed = is_pag and (3.0 if pag_scale is None else float(pag_scale)) > 0.0
         return cls.for_pipeline(num_prompts, num_images_per_prompt, cfg=cfg, perturbed=perturbed)
@@ -188,6 +186,13 @@ class BatchLayout:
         return BatchLayout(tuple(branches), tuple(images), tuple(prompts), tuple(role_names))
 
 
+def is_flux(pipe: Any) -> bool:
+    """Whether ``pipe``'s network is a FLUX transformer (its config has ``guidance_embeds``, true or
+    false): guidance-distilled, one row per image, T5 text only, 2x2 packed latents."""
+    transformer = getattr(pipe, "transformer", None)
+    return transformer is not None and "guidance_embeds" in transformer.config
+
+
 def pipeline_token_indices(pipe: Any, prompt: str) -> list[int]:
     """Positions of the prompt's own tokens in the text the pipeline's network attends to.
 
@@ -196,8 +201,7 @@ def pipeline_token_indices(pipe: Any, prompt: str) -> list[int]:
     as the maps a joint site hands to map-reading ops put a zero column 0 in place of the
     start token (``AttentionCall.text_probs``).
     """
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is not None and "guidance_embeds" in transformer.config:
+    if is_flux(pipe):
         t5 = pipe.tokenizer_2
         ids = t5(prompt, truncation=True, max_length=t5.model_max_length).input_ids
         return list(range(1, len(ids)))  # [t_1 .. t_m, end] -> 1..m

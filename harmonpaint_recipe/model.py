@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
+from attnctl.backbones import denoiser_of
 from attnctl.errors import UnsupportedModelError
 from attnctl.models import load_failure, named_model, pretrained_source
 from harmonpaint_recipe.devices import dtype_keyword, resolve_device, resolve_dtype
@@ -30,12 +31,21 @@ _LOCAL_HINT = {
 _CACHE_HINT = "HF_HUB_OFFLINE=1 or model.local_files_only=true"
 
 
+def _saved_class(source: str) -> str | None:
+    """The pipeline class a local folder was saved as (its model_index.json), or None."""
+    import json
+
+    index = Path(source) / "model_index.json"
+    try:
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
 def model_family(pretrained: str) -> str:
     """``sd``, ``sdxl``, ``sd3`` or ``flux`` for a hub id, local folder or built-in name (its saved
     pipeline class where there is one, else its name)."""
-    index = Path(pretrained) / "model_index.json"
-    text = index.read_text(encoding="utf-8").split('"_class_name"', 1)[-1][:80] if index.is_file() else pretrained
-    return family_of_name(text)
+    return family_of_name(_saved_class(pretrained) or pretrained)
 
 
 def family_of_name(name: str) -> str:
@@ -48,19 +58,11 @@ def family_of_name(name: str) -> str:
     return "sdxl" if "xl" in lowered else "sd"
 
 
-def is_sdxl_model(pretrained: str) -> bool:
-    """Whether ``pretrained`` (hub id or local folder) names an SDXL pipeline."""
-    index = Path(pretrained) / "model_index.json"
-    if index.is_file():
-        return "XL" in index.read_text(encoding="utf-8").split('"_class_name"', 1)[-1][:80]
-    return "xl" in pretrained.lower()
-
-
 def _from_pretrained(pretrained: str, model: Mapping[str, Any], dtype: torch.dtype):
     """A local folder or hub id, through the engine's offline rule (``attnctl.models``)."""
     from diffusers import AutoPipelineForInpainting, DiffusionPipeline
 
-    hint = _LOCAL_HINT[is_sdxl_model(pretrained)]
+    hint = _LOCAL_HINT[model_family(pretrained) == "sdxl"]
     source, local_only = pretrained_source(pretrained, bool(model.get("local_files_only")), example=hint,
                                           option="model.pretrained=")
     kwargs: dict[str, Any] = dict(use_safetensors=True, local_files_only=local_only)
@@ -74,22 +76,6 @@ def _from_pretrained(pretrained: str, model: Mapping[str, Any], dtype: torch.dty
         return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise load_failure(pretrained, exc, example=hint, cache_hint=_CACHE_HINT) from None
-
-
-def _saved_class(source: str) -> str | None:
-    """The pipeline class a local folder was saved as (its model_index.json), or None."""
-    import json
-
-    index = Path(source) / "model_index.json"
-    try:
-        return json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError):
-        return None
-
-
-def denoiser(pipe: Any) -> Any:
-    """The pipeline's denoising network: its UNet, or its transformer."""
-    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
 def load_pipeline(recipe: Any, device: str | None = None, dtype: str | None = None):
@@ -124,7 +110,7 @@ def load_pipeline(recipe: Any, device: str | None = None, dtype: str | None = No
     else:
         pipe = _from_pretrained(name, model, dt)
     check_pipeline(pipe)
-    if denoiser(pipe).dtype != dt:  # built-in models load in fp32; hub models load in dt already
+    if denoiser_of(pipe).dtype != dt:  # built-in models load in fp32; hub models load in dt already
         pipe = pipe.to(dtype=dt)
     pipe = pipe.to(dev)
     pipe._attnctl_model_id = name  # recorded in sidecars

@@ -19,7 +19,8 @@ from PIL import Image
 
 import attnctl
 from attnctl.errors import ConfigError, InputError
-from attnctl.layout import BatchLayout, pipeline_token_indices, prompt_token_indices  # noqa: F401 - re-exported
+from attnctl.layout import BatchLayout, is_flux, pipeline_token_indices
+from attnctl.layout import prompt_token_indices  # noqa: F401 - re-exported for callers
 from harmonpaint_recipe.inputs import PreparedInputs
 from harmonpaint_recipe.loading import resolved
 from harmonpaint_recipe.model import check_pipeline
@@ -74,7 +75,7 @@ def _check_size(pipe: Any, width: int, height: int) -> None:
     if transformer is None:
         return  # UNets: multiples of 8, checked with the inputs
     patch = getattr(transformer.config, "patch_size", 1)
-    multiple = int(pipe.vae_scale_factor) * (2 if "guidance_embeds" in transformer.config else int(patch))
+    multiple = int(pipe.vae_scale_factor) * (2 if is_flux(pipe) else int(patch))
     if width % multiple or height % multiple:
         fix_w, fix_h = max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
         raise InputError(f"image is {width}x{height}, but {type(pipe).__name__} needs width and height that are "

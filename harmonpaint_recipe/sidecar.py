@@ -48,7 +48,7 @@ def sidecar_record(
     timings: dict[str, float],
 ) -> dict[str, Any]:
     """Everything needed to reproduce the image at ``out`` (written already: its hash is recorded)."""
-    from harmonpaint_recipe.model import denoiser
+    from attnctl.backbones import denoiser_of
 
     from harmonpaint_recipe.devices import dtype_name
     from harmonpaint_recipe.loading import resolved
@@ -66,7 +66,7 @@ def sidecar_record(
             "id": getattr(pipe, "_attnctl_model_id", None) or str(recipe.model.pretrained),
             "pipeline": type(pipe).__name__,
             "device": str(pipe.device),
-            "dtype": dtype_name(denoiser(pipe).dtype),
+            "dtype": dtype_name(denoiser_of(pipe).dtype),
         },
         "inputs": {
             "image": {"path": str(image.resolve()), "sha256": sha256_of(image)},

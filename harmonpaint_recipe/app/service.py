@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 from omegaconf import DictConfig
 from PIL import Image
 
+from attnctl.backbones import denoiser_of
 from attnctl.errors import AttnctlError, InputError
 from attnctl.plugins import StrategyManager
 from harmonpaint_recipe.app.checks import MAX_SEED, check_prompt, check_seed, prompt_note
@@ -37,7 +38,7 @@ from harmonpaint_recipe.app.controls import (
 from harmonpaint_recipe.inputs import PreparedInputs
 from harmonpaint_recipe.files import atomic_save_image
 from harmonpaint_recipe.loading import load_recipe, recipe_names, resolved
-from harmonpaint_recipe.model import denoiser, family_of_name, load_pipeline, model_family
+from harmonpaint_recipe.model import family_of_name, load_pipeline, model_family
 from harmonpaint_recipe.probing.run import ProbeRun, token_labels
 from harmonpaint_recipe.runner import Runner
 from harmonpaint_recipe.sidecar import sidecar_path, sidecar_record, write_sidecar
@@ -166,7 +167,7 @@ class AppService:
     @property
     def model_label(self) -> str:
         """``tiny (StableDiffusionInpaintPipeline, cpu, float32)``."""
-        network = denoiser(self.pipe)
+        network = denoiser_of(self.pipe)
         return f"{self.base_recipe.model.pretrained} ({type(self.pipe).__name__}, {self.pipe.device}, {network.dtype})"
 
     def _recipe_choices(self) -> list[str]:

@@ -137,10 +137,11 @@ def _check_backend(core: CoreCall, original: Any) -> None:
             "(enable_parallelism); attnctl's ops need the whole attention in one call. Disable it while strategies act"
         )
     backend = getattr(original, "_attention_backend", None)
-    if backend is not None and str(getattr(backend, "value", backend)) != "native":
+    name = None if backend is None else str(getattr(backend, "value", backend))  # an enum member or its value
+    if name is not None and name != "native":
         raise UnsupportedProcessorError(
             f"{core.site.key} ({core.site.name}): its processor uses the attention backend "
-            f"{getattr(backend, 'value', backend)!r}, which does not call scaled_dot_product_attention, where "
+            f"{name!r}, which does not call scaled_dot_product_attention, where "
             "attnctl computes a site's attention; set the 'native' backend on the sites where strategies act "
             "(idle sites may keep any backend)"
         )

@@ -52,20 +52,19 @@ def joint_compute(site: Site, state: RunView, ops: ActiveOps, query: torch.Tenso
     spans = segment_spans(site, text_tokens, image_tokens, query.shape[-2])
     img, txt = spans["img"], spans["txt"]
 
-    def keys_img_first(x: torch.Tensor) -> torch.Tensor:
-        if img.start == 0:  # SD3's order already: no copy
+    def img_first(x: torch.Tensor, dim: int) -> torch.Tensor:
+        """``x`` with its ``dim`` (keys) ordered image, then text; SD3's order already is (no copy)."""
+        if img.start == 0:
             return x
-        return torch.cat([x[..., img, :], x[..., txt, :]], dim=-2)
+        return torch.cat([x.narrow(dim, img.start, image_tokens), x.narrow(dim, txt.start, text_tokens)], dim=dim)
 
     img_bias = txt_bias = None
-    if bias is not None:
-        if bias.dtype == torch.bool:
-            bias = torch.zeros(bias.shape, dtype=query.dtype, device=query.device).masked_fill(~bias, float("-inf"))
+    if bias is not None:  # a boolean mask stays one: the call converts its part, SDPA takes the text rows' as is
         by_query = bias.shape[-2] > 1
-        img_bias = bias if img.start == 0 else torch.cat([bias[..., img], bias[..., txt]], dim=-1)
+        img_bias = img_first(bias, -1)
         img_bias = img_bias[..., img, :] if by_query else img_bias
         txt_bias = bias[..., txt, :] if by_query else bias
-    call = AttentionCall(site, state, query[..., img, :], keys_img_first(key), keys_img_first(value), img_bias, scale,
+    call = AttentionCall(site, state, query[..., img, :], img_first(key, -2), img_first(value, -2), img_bias, scale,
                          rows=rows, scale_is_default=default_scale, context_keys=text_tokens)
     image_out = compute(call, ops)
     text_out = F.scaled_dot_product_attention(query[..., txt, :], key, value, attn_mask=txt_bias,

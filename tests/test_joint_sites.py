@@ -244,3 +244,23 @@ def test_sams_on_a_joint_site_is_two_fused_terms_text_keys_folded_in():
     with Widths() as seen:
         run_attached(model, config, flux_inputs(GRID), cfg=False)
     assert max(seen.widths) == 2 * 16  # head width 16
+
+
+@pytest.mark.parametrize("sequence", [("txt", "img"), ("img", "txt")])
+def test_a_joint_call_with_the_modules_own_mask_keeps_it(sequence):
+    """A mask the processor passes (boolean or additive, per query) reaches both the image and the text rows."""
+    from types import SimpleNamespace
+
+    from attnctl.joint import joint_compute
+    from attnctl.ops import ActiveOps
+    from attnctl.sites import Site
+
+    site = Site("x", "joint", "joint", 0, 1, sequence=sequence)
+    state = SimpleNamespace(tokens=(3, 5), rows=(0,))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    allowed = torch.rand(1, 1, 8, 8, generator=g) > 0.3
+    allowed[..., 0] = True
+    for mask in (allowed, torch.zeros(1, 1, 8, 8, dtype=torch.float64).masked_fill(~allowed, float("-inf"))):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert (joint_compute(site, state, ActiveOps(), q, k, v, mask, 0.5, True, None) - expected).abs().max() < 1e-12

@@ -69,11 +69,17 @@ class _MaskedMeanPlan(NamedTuple):
     all_empty: bool
 
 
+def _mean_weights(masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked tokens per row ``[B]``, and ``[B, 1, 1, HW]`` weights 1/n_unmasked on them: the mean as a matmul."""
+    n_keep = masked.shape[-1] - masked.sum(-1)
+    return n_keep, ((1.0 - masked) / n_keep.clamp(min=1)[:, None])[:, None, None, :]
+
+
 def _masked_mean_plan(masked: torch.Tensor) -> _MaskedMeanPlan:
     import torch
 
     hw = masked.shape[-1]
-    n_keep = hw - masked.sum(-1)  # unmasked tokens per row
+    n_keep, weights = _mean_weights(masked)
     any_empty, all_empty = bool((n_keep == 0).any()), bool((n_keep == 0).all())
     # K~(i) = K(i) for unmasked i: gather them (unmasked first), padded to the largest count
     n_max = int(n_keep.max())
@@ -81,7 +87,6 @@ def _masked_mean_plan(masked: torch.Tensor) -> _MaskedMeanPlan:
     valid = torch.arange(n_max, device=masked.device)[None] < n_keep[:, None]
     kept_bias = torch.zeros(masked.shape[0], n_max, device=masked.device).masked_fill(~valid, -math.inf)
     # K~(i) = K_bar for masked i: n_masked copies of one key = one key with bias log(n_masked)
-    weights = ((1.0 - masked) / n_keep.clamp(min=1)[:, None])[:, None, None, :]
     bar_bias = torch.log(hw - n_keep).masked_fill(n_keep == 0, -math.inf)[:, None]  # log 0 = -inf: no masked token
     bias = torch.cat([kept_bias, bar_bias], dim=-1)[:, None, None, :]
     return _MaskedMeanPlan(order, weights, bias, any_empty, all_empty)
@@ -97,8 +102,7 @@ def _static_masked_mean_bank(key: torch.Tensor, value: torch.Tensor, masked: tor
     import torch
 
     hw = masked.shape[-1]
-    n_keep = hw - masked.sum(-1)
-    weights = ((1.0 - masked) / n_keep.clamp(min=1)[:, None])[:, None, None, :]
+    n_keep, weights = _mean_weights(masked)
     k_bar = torch.matmul(weights, key.float()).to(key.dtype)
     v_bar = torch.matmul(weights, value.float()).to(value.dtype)
     own_bias = torch.zeros_like(masked).masked_fill(masked > 0, -math.inf)
@@ -145,12 +149,11 @@ def positions_masked_mean_bank(call: AttentionCall, op: KvBankOp) -> Bank | None
         return masked_mean_bank(call, op)
     hw = grid_tokens(call)
     masked = call.mask()
-    n_keep = hw - masked.sum(-1)
+    n_keep, weights = _mean_weights(masked)
     if bool((n_keep == 0).any()):
         _warn_once(call, op, f"{call.site.key}: the mask covers every token at this {call.grid} grid "
                    "for some image, so the unmasked mean is undefined; kv_bank skips injection there")
     key, value = call.key[..., :hw, :], call.value[..., :hw, :]
-    weights = ((1.0 - masked) / n_keep.clamp(min=1)[:, None])[:, None, None, :]
     cos, sin = (t.to(key.device) for t in rotary)
     plain = unrotate(key, cos, sin)  # at position 0, fp32 or wider
     k_bar = torch.matmul(weights.to(plain.dtype), plain)  # [B, h, 1, d]

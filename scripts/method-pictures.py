@@ -82,31 +82,41 @@ class Pictures:
         atomic_save_image(self.out / f"{name}.png", grid(rows))
         print(f"wrote {self.out / name}.png", file=sys.stderr)
 
-    def p2p(self) -> None:
+    def sdi(self, inputs, prompt: str, seed: int) -> tuple[str, Image.Image]:
+        """Stock inpainting's tile: recipe ``sdi`` on the same inputs, prompt and seed."""
+        return (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image)
+
+    def scene_rows(self, columns, **pin) -> list[list[tuple[str, Image.Image]]]:
+        """One row per seed 1, 2, 3: the scene's input (mask outlined), then ``columns(inputs, seed)``."""
         rows = []
         for seed in (1, 2, 3):
-            inputs = scene_inputs(seed, shape="circle")
-            over = ["strategies.p2p.source_prompt=a red circle", "strategies.p2p.keep_source=true",
-                    "strategies.p2p.blend_words=[red,blue]"]
+            inputs = scene_inputs(seed, **pin)
+            rows.append([("input", outlined(inputs)), *columns(inputs, seed)])
+        return rows
+
+    def p2p(self) -> None:
+        over = ["strategies.p2p.source_prompt=a red circle", "strategies.p2p.keep_source=true",
+                "strategies.p2p.blend_words=[red,blue]"]
+
+        def columns(inputs, seed):
             result = self.run("p2p-replace", over, inputs, "a blue circle", seed)
-            stock = self.run("sdi", [], inputs, "a blue circle", seed).image
-            rows.append([("input", outlined(inputs)), ("source\na red circle", result.rows["p2p"]),
-                         ("p2p-replace\na blue circle", result.image), ("sdi\na blue circle", stock)])
-        self.save("p2p", rows)
+            return [("source\na red circle", result.rows["p2p"]),
+                    ("p2p-replace\na blue circle", result.image), self.sdi(inputs, "a blue circle", seed)]
+
+        self.save("p2p", self.scene_rows(columns, shape="circle"))
 
     def masactrl(self) -> None:
-        rows = []
         source = ["strategies.masa.source_prompt=a purple star", "strategies.masa.keep_source=true"]
         everywhere = [*source, "strategies.masa.sites=self", "strategies.masa.start_step=0"]
-        for seed in (1, 2, 3):
-            inputs = scene_inputs(seed)
+
+        def columns(inputs, seed):
             result = self.run("masactrl", source, inputs, "a square", seed)
             wide = self.run("masactrl", everywhere, inputs, "a square", seed).image
-            stock = self.run("sdi", [], inputs, "a square", seed).image
-            rows.append([("input", outlined(inputs)), ("source\na purple star", result.rows["masa"]),
-                         ("masactrl (authors' sites)\na square", result.image),
-                         ("masactrl, every self site\nfrom step 0: a square", wide), ("sdi\na square", stock)])
-        self.save("masactrl", rows)
+            return [("source\na purple star", result.rows["masa"]),
+                    ("masactrl (authors' sites)\na square", result.image),
+                    ("masactrl, every self site\nfrom step 0: a square", wide), self.sdi(inputs, "a square", seed)]
+
+        self.save("masactrl", self.scene_rows(columns))
 
     def style_aligned(self) -> None:
         prompts = ["a square", "a star", "a triangle"]
@@ -119,109 +129,109 @@ class Pictures:
             rows["defaults"].append((f"style-aligned\n{prompt}", result.image))
             shifted = self.run("style-aligned", [*over, "strategies.style.shared_score_shift=2.0"], inputs, prompt, 10 + k)
             rows["shift"].append((f"style-aligned, shift 2\n{prompt}", shifted.image))
-            rows["sdi"].append((f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, 10 + k).image))
+            rows["sdi"].append(self.sdi(inputs, prompt, 10 + k))
             reference = result.rows["style"]
         blank = ("", Image.new("RGB", (8, 8), "white"))
         self.save("style-aligned", [[("reference\na purple circle", reference), *rows["defaults"]],
                                     [blank, *rows["shift"]], [blank, *rows["sdi"]]])
 
     def attend_excite(self) -> None:
-        rows = []
         prompt = "a red circle a blue square"
         # the testbed's 64 px images put cross/4 at 4x4; cross/2 (8x8) is the grid closest to the paper's 16x16
         base = ["strategies.excite.tokens=[3,6]", "strategies.excite.read_sites=cross/2"]
-        for seed in (1, 2, 3):
-            inputs = scene_inputs(seed)
-            row = [("input", outlined(inputs)), (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image)]
+
+        def columns(inputs, seed):
+            tiles = [self.sdi(inputs, prompt, seed)]
             for scale in (20, 200):
                 result = self.run("attend-excite", [*base, f"strategies.excite.scale_factor={scale}"], inputs, prompt,
                                   seed)
                 losses = [h["loss"][0] for h in result.results["excite"]]
-                row.append((f"attend-excite, scale {scale}\nloss {losses[0]:.2f} -> {losses[-1]:.2f}", result.image))
-            rows.append(row)
-        self.save("attend-excite", rows)
+                tiles.append((f"attend-excite, scale {scale}\nloss {losses[0]:.2f} -> {losses[-1]:.2f}", result.image))
+            return tiles
+
+        self.save("attend-excite", self.scene_rows(columns))
 
     def pag(self) -> None:
-        rows = []
-        for seed in (1, 2, 3):
-            inputs = scene_inputs(seed)
-            prompt = "a red circle"
-            rows.append([("input", outlined(inputs)), (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image),
-                         ("pag (mid block)\nscale 3", self.run("pag", [], inputs, prompt, seed).image),
-                         ("seg (mid block)\ninfinite blur", self.run("seg", [], inputs, prompt, seed).image),
-                         ("pag, every self site\nscale 3", self.run("pag", ["strategies.pag.sites=self"], inputs, prompt,
-                                                                      seed).image)])
-        self.save("pag", rows)
+        prompt = "a red circle"
+
+        def columns(inputs, seed):
+            return [self.sdi(inputs, prompt, seed),
+                    ("pag (mid block)\nscale 3", self.run("pag", [], inputs, prompt, seed).image),
+                    ("seg (mid block)\ninfinite blur", self.run("seg", [], inputs, prompt, seed).image),
+                    ("pag, every self site\nscale 3", self.run("pag", ["strategies.pag.sites=self"], inputs, prompt,
+                                                               seed).image)]
+
+        self.save("pag", self.scene_rows(columns))
 
     def reference_only(self) -> None:
         import tempfile
 
-        rows = []
+        prompt = "a blue square"
         with tempfile.TemporaryDirectory() as tmp:
             reference = scene_file(Path(tmp), "reference", 40, style="checks")
-            for seed in (1, 2, 3):
-                inputs = scene_inputs(seed)
-                prompt = "a blue square"
-                over = [f"strategies.ref.image={reference}"]
-                rows.append([("input", outlined(inputs)), ("reference", Image.open(reference).convert("RGB")),
-                             (f"reference-only\n{prompt}", self.run("reference-only", over, inputs, prompt, seed).image),
-                             (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image)])
+            over = [f"strategies.ref.image={reference}"]
+
+            def columns(inputs, seed):
+                return [("reference", Image.open(reference).convert("RGB")),
+                        (f"reference-only\n{prompt}", self.run("reference-only", over, inputs, prompt, seed).image),
+                        self.sdi(inputs, prompt, seed)]
+
+            rows = self.scene_rows(columns)
         self.save("reference-only", rows)
 
     def hd_painter(self) -> None:
-        rows = []
+        prompt = "a red circle"
         plain = ["sampler.negative_prompt=null", "sampler.positive_prompt=null"]  # words the toy vocabulary lacks
-        for seed in (1, 2, 3):
-            inputs = scene_inputs(seed)
-            prompt = "a red circle"
-            rows.append([("input", outlined(inputs)), (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image),
-                         ("hd-painter\n(recipe as shipped)", self.run("hd-painter", [], inputs, prompt, seed).image),
-                         ("hd-painter\nwithout its words", self.run("hd-painter", plain, inputs, prompt, seed).image),
-                         ("painta alone", self.run("hd-painter", [*plain, "strategies.hd.rasg=false"], inputs, prompt,
-                                                    seed).image),
-                         ("rasg alone", self.run("hd-painter", [*plain, "strategies.hd.painta=false"], inputs, prompt,
-                                                  seed).image)])
-        self.save("hd-painter", rows)
+
+        def columns(inputs, seed):
+            def hd(overrides):
+                return self.run("hd-painter", overrides, inputs, prompt, seed).image
+
+            return [self.sdi(inputs, prompt, seed), ("hd-painter\n(recipe as shipped)", hd([])),
+                    ("hd-painter\nwithout its words", hd(plain)),
+                    ("painta alone", hd([*plain, "strategies.hd.rasg=false"])),
+                    ("rasg alone", hd([*plain, "strategies.hd.painta=false"]))]
+
+        self.save("hd-painter", self.scene_rows(columns))
 
     def vsp(self) -> None:
         import tempfile
 
-        rows = []
+        prompt = "a blue square"
+        generated = ["strategies.vsp.reference_prompt=a purple circle", "strategies.vsp.keep_reference=true"]
         with tempfile.TemporaryDirectory() as tmp:
             reference = scene_file(Path(tmp), "reference", 40, style="checks")
-            for seed in (1, 2, 3):
-                inputs = scene_inputs(seed)
-                prompt = "a blue square"
-                generated = ["strategies.vsp.reference_prompt=a purple circle", "strategies.vsp.keep_reference=true"]
+
+            def columns(inputs, seed):
                 result = self.run("visual-style-prompting", generated, inputs, prompt, seed)
                 real = self.run("visual-style-prompting", [f"strategies.vsp.reference_image={reference}"], inputs,
                                 prompt, seed).image
-                rows.append([("input", outlined(inputs)), ("reference\na purple circle", result.rows["vsp"]),
-                             (f"vsp\n{prompt}", result.image), ("image reference", Image.open(reference).convert("RGB")),
-                             (f"vsp, image reference\n{prompt}", real),
-                             (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image)])
+                return [("reference\na purple circle", result.rows["vsp"]), (f"vsp\n{prompt}", result.image),
+                        ("image reference", Image.open(reference).convert("RGB")),
+                        (f"vsp, image reference\n{prompt}", real), self.sdi(inputs, prompt, seed)]
+
+            rows = self.scene_rows(columns)
         self.save("vsp", rows)
 
     def real_images(self) -> None:
         """MasaCtrl and StyleAligned with a photo (a testbed scene) as the source / reference."""
         import tempfile
 
-        rows = []
+        prompt = "a square"
         with tempfile.TemporaryDirectory() as tmp:
             photo = scene_file(Path(tmp), "photo", 41, shape="star", colour="purple")
-            for seed in (1, 2, 3):
-                inputs = scene_inputs(seed)
-                prompt = "a square"
+
+            def columns(inputs, seed):
                 masa = self.run("masactrl-real", [f"strategies.masa.source_image={photo}", "strategies.masa.sites=self",
                                                   "strategies.masa.start_step=0"], inputs, prompt, seed).image
                 style = self.run("style-aligned-real", [f"strategies.style.reference_image={photo}",
                                                         "strategies.style.reference_prompt=a purple star"],
                                  inputs, prompt, seed).image
-                rows.append([("input", outlined(inputs)), ("photo", Image.open(photo).convert("RGB")),
-                             ("masactrl-real\nevery self site, step 0", masa), ("style-aligned-real", style),
-                             (f"sdi\n{prompt}", self.run("sdi", [], inputs, prompt, seed).image)])
-        self.save("real-images", rows)
+                return [("photo", Image.open(photo).convert("RGB")), ("masactrl-real\nevery self site, step 0", masa),
+                        ("style-aligned-real", style), self.sdi(inputs, prompt, seed)]
 
+            rows = self.scene_rows(columns)
+        self.save("real-images", rows)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
